@@ -1,0 +1,30 @@
+"""The bounds as pure tensor functions (no Optuna here)."""
+
+from .diffusion import (
+    L_ESTIMATORS,
+    assemble_diffusion_bound,
+    beta_integral,
+    diffusion_bound,
+    estimate_R,
+    generator_info,
+    l_hat_from_norms,
+    prior_kl,
+    prior_kl_sqrt,
+)
+from .mixture import mixture_kl, mixture_kl_broadcast
+from .report import BoundReport
+
+__all__ = [
+    "BoundReport",
+    "L_ESTIMATORS",
+    "assemble_diffusion_bound",
+    "beta_integral",
+    "diffusion_bound",
+    "estimate_R",
+    "generator_info",
+    "l_hat_from_norms",
+    "mixture_kl",
+    "mixture_kl_broadcast",
+    "prior_kl",
+    "prior_kl_sqrt",
+]

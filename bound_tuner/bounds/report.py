@@ -1,0 +1,59 @@
+"""BoundReport: the total of a bound, every named term, and the settings that produced it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class BoundReport:
+    """A computed bound.
+
+    ``terms`` holds each named term in nats per sample (before its coefficient), ``contributions``
+    holds each term's signed share of ``total`` (they sum to it), ``settings`` says how it was
+    computed, and ``extras`` keeps related numbers that are not part of the total (for a VAE the
+    encoder-only bound, for example).
+    """
+
+    kind: str
+    total: float
+    terms: dict[str, float]
+    contributions: dict[str, float]
+    settings: dict[str, Any]
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = sum(self.contributions.values())
+        if math.isfinite(s) and math.isfinite(self.total):
+            assert abs(s - self.total) <= 1e-6 * max(1.0, abs(self.total)), (s, self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def user_attrs(self, prefix: str = "bound") -> dict[str, Any]:
+        """Flat ``bound.<name>`` keys for Optuna trial user attrs (JSON-serializable)."""
+        out: dict[str, Any] = {f"{prefix}.total": self.total}
+        for name, value in self.terms.items():
+            out[f"{prefix}.{name}"] = value
+        for name, value in self.contributions.items():
+            out[f"{prefix}.contribution.{name}"] = value
+        for name, value in self.settings.items():
+            out[f"{prefix}.{name}"] = value
+        for name, value in self.extras.items():
+            out[f"{prefix}.{name}"] = value
+        return json.loads(json.dumps(out, default=str))
+
+    def table(self) -> str:
+        """A small text table of the terms and their contributions."""
+        lines = [f"{self.kind} bound = {self.total:.4f}"]
+        for name, value in self.terms.items():
+            c = self.contributions.get(name)
+            cs = f"  (contributes {c:+.4f})" if c is not None else ""
+            lines.append(f"  {name:<22} {value:12.4f}{cs}")
+        for name, value in self.extras.items():
+            lines.append(f"  {name:<22} {value:12.4f}")
+        lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""Low-dimensional data: the paper's Swiss roll and Gaussian data with closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import make_swiss_roll
+
+
+def swiss_roll(m: int, *, seed: int = 0, noise: float = 0.5) -> torch.Tensor:
+    """The paper's 2-D Swiss roll: make_swiss_roll(noise=0.5), columns 0 and 2, divided by 5."""
+    if m < 1:
+        raise ValueError(f"m={m} must be a positive number of points")
+    x, _ = make_swiss_roll(n_samples=m, noise=noise, random_state=seed)
+    return torch.from_numpy(x[:, [0, 2]] / 5.0).float()
+
+
+def gaussian(
+    m: int, *, d: int = 2, mean: float = 0.0, std: float = 2.0, seed: int = 0
+) -> torch.Tensor:
+    """X ~ N(mean, std^2 I_d): the data of the closed-form checks in bound-spec.md 1.3."""
+    if m < 1 or d < 1:
+        raise ValueError(f"m={m} and d={d} must be positive")
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.normal(mean, std, size=(m, d))).float()

@@ -1,0 +1,16 @@
+"""Score networks and VAEs."""
+
+from __future__ import annotations
+
+from .mlp import ScoreMLP
+
+__all__ = ["ScoreMLP", "build_score_model"]
+
+
+def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: int = 3):
+    """An MLP for vector data [d], a small UNet for images [C, 28, 28]."""
+    if len(data_shape) == 1:
+        return ScoreMLP(data_shape[0], hidden=width, layers=layers)
+    from .unet import SmallUNet
+
+    return SmallUNet(channels=data_shape[0], base=max(8, width // 4))

@@ -1,0 +1,162 @@
+"""Forward process (bound-spec.md section 1.1): noise schedules on absolute time.
+
+Each schedule gives beta(t), B(t) = integral_0^t beta, alpha_t = exp(-B/2) and
+sigma_t^2 = 1 - alpha_t^2 in closed form. Schedules are functions of absolute time, so a
+larger T moves the end point of the process, not its shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TensorLike = float | torch.Tensor
+
+
+def _as_tensor(t: TensorLike) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class: subclasses define beta(t) and B(t); alpha and sigma^2 follow (section 1.1)."""
+
+    name = "base"
+    #: exclusive upper end of the valid diffusion times (inf when any T works)
+    t_max = math.inf
+
+    def beta(self, t: TensorLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def big_b(self, t: TensorLike) -> torch.Tensor:
+        """B(t) = integral_0^t beta(s) ds."""
+        raise NotImplementedError
+
+    def alpha(self, t: TensorLike) -> torch.Tensor:
+        """alpha_t = exp(-B(t)/2): the mean scale of the encoder E_t."""
+        return torch.exp(-0.5 * self.big_b(t))
+
+    def sigma2(self, t: TensorLike) -> torch.Tensor:
+        """sigma_t^2 = 1 - alpha_t^2, computed as -expm1(-B) to keep precision at small t."""
+        return -torch.expm1(-self.big_b(t))
+
+    def params(self) -> dict[str, float]:
+        return {}
+
+    def check_T(self, T: float, *, t_min: float = 1e-3) -> float:
+        """Return T as a float, or raise ValueError if it is outside (t_min, t_max)."""
+        if not isinstance(T, (int, float)) or not math.isfinite(T):
+            raise ValueError(f"T={T!r} is not a finite number; give a diffusion time such as 1.0")
+        if T <= t_min:
+            raise ValueError(
+                f"T={T} must exceed t_min={t_min} for the {self.name} schedule; choose a larger T"
+            )
+        if T >= self.t_max:
+            raise ValueError(
+                f"T={T} is outside the {self.name} schedule's range (T < {self.t_max}); "
+                f"choose T below {self.t_max} or another schedule"
+            )
+        return float(T)
+
+
+@dataclass(frozen=True)
+class LinearSchedule(Schedule):
+    """beta(t) = b0 + (b1 - b0) t (the VP SDE of Song et al.; paper defaults b0=0.1, b1=20)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    name = "linear"
+
+    def beta(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def big_b(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    def params(self) -> dict[str, float]:
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
+@dataclass(frozen=True)
+class CosineSchedule(Schedule):
+    """Continuous cosine schedule (Nichol and Dhariwal): abar(t) = f(t)/f(0), valid for T < 1."""
+
+    s: float = 0.008
+    name = "cosine"
+    t_max = 1.0
+
+    def _u(self, t: torch.Tensor) -> torch.Tensor:
+        return (t + self.s) / (1.0 + self.s) * (math.pi / 2)
+
+    def beta(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        return (math.pi / (1.0 + self.s)) * torch.tan(self._u(t))
+
+    def big_b(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        u0 = self.s / (1.0 + self.s) * (math.pi / 2)
+        # B = -ln abar = -2 ln cos(u(t)) + 2 ln cos(u(0))
+        return -2.0 * torch.log(torch.cos(self._u(t))) + 2.0 * math.log(math.cos(u0))
+
+    def params(self) -> dict[str, float]:
+        return {"s": self.s}
+
+
+@dataclass(frozen=True)
+class ConstantSchedule(Schedule):
+    """beta(t) = b, B(t) = b t."""
+
+    beta_const: float = 5.0
+    name = "constant"
+
+    def beta(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        return torch.full_like(t, self.beta_const)
+
+    def big_b(self, t: TensorLike) -> torch.Tensor:
+        return self.beta_const * _as_tensor(t)
+
+    def params(self) -> dict[str, float]:
+        return {"beta_const": self.beta_const}
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    "linear": LinearSchedule,
+    "cosine": CosineSchedule,
+    "constant": ConstantSchedule,
+}
+
+
+def get_schedule(name: str, **params: float) -> Schedule:
+    """Build a schedule by name ("linear", "cosine", "constant") with its parameters."""
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"unknown schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+        )
+    cls = SCHEDULES[name]
+    try:
+        sched = cls(**params)
+    except TypeError:
+        allowed = ", ".join(f.name for f in cls.__dataclass_fields__.values())
+        raise ValueError(
+            f"bad parameters {sorted(params)} for the {name} schedule; allowed: {allowed}"
+        ) from None
+    for key, value in sched.params().items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"schedule parameter {key}={value} must be a positive finite number")
+    return sched
+
+
+def sample_xt(
+    x0: torch.Tensor, t: torch.Tensor, schedule: Schedule, *, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x_t ~ E_t(x0) = N(alpha_t x0, sigma_t^2 I); returns (x_t, eps). t has shape [batch]."""
+    eps = torch.randn_like(x0) if noise is None else noise
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    alpha = schedule.alpha(t).to(x0.dtype).view(shape)
+    sigma = schedule.sigma2(t).sqrt().to(x0.dtype).view(shape)
+    return alpha * x0 + sigma * eps, eps
