@@ -134,9 +134,7 @@ SCHEDULES: dict[str, type[Schedule]] = {
 def get_schedule(name: str, **params: float) -> Schedule:
     """Build a schedule by name ("linear", "cosine", "constant") with its parameters."""
     if name not in SCHEDULES:
-        raise ValueError(
-            f"unknown schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}"
-        )
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}")
     cls = SCHEDULES[name]
     try:
         sched = cls(**params)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .sampling import score
 from .schedules import Schedule, sample_xt
 
 
@@ -125,7 +124,7 @@ def train_score_model(
         total = loss.mean()
         if lam > 0:
             total = total + lam * generator_surrogate(wsq, T=T, m=m, t_min=t_min)
-        value = float(total)
+        value = float(total.detach())
         if value != value or value in (float("inf"), float("-inf")):
             raise FloatingPointError(f"training loss became {value} at step {step}")
         opt.zero_grad(set_to_none=True)

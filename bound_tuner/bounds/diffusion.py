@@ -125,13 +125,23 @@ def diffusion_bound(
     d = x[0].numel()
     alpha = float(schedule.alpha(T))
     sigma2 = float(schedule.sigma2(T))
-    per_sample = evaluate_train_loss(model, x, schedule, T=T, draws=train_draws, t_min=t_min,
-                                     seed=seed + 1)
+    per_sample = evaluate_train_loss(
+        model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
+    )
     train_loss = float(per_sample.mean())
     c_mix = mixture_kl(alpha * x, sigma2, mc_samples=mc_samples, seed=seed + 2)
     c_prior = prior_kl_sqrt(x, alpha=alpha, sigma2=sigma2)
-    run = generate(model, schedule, T=T, n=n_paths, shape=tuple(x.shape[1:]), n_steps=n_steps,
-                   t_min=t_min, generator=torch.Generator().manual_seed(seed + 3), device=x.device)
+    run = generate(
+        model,
+        schedule,
+        T=T,
+        n=n_paths,
+        shape=tuple(x.shape[1:]),
+        n_steps=n_steps,
+        t_min=t_min,
+        generator=torch.Generator().manual_seed(seed + 3),
+        device=x.device,
+    )
     l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
     i_gen = generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min)
     r_est = estimate_R(per_sample)
@@ -154,6 +164,10 @@ def diffusion_bound(
         "sigma2_T": sigma2,
     }
     return assemble_diffusion_bound(
-        train_loss=train_loss, c_mix=c_mix, c_prior=c_prior, i_gen=i_gen,
-        R=settings["R"], settings=settings,
+        train_loss=train_loss,
+        c_mix=c_mix,
+        c_prior=c_prior,
+        i_gen=i_gen,
+        R=settings["R"],
+        settings=settings,
     )

@@ -60,7 +60,8 @@ def mixture_kl(
     ``means`` is [m, d] (alpha_T x), ``var`` is sigma_T^2. ``generator`` (or ``seed``) fixes the
     Monte Carlo draws; the noise is drawn on the CPU for the same numbers on every device.
     With ``per_point=True`` the [m] float64 tensor of KL_i estimates is returned instead.
-    Each sample's value is at most ln m, so the result lies in [.., ln m]; it is 0 for m = 1.
+    Each sample's value is at most ln m; the mean is floored at 0 (a negative mean can only be
+    Monte Carlo noise), so the result lies in [0, ln m]; it is 0 for m = 1.
     """
     means, var = _check_means(means, var)
     if mc_samples < 1:
@@ -107,7 +108,8 @@ def mixture_kl(
     kl /= mc_samples
     if per_point:
         return kl
-    return float(kl.mean())
+    # each KL_i >= 0, so a negative mean is Monte Carlo noise: report the nearest valid value
+    return max(0.0, float(kl.mean()))
 
 
 def mixture_kl_broadcast(
