@@ -1,0 +1,195 @@
+"""The VAE bound of bound-spec.md 2, as pure tensor functions.
+
+With encoder q(z|x) = N(mu(x), diag s^2(x)), decoder p_theta(x|z) (Bernoulli logits), prior
+N(0, I) and the frozen initial decoder theta_0, in nats per sample summed over pixels:
+
+  REC = (1/m) sum_i E_{z~q(z|x_i)} [ -ln p_theta(x_i|z) ]
+  KLD = (1/m) sum_i KL(q(z|x_i) || N(0, I))                                   (closed form)
+  MI  = (1/m) sum_i E_{z~q(z|x_i)} [ ln p_theta(x_i|z) - ln p_theta0(x_i|z) ]  (the same z)
+  bound = REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m)
+
+REC and MI are Monte Carlo estimates with ``mc_samples`` draws of z per point. ``-ln p(x|z)`` is
+the binary cross-entropy with logits summed over pixels; for grey x in [0, 1] it is a
+cross-entropy rather than a normalized likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .report import BoundReport
+
+__all__ = [
+    "VAETerms",
+    "gaussian_kl",
+    "neg_log_bernoulli",
+    "vae_batch_terms",
+    "vae_bound",
+    "vae_terms",
+]
+
+
+class VAETerms(NamedTuple):
+    """Averages over the m points, nats per sample (bound-spec.md 2). ``mi`` is nan without theta_0."""
+
+    rec: float
+    kld: float
+    mi: float
+    m: int
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) per row [b], closed form."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def neg_log_bernoulli(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-ln Bernoulli(x | sigmoid(logits)) summed over each row's values, [b]."""
+    nll = nn.functional.binary_cross_entropy_with_logits(
+        logits.reshape(logits.shape[0], -1), x.reshape(x.shape[0], -1), reduction="none"
+    )
+    return nll.sum(dim=1)
+
+
+def vae_batch_terms(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    decoder0: nn.Module | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-point REC, KLD and MI estimates [b] for one batch (differentiable; bound-spec.md 2).
+
+    ``model`` needs ``encode(x) -> (mu, logvar)`` and ``decode(z) -> logits``. The ``mc_samples``
+    draws of z per point are shared by ln p_theta and ln p_theta0, so MI is exactly 0 when the
+    decoder still equals ``decoder0``. MI is None when ``decoder0`` is None.
+    """
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples={mc_samples} must be >= 1")
+    b = x.shape[0]
+    mu, logvar = model.encode(x)
+    kld = gaussian_kl(mu, logvar)
+    eps = torch.randn((mc_samples, *mu.shape), generator=generator, dtype=mu.dtype).to(mu.device)
+    z = (mu + torch.exp(0.5 * logvar) * eps).reshape(mc_samples * b, -1)
+    xr = x.reshape(1, b, -1).expand(mc_samples, b, -1).reshape(mc_samples * b, -1)
+    nll = neg_log_bernoulli(model.decode(z), xr).reshape(mc_samples, b)
+    rec = nll.mean(dim=0)
+    mi = None
+    if decoder0 is not None:
+        nll0 = neg_log_bernoulli(decoder0(z), xr).reshape(mc_samples, b)
+        mi = (nll0 - nll).mean(dim=0)  # ln p_theta - ln p_theta0
+    return rec, kld, mi
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def vae_terms(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    decoder0: nn.Module | None,
+    mc_samples: int = 1,
+    batch_size: int = 1024,
+    generator: torch.Generator | None = None,
+) -> VAETerms:
+    """REC, KLD and MI over all points of ``x`` (bound-spec.md 2), in eval mode without gradients.
+
+    Sums are kept in float64. MI is nan when ``decoder0`` is None.
+    """
+    if x.shape[0] < 1:
+        raise ValueError("x has no points")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size].to(device)
+                rec, kld, mi = vae_batch_terms(
+                    model, xb, decoder0=decoder0, mc_samples=mc_samples, generator=generator
+                )
+                sums[0] += rec.double().sum().cpu()
+                sums[1] += kld.double().sum().cpu()
+                if mi is not None:
+                    sums[2] += mi.double().sum().cpu()
+    finally:
+        model.train(was_training)
+    m = x.shape[0]
+    mi_mean = float(sums[2]) / m if decoder0 is not None else math.nan
+    return VAETerms(float(sums[0]) / m, float(sums[1]) / m, mi_mean, m)
+
+
+def vae_bound(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    *,
+    decoder0: nn.Module,
+    test_x: torch.Tensor | None = None,
+    r: float = 1.0,
+    mc_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> BoundReport:
+    """The VAE bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on the m training points.
+
+    bound-spec.md 2. ``decoder0`` is the frozen decoder at initialization (``initial_decoder()``
+    of the models in ``bound_tuner.models.vae``). The estimate of MI can come out slightly
+    negative by chance (a difference of two Monte Carlo averages); ``terms["mi"]`` keeps the raw
+    estimate and the bound uses sqrt(max(MI, 0) / m). ``extras`` holds the encoder-only bound
+    REC + sqrt(KLD) and, with ``test_x``, the held-out loss REC_test + sqrt(KLD_test), the test
+    -ELBO REC_test + KLD_test and the test terms; they are never part of the total. Draws of z
+    come from ``seed`` (the test pass from ``seed + 1``), so equal inputs give equal numbers.
+    """
+    if r < 0 or not math.isfinite(r):
+        raise ValueError(f"r={r} must be a finite number >= 0 (the paper used r = 1)")
+    if decoder0 is None:
+        raise ValueError("decoder0 is required: pass model.initial_decoder() (theta_0)")
+    m = int(train_x.shape[0])
+    d = int(train_x[0].numel())
+    g = torch.Generator().manual_seed(seed)
+    rec, kld, mi, _ = vae_terms(
+        model, train_x, decoder0=decoder0, mc_samples=mc_samples, batch_size=batch_size, generator=g
+    )
+    c_kld = (1.0 + r) * math.sqrt(max(kld, 0.0))
+    c_mi = (1.0 + r) * math.sqrt(max(mi, 0.0) / m)
+    total = rec + c_kld + c_mi
+    extras = {
+        "encoder_only_bound": rec + math.sqrt(max(kld, 0.0)),
+        "train_neg_elbo": rec + kld,
+    }
+    if test_x is not None:
+        gt = torch.Generator().manual_seed(seed + 1)
+        rec_t, kld_t, _, _ = vae_terms(
+            model, test_x, decoder0=None, mc_samples=mc_samples, batch_size=batch_size, generator=gt
+        )
+        extras.update(
+            heldout_loss=rec_t + math.sqrt(max(kld_t, 0.0)),
+            test_neg_elbo=rec_t + kld_t,
+            test_rec=rec_t,
+            test_kld=kld_t,
+            test_size=float(test_x.shape[0]),
+        )
+    return BoundReport(
+        kind="vae",
+        total=total,
+        terms={"rec": rec, "kld": kld, "mi": mi},
+        contributions={"rec": rec, "kld": c_kld, "mi": c_mi},
+        settings={
+            "r": r,
+            "m": m,
+            "d": d,
+            "mc_samples": mc_samples,
+            "latent": int(getattr(model, "latent", -1)),
+            "seed": seed,
+        },
+        extras=extras,
+    )
