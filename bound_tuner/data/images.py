@@ -109,7 +109,7 @@ def read_idx(path: str | os.PathLike, *, hint: str = FASHION_HINT) -> np.ndarray
 
 def _file_key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
-    return str(path.resolve()), st.st_mtime_ns, st.st_size
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
 @functools.lru_cache(maxsize=16)
