@@ -99,6 +99,55 @@ def assemble_diffusion_bound(
     return BoundReport("diffusion", total, terms, contributions, settings)
 
 
+def encoder_terms(
+    x: torch.Tensor, schedule: Schedule, *, T: float, mc_samples: int = 1, seed: int = 0
+) -> dict[str, float]:
+    """The model-free terms at T: C_mix and C_prior (they depend on the data and alpha_T only)."""
+    alpha = float(schedule.alpha(T))
+    sigma2 = float(schedule.sigma2(T))
+    return {
+        "c_mix": mixture_kl(alpha * x, sigma2, mc_samples=mc_samples, seed=seed + 2),
+        "c_prior": prior_kl_sqrt(x, alpha=alpha, sigma2=sigma2),
+    }
+
+
+def model_terms(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    l_estimator: str = "path-mean",
+    n_steps: int = 1000,
+    n_paths: int = 256,
+    train_draws: int = 64,
+    t_min: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The model's terms at T: L_train (evaluation pass), L_hat (generator paths), I_gen, R estimate."""
+    per_sample = evaluate_train_loss(
+        model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
+    )
+    run = generate(
+        model,
+        schedule,
+        T=T,
+        n=n_paths,
+        shape=tuple(x.shape[1:]),
+        n_steps=n_steps,
+        t_min=t_min,
+        generator=torch.Generator().manual_seed(seed + 3),
+        device=x.device,
+    )
+    l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
+    return {
+        "train_loss": float(per_sample.mean()),
+        "L_hat": l_hat,
+        "i_gen": generator_info(l_hat, schedule, T=T, m=x.shape[0], n_steps=n_steps, t_min=t_min),
+        "R_estimate": estimate_R(per_sample),
+    }
+
+
 def diffusion_bound(
     model: nn.Module,
     x: torch.Tensor,
@@ -121,53 +170,42 @@ def diffusion_bound(
     T = schedule.check_T(T, t_min=t_min)
     if l_estimator not in L_ESTIMATORS:
         raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
-    m = x.shape[0]
-    d = x[0].numel()
-    alpha = float(schedule.alpha(T))
-    sigma2 = float(schedule.sigma2(T))
-    per_sample = evaluate_train_loss(
-        model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
-    )
-    train_loss = float(per_sample.mean())
-    c_mix = mixture_kl(alpha * x, sigma2, mc_samples=mc_samples, seed=seed + 2)
-    c_prior = prior_kl_sqrt(x, alpha=alpha, sigma2=sigma2)
-    run = generate(
+    enc = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
+    mt = model_terms(
         model,
+        x,
         schedule,
         T=T,
-        n=n_paths,
-        shape=tuple(x.shape[1:]),
+        l_estimator=l_estimator,
         n_steps=n_steps,
+        n_paths=n_paths,
+        train_draws=train_draws,
         t_min=t_min,
-        generator=torch.Generator().manual_seed(seed + 3),
-        device=x.device,
+        seed=seed,
     )
-    l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
-    i_gen = generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min)
-    r_est = estimate_R(per_sample)
     settings = {
         "T": T,
         "schedule": schedule.name,
         **{f"schedule.{k}": v for k, v in schedule.params().items()},
-        "R": float(R) if R is not None else r_est,
+        "R": float(R) if R is not None else mt["R_estimate"],
         "R_source": "user" if R is not None else "estimate",
-        "R_estimate": r_est,
+        "R_estimate": mt["R_estimate"],
         "L_estimator": l_estimator,
-        "L_hat": l_hat,
-        "m": m,
-        "d": d,
+        "L_hat": mt["L_hat"],
+        "m": x.shape[0],
+        "d": x[0].numel(),
         "N": n_steps,
         "k": mc_samples,
         "n_paths": n_paths,
         "t_min": t_min,
-        "alpha_T": alpha,
-        "sigma2_T": sigma2,
+        "alpha_T": float(schedule.alpha(T)),
+        "sigma2_T": float(schedule.sigma2(T)),
     }
     return assemble_diffusion_bound(
-        train_loss=train_loss,
-        c_mix=c_mix,
-        c_prior=c_prior,
-        i_gen=i_gen,
+        train_loss=mt["train_loss"],
+        c_mix=enc["c_mix"],
+        c_prior=enc["c_prior"],
+        i_gen=mt["i_gen"],
         R=settings["R"],
         settings=settings,
     )

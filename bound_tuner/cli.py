@@ -1,0 +1,128 @@
+"""The ``bound-tuner`` command.
+
+  bound-tuner run SPEC [--storage URL] [--n-trials N]
+  bound-tuner report --study NAME [--storage URL] [--format table|json] [--plot FILE.png]
+
+A user error (spec, data, storage) prints one line and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .spec import SpecError
+from .storage import StorageError
+
+USER_ERRORS = (SpecError, StorageError)
+
+
+def _storage_help() -> str:
+    return "SQLAlchemy URL of the study database (default: $BOUND_TUNER_STORAGE or sqlite:///bound_tuner.db)"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .reporting import trials_json, trials_table
+    from .spec import load_spec
+    from .study import best_trial_or_none, run_study
+
+    spec = load_spec(args.spec)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
+    study = run_study(
+        spec,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    trials = trials_json(study)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    print(
+        f"study {spec.name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    )
+    best = best_trial_or_none(study)
+    if best is None:
+        print("no trial completed")
+        return 1
+    print(f"best trial #{best.number}: bound {best.value:.4f}  params {best.params}")
+    print(trials_table([t for t in trials if t["number"] == best.number]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .reporting import heldout_key, plot_study, rank_correlation, trials_json, trials_table
+    from .storage import make_storage
+
+    store = make_storage(args.storage)
+    names = [s.study_name for s in store.get_all_studies()]
+    if args.study not in names:
+        raise StorageError(
+            f"no study named {args.study!r} in this storage; studies: {', '.join(names) or 'none'}"
+        )
+    study = optuna.load_study(study_name=args.study, storage=store)
+    trials = trials_json(study)
+    if args.format == "json":
+        print(json.dumps(trials, indent=2))
+    else:
+        print(trials_table(trials))
+        key = heldout_key(trials)
+        if key:
+            rho, n = rank_correlation(trials, key)
+            print(f"Spearman rank correlation(bound, {key}) = {rho:.3f} over {n} trials")
+    if args.plot:
+        rho = plot_study(trials, args.plot)
+        msg = f"plot saved to {args.plot}"
+        if rho is not None:
+            msg += f"; Spearman rho(bound, held-out) = {rho:.3f}"
+        print(msg, file=sys.stderr if args.format == "json" else sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bound-tuner",
+        description=(
+            "Optuna studies of diffusion models and VAEs scored by a generalization bound "
+            "computed from the training data alone."
+        ),
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run or resume the study of a spec")
+    r.add_argument("spec", help="study spec, e.g. studies/swiss_roll.toml")
+    r.add_argument("--storage", help=_storage_help())
+    r.add_argument(
+        "--n-trials", type=int, help="finished trials to reach in all (default: the spec's)"
+    )
+    r.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="print a study's trials and plot its trade-offs")
+    rep.add_argument("--study", required=True, help="study name")
+    rep.add_argument("--storage", help=_storage_help())
+    rep.add_argument("--format", choices=("table", "json"), default="table")
+    rep.add_argument("--plot", metavar="FILE.png", help="save the trade-off plot here")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"bound-tuner: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

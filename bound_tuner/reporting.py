@@ -1,0 +1,142 @@
+"""Reading a finished study back: JSON trials, a text table, and plots of the trade-offs.
+
+JSON schema (``bound-tuner report --format json``): a list, one object per trial, with
+``number`` (int), ``state`` ("COMPLETE" | "PRUNED" | "FAIL" | "RUNNING" | "WAITING"),
+``params`` (sampled parameters), ``value`` (the bound's total, or null) and ``user_attrs``
+(``bound.*`` terms and settings, ``heldout.*`` metrics in validation mode, ``fail_reason``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from scipy.stats import spearmanr
+
+TERMS = ("train_loss", "encoder_mixture_kl", "prior_kl_sqrt", "generator_info")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's trials in the documented JSON schema."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        out.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "value": _clean(t.value),
+                "user_attrs": {k: _clean(v) for k, v in t.user_attrs.items()},
+            }
+        )
+    return out
+
+
+def heldout_key(trials: list[dict]) -> str | None:
+    """The held-out metric to compare with: test KL where there is one, else the first recorded."""
+    keys = sorted({k for t in trials for k in t["user_attrs"] if k.startswith("heldout.")})
+    for preferred in ("heldout.test_kl", "heldout.heldout_loss", "heldout.denoising_loss"):
+        if preferred in keys:
+            return preferred
+    return keys[0] if keys else None
+
+
+def rank_correlation(trials: list[dict], key: str) -> tuple[float, int]:
+    """Spearman's rho between the bound and a held-out metric over complete trials, and n."""
+    pairs = [
+        (t["value"], t["user_attrs"].get(key))
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t["value"] is not None
+        and t["user_attrs"].get(key) is not None
+    ]
+    if len(pairs) < 3:
+        return math.nan, len(pairs)
+    a, b = zip(*pairs, strict=True)
+    return float(spearmanr(a, b).statistic), len(pairs)
+
+
+def trials_table(trials: list[dict]) -> str:
+    """A text table: one row per trial, the bound terms and the held-out metric."""
+    key = heldout_key(trials)
+    cols = ["#", "state", "T", "schedule", "bound", "L_train", "C_mix", "C_prior", "I_gen"]
+    if key:
+        cols.append(key.split(".", 1)[1])
+    rows = [cols]
+    for t in trials:
+        ua = t["user_attrs"]
+
+        def f(v, fmt="{:.4g}"):
+            return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
+
+        row = [
+            str(t["number"]),
+            t["state"],
+            f(ua.get("bound.T", t["params"].get("T"))),
+            f(ua.get("bound.schedule", t["params"].get("schedule"))),
+            f(t["value"]),
+        ]
+        row += [f(ua.get(f"bound.{name}")) for name in TERMS]
+        if key:
+            row.append(f(ua.get(key)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def plot_study(trials: list[dict], path: str) -> float | None:
+    """Save a PNG: the bound's signed contributions against T and, where held-out metrics exist,
+    the bound against the held-out metric with Spearman's rho in the title. Returns rho or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t["state"] == "COMPLETE" and "bound.T" in t["user_attrs"]]
+    key = heldout_key(done)
+    ncols = 2 if key else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    done.sort(key=lambda t: t["user_attrs"]["bound.T"])
+    Ts = [t["user_attrs"]["bound.T"] for t in done]
+    labels = {
+        "train_loss": "L_train",
+        "encoder_mixture_kl": "-C_mix",
+        "prior_kl_sqrt": "sqrt2 R C_prior",
+        "generator_info": "sqrt2 R sqrt(I_gen)",
+    }
+    for name, label in labels.items():
+        ax.plot(
+            Ts,
+            [t["user_attrs"].get(f"bound.contribution.{name}") for t in done],
+            "o-",
+            label=label,
+            ms=4,
+        )
+    ax.plot(Ts, [t["value"] for t in done], "k*-", label="bound", ms=8)
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("nats per sample")
+    ax.set_title("bound terms against T")
+    ax.legend(fontsize=8)
+    rho = None
+    if key:
+        rho, n = rank_correlation(trials, key)
+        ax2 = axes[0, 1]
+        xs = [t["user_attrs"].get(key) for t in done]
+        ax2.scatter(xs, [t["value"] for t in done], c=Ts, cmap="viridis")
+        for t, x in zip(done, xs, strict=True):
+            ax2.annotate(f"T={t['user_attrs']['bound.T']:.2g}", (x, t["value"]), fontsize=7)
+        ax2.set_xlabel(key)
+        ax2.set_ylabel("bound")
+        ax2.set_title(f"bound against {key}: Spearman rho = {rho:.3f} (n={n})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return rho

@@ -1,0 +1,374 @@
+"""Study specs: TOML files in studies/ read with tomllib and checked field by field.
+
+Every problem raises SpecError with one line naming the field and the mend, before any study is
+created. The schema (every section optional except [study].name):
+
+  [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed
+  [data]     name, m, seed, test_size (+ binarize, pad_to_32 for image sets)
+  [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
+  [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
+  [bound]    R (number or "estimate"), L_estimator, N, k, n_paths, train_draws (VAE: r, mc_samples)
+  [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
+  [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
+             n_warmup_steps
+  [storage]  heartbeat_interval, grace_period (seconds; used with PostgreSQL or several workers)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .data import DATASETS
+from .schedules import SCHEDULES
+
+
+class SpecError(ValueError):
+    """A user error in a study spec; its message is one line naming the field and the mend."""
+
+
+# parameters each model's objective understands, with their kind
+DIFFUSION_PARAMS: dict[str, type] = {
+    "T": float,
+    "schedule": str,
+    "beta_min": float,
+    "beta_max": float,
+    "beta_const": float,
+    "cosine_s": float,
+    "lam": float,
+    "lr": float,
+    "width": int,
+    "layers": int,
+    "steps": int,
+    "batch_size": int,
+}
+VAE_PARAMS: dict[str, type] = {
+    "beta": float,
+    "lam": float,
+    "latent": int,
+    "lr": float,
+    "epochs": int,
+    "batch_size": int,
+    "arch": str,
+}
+SECTIONS = {
+    "study": {"name": str, "model": str, "n_trials": int, "validation": bool, "seed": int},
+    "data": {
+        "name": str,
+        "m": int,
+        "seed": int,
+        "test_size": int,
+        "binarize": str,
+        "pad_to_32": bool,
+    },
+    "training": {
+        "steps": int,
+        "batch_size": int,
+        "checkpoints": int,
+        "t_min": float,
+        "lr": float,
+        "width": int,
+        "layers": int,
+        "epochs": int,
+        "device": str,
+    },
+    "bound": {
+        "R": (float, str),
+        "L_estimator": str,
+        "N": int,
+        "k": int,
+        "n_paths": int,
+        "train_draws": int,
+        "r": float,
+        "mc_samples": int,
+    },
+    "sampler": {"type": str, "seed": int, "n_startup_trials": int},
+    "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
+    "storage": {"heartbeat_interval": int, "grace_period": int},
+}
+SAMPLERS = ("tpe", "random", "grid", "bruteforce")
+PRUNERS = ("median", "none", "successive_halving", "hyperband")
+MODELS = ("diffusion", "vae")
+L_ESTIMATORS = ("path-mean", "path-max")
+SCHEDULE_PARAMS = {
+    "beta_min": "linear",
+    "beta_max": "linear",
+    "beta_const": "constant",
+    "cosine_s": "cosine",
+}
+
+
+@dataclass
+class Param:
+    """One search-space entry: fixed, a numeric range, or a list of choices (grid)."""
+
+    name: str
+    kind: type
+    fixed: Any = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.choices is None and self.low is None
+
+    def values(self) -> list:
+        """Every value this parameter may take where that is a finite list (fixed or choices)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.is_fixed:
+            return [self.fixed]
+        return [self.low, self.high]
+
+
+@dataclass
+class StudySpec:
+    name: str
+    model: str = "diffusion"
+    n_trials: int = 20
+    validation: bool = False
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Param] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    bound: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    storage: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+def _type_ok(value: Any, expected) -> bool:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    for k in kinds:
+        if k is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if k is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if k in (str, bool) and isinstance(value, k):
+            return True
+    return False
+
+
+def _tname(expected) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    return " or ".join(names[k] for k in kinds)
+
+
+def _check_section(name: str, table: Any, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise SpecError(f"{where}: [{name}] must be a table, e.g. [{name}] on its own line")
+    allowed = SECTIONS[name]
+    for key, value in table.items():
+        if key not in allowed:
+            raise SpecError(
+                f"{where}: unknown key '{key}' in [{name}]; allowed: {', '.join(allowed)}"
+            )
+        if not _type_ok(value, allowed[key]):
+            raise SpecError(f"{where}: {name}.{key} = {value!r} must be {_tname(allowed[key])}")
+    return dict(table)
+
+
+def _parse_param(name: str, raw: Any, kind: type, where: str) -> Param:
+    f = f"{where}: search.{name}"
+    if not isinstance(raw, dict):
+        if not _type_ok(raw, kind):
+            raise SpecError(
+                f"{f} = {raw!r} must be {_tname(kind)} or a table such as "
+                "{ low = ..., high = ... } or { choices = [...] }"
+            )
+        return Param(name, kind, fixed=raw)
+    keys = set(raw)
+    if keys & {"choices", "grid"}:
+        if len(keys & {"choices", "grid"}) > 1 or keys - {"choices", "grid"}:
+            raise SpecError(f"{f}: give either choices = [...] or grid = [...], nothing else")
+        values = raw.get("choices", raw.get("grid"))
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{f}: the list of values is empty; give at least one value")
+        for v in values:
+            if not _type_ok(v, kind):
+                raise SpecError(f"{f}: value {v!r} must be {_tname(kind)}")
+        return Param(name, kind, choices=values)
+    bad = keys - {"low", "high", "log", "step"}
+    if bad or not {"low", "high"} <= keys:
+        raise SpecError(
+            f"{f}: a range needs low and high (optional log, step); "
+            f"unexpected {sorted(bad) or 'missing low/high'}"
+        )
+    if kind is str:
+        raise SpecError(f"{f}: {name} takes names; use choices = [...]")
+    low, high = raw["low"], raw["high"]
+    for k, v in (("low", low), ("high", high)):
+        if not _type_ok(v, kind) or not math.isfinite(v):
+            raise SpecError(f"{f}.{k} = {v!r} must be {_tname(kind)}")
+    if not low < high:
+        raise SpecError(f"{f}: low={low} must be below high={high}")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise SpecError(f"{f}.log must be true or false")
+    if log and low <= 0:
+        raise SpecError(f"{f}: a log range needs low > 0 (got {low}); set log = false or raise low")
+    step = raw.get("step")
+    if step is not None and (not _type_ok(step, kind) or step <= 0):
+        raise SpecError(f"{f}.step = {step!r} must be a positive {_tname(kind)[2:]}")
+    return Param(name, kind, low=low, high=high, log=log, step=step)
+
+
+def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
+    """Check a spec given as a dict (as tomllib returns it) and build a StudySpec."""
+    for section in raw:
+        if section not in SECTIONS and section != "search":
+            raise SpecError(
+                f"{where}: unknown section [{section}]; allowed: "
+                f"{', '.join(['study', 'data', 'search', *list(SECTIONS)[2:]])}"
+            )
+    study = _check_section("study", raw.get("study", {}), where)
+    if "name" not in study or not study["name"].strip():
+        raise SpecError(f'{where}: study.name is missing; add name = "my-study" under [study]')
+    spec = StudySpec(name=study["name"], path=where)
+    spec.model = study.get("model", "diffusion")
+    if spec.model not in MODELS:
+        raise SpecError(f"{where}: study.model = {spec.model!r} is unknown; choose one of {MODELS}")
+    spec.n_trials = study.get("n_trials", 20)
+    if spec.n_trials < 1:
+        raise SpecError(f"{where}: study.n_trials = {spec.n_trials} must be at least 1")
+    spec.validation = study.get("validation", False)
+    spec.seed = study.get("seed", 0)
+
+    spec.data = _check_section("data", raw.get("data", {}), where)
+    dname = spec.data.setdefault("name", "swiss_roll")
+    if dname not in DATASETS:
+        raise SpecError(
+            f"{where}: data.name = {dname!r} is an unknown data set; "
+            f"choose one of {', '.join(sorted(DATASETS))}"
+        )
+    spec.data.setdefault("m", 200)
+    if spec.data["m"] < 2:
+        raise SpecError(f"{where}: data.m = {spec.data['m']} must be at least 2")
+    spec.data.setdefault("seed", spec.seed)
+    spec.data.setdefault("test_size", 1000)
+
+    spec.training = _check_section("training", raw.get("training", {}), where)
+    for key in ("steps", "batch_size", "checkpoints", "epochs", "width", "layers"):
+        if key in spec.training and spec.training[key] < (0 if key == "checkpoints" else 1):
+            raise SpecError(f"{where}: training.{key} = {spec.training[key]} is too small")
+    spec.bound = _check_section("bound", raw.get("bound", {}), where)
+    r = spec.bound.get("R", 5.0)
+    if isinstance(r, str) and r != "estimate":
+        raise SpecError(f'{where}: bound.R = {r!r}; give a positive number or "estimate"')
+    if not isinstance(r, str) and not (math.isfinite(r) and r > 0):
+        raise SpecError(f"{where}: bound.R = {r} must be positive")
+    est = spec.bound.get("L_estimator", "path-mean")
+    if est not in L_ESTIMATORS:
+        raise SpecError(f"{where}: bound.L_estimator = {est!r}; choose one of {L_ESTIMATORS}")
+    for key in ("N", "k", "n_paths", "train_draws", "mc_samples"):
+        if key in spec.bound and spec.bound[key] < 1:
+            raise SpecError(f"{where}: bound.{key} = {spec.bound[key]} must be at least 1")
+
+    spec.sampler = _check_section("sampler", raw.get("sampler", {"type": "tpe"}), where)
+    spec.sampler.setdefault("type", "tpe")
+    spec.sampler.setdefault("seed", spec.seed)
+    if spec.sampler["type"] not in SAMPLERS:
+        raise SpecError(
+            f"{where}: sampler.type = {spec.sampler['type']!r} is unknown; "
+            f"choose one of {', '.join(SAMPLERS)}"
+        )
+    spec.pruner = _check_section("pruner", raw.get("pruner", {"type": "median"}), where)
+    spec.pruner.setdefault("type", "median")
+    if spec.pruner["type"] not in PRUNERS:
+        raise SpecError(
+            f"{where}: pruner.type = {spec.pruner['type']!r} is unknown; "
+            f"choose one of {', '.join(PRUNERS)}"
+        )
+    spec.storage = _check_section("storage", raw.get("storage", {}), where)
+
+    search = raw.get("search", {})
+    if not isinstance(search, dict):
+        raise SpecError(f"{where}: [search] must be a table of parameters")
+    allowed = DIFFUSION_PARAMS if spec.model == "diffusion" else VAE_PARAMS
+    for name, value in search.items():
+        if name not in allowed:
+            raise SpecError(
+                f"{where}: unknown search parameter '{name}' for a {spec.model} "
+                f"study; allowed: {', '.join(allowed)}"
+            )
+        spec.search[name] = _parse_param(name, value, allowed[name], where)
+    if spec.model == "diffusion":
+        _check_diffusion_space(spec, where)
+    if spec.sampler["type"] in ("grid", "bruteforce"):
+        for p in spec.search.values():
+            if (
+                not p.is_fixed
+                and p.choices is None
+                and not (spec.sampler["type"] == "bruteforce" and p.kind is int and p.step)
+            ):
+                raise SpecError(
+                    f"{where}: search.{p.name} is a range, but the "
+                    f"{spec.sampler['type']} sampler needs a list; "
+                    f"write {p.name} = {{ grid = [...] }}"
+                )
+    return spec
+
+
+def _check_diffusion_space(spec: StudySpec, where: str) -> None:
+    s = spec.search
+    if "T" not in s:
+        raise SpecError(f"{where}: search.T is missing; add e.g. T = {{ low = 0.1, high = 1.8 }}")
+    sched = s.get("schedule")
+    names = sched.values() if sched is not None else ["linear"]
+    for n in names:
+        if n not in SCHEDULES:
+            raise SpecError(
+                f"{where}: search.schedule has unknown schedule {n!r}; "
+                f"choose from {', '.join(SCHEDULES)}"
+            )
+    t_min = spec.training.get("t_min", 1e-3)
+    t_vals = s["T"].values()
+    for n in names:
+        t_max = SCHEDULES[n].t_max
+        if max(t_vals) >= t_max:
+            raise SpecError(
+                f"{where}: search.T reaches {max(t_vals)}, outside the {n} schedule's "
+                f"range (T < {t_max}); lower T or drop {n} from search.schedule"
+            )
+    if min(t_vals) <= t_min:
+        raise SpecError(
+            f"{where}: search.T starts at {min(t_vals)}, not above t_min={t_min}; "
+            "raise the lower end of T"
+        )
+    for key, owner in SCHEDULE_PARAMS.items():
+        if key in s and owner not in names:
+            raise SpecError(
+                f"{where}: search.{key} applies to the {owner} schedule, which "
+                "search.schedule does not include"
+            )
+        if key in s and min(s[key].values()) <= 0:
+            raise SpecError(f"{where}: search.{key} must be positive")
+    if "lam" in s and min(s["lam"].values()) < 0:
+        raise SpecError(f"{where}: search.lam must be >= 0")
+    if "lr" in s and min(s["lr"].values()) <= 0:
+        raise SpecError(f"{where}: search.lr must be positive")
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and check a study spec from a TOML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} not found; give the path of a .toml study spec")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{p}: not valid TOML ({e}); fix the syntax") from None
+    return parse_spec(raw, where=str(p))

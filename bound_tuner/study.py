@@ -1,0 +1,167 @@
+"""Study runner: a StudySpec + a storage URL -> an Optuna study, created or resumed, and run.
+
+Everything a user can get wrong (spec, data, storage) is checked before the study is created, so a
+bad input leaves nothing behind in the database.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from .data import DataSplit, load_dataset
+from .experiment import DiffusionConfig
+from .space import grid_space
+from .spec import SpecError, StudySpec
+from .storage import make_storage
+
+METRIC_NAME = "generalization bound"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    cfg = spec.sampler
+    seed = cfg.get("seed", spec.seed)
+    kind = cfg["type"]
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=cfg.get("n_startup_trials", 10)
+        )
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "grid":
+        return optuna.samplers.GridSampler(grid_space(spec.search), seed=seed)
+    return optuna.samplers.BruteForceSampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    cfg = spec.pruner
+    kind = cfg["type"]
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.get("n_startup_trials", 4),
+            n_warmup_steps=cfg.get("n_warmup_steps", 0),
+        )
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.HyperbandPruner()
+
+
+def load_data(spec: StudySpec) -> DataSplit:
+    """The spec's data set; a problem with it becomes a SpecError naming [data]."""
+    d = dict(spec.data)
+    name = d.pop("name")
+    try:
+        return load_dataset(name, **d)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SpecError(f"{spec.path}: [data] {e}") from None
+
+
+def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
+    """Defaults for everything the search space leaves out, from [training] and [bound]."""
+    tr, bd = spec.training, spec.bound
+    known = {f.name for f in fields(DiffusionConfig)}
+    kw: dict[str, Any] = {k: v for k, v in tr.items() if k in known}
+    kw["R"] = None if bd.get("R", 5.0) == "estimate" else float(bd.get("R", 5.0))
+    kw["l_estimator"] = bd.get("L_estimator", "path-mean")
+    for src, dst in (
+        ("N", "n_steps"),
+        ("k", "mc_samples"),
+        ("n_paths", "n_paths"),
+        ("train_draws", "train_draws"),
+    ):
+        if src in bd:
+            kw[dst] = bd[src]
+    return DiffusionConfig(**kw)
+
+
+def build_objective(
+    spec: StudySpec, data: DataSplit | None = None, *, device: str = "cpu", on_result=None
+):
+    """The objective of a spec's model, on its data (loaded here unless given)."""
+    data = data if data is not None else load_data(spec)
+    if spec.model == "diffusion":
+        from .objectives import DiffusionObjective
+
+        return DiffusionObjective(
+            data,
+            search=spec.search,
+            base=diffusion_base_config(spec),
+            validation=spec.validation,
+            checkpoints=spec.training.get("checkpoints", 3),
+            study_seed=spec.seed,
+            device=device,
+            on_result=on_result,
+        )
+    from .objectives import VAEObjective
+
+    return VAEObjective.from_spec(spec, data, device=device, on_result=on_result)
+
+
+def open_study(
+    spec: StudySpec, storage: str | None = None, *, heartbeat: bool = False, **storage_kw
+) -> optuna.Study:
+    """Create the spec's study in the storage, or load it if it exists (resuming)."""
+    if heartbeat:
+        storage_kw.setdefault("heartbeat_interval", spec.storage.get("heartbeat_interval", 10))
+        storage_kw.setdefault("grace_period", spec.storage.get("grace_period", 30))
+        storage_kw.setdefault("retry_failed", 3)
+    store = make_storage(storage, **storage_kw)
+    study = optuna.create_study(
+        storage=store,
+        study_name=spec.name,
+        direction="minimize",
+        load_if_exists=True,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+    )
+    if study.metric_names is None:
+        study.set_metric_names([METRIC_NAME])
+    return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    callbacks: list | None = None,
+    data: DataSplit | None = None,
+    heartbeat: bool = False,
+) -> optuna.Study:
+    """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all."""
+    target = n_trials or spec.n_trials
+    data = data if data is not None else load_data(spec)  # bad data fails before the study exists
+    objective = build_objective(spec, data, device=device)
+    study = open_study(spec, storage, heartbeat=heartbeat)
+    remaining = target - finished_trials(study)
+    if remaining <= 0:
+        return study
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        callbacks=[MaxTrialsCallback(target, states=COUNTED), *(callbacks or [])],
+        show_progress_bar=progress,
+    )
+    return study
+
+
+def best_trial_or_none(study: optuna.Study):
+    try:
+        t = study.best_trial
+    except ValueError:
+        return None
+    return t if t.value is not None and math.isfinite(t.value) else None
