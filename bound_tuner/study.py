@@ -7,6 +7,7 @@ bad input leaves nothing behind in the database.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -36,7 +37,9 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "grid":
         return optuna.samplers.GridSampler(grid_space(spec.search), seed=seed)
-    return optuna.samplers.BruteForceSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.BruteForceSampler(seed=seed)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -123,7 +126,9 @@ def open_study(
         pruner=make_pruner(spec),
     )
     if study.metric_names is None:
-        study.set_metric_names([METRIC_NAME])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
     return study
 
 

@@ -1,0 +1,69 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY_SPEC = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+validation = {validation}
+seed = 0
+
+[data]
+name = "swiss_roll"
+m = 32
+test_size = 200
+
+[search]
+T = {T}
+schedule = {schedule}
+lr = {lr}
+
+[training]
+steps = {steps}
+batch_size = 32
+width = 16
+checkpoints = {checkpoints}
+
+[bound]
+R = 5.0
+N = 10
+n_paths = 8
+train_draws = 2
+
+[sampler]
+type = "{sampler}"
+
+[pruner]
+type = "{pruner}"
+n_startup_trials = 1
+"""
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    """Write a tiny study spec (trials of a fraction of a second) and return its path."""
+
+    def make(**kw) -> Path:
+        vals = dict(
+            name="tiny",
+            n_trials=3,
+            validation="false",
+            T="{ grid = [0.3, 0.6, 0.9] }",
+            schedule='"linear"',
+            lr="0.003",
+            steps=20,
+            checkpoints=0,
+            sampler="grid",
+            pruner="none",
+        )
+        vals.update(kw)
+        path = tmp_path / f"{vals['name']}.toml"
+        path.write_text(textwrap.dedent(TINY_SPEC.format(**vals)))
+        return path
+
+    return make
