@@ -23,7 +23,7 @@ from .experiment import DiffusionConfig, run_diffusion
 from .schedules import get_schedule
 from .seeding import derive_seed
 from .space import sample_diffusion_params
-from .spec import Param
+from .spec import parse_search
 
 TrialHook = Callable[[optuna.Trial, Any], None]
 
@@ -33,7 +33,8 @@ class DiffusionObjective:
 
     Args:
         data: the training set (and test set for validation mode), loaded once per worker.
-        search: the search space, ``{name: Param}`` (see ``bound_tuner.spec``).
+        search: the search space: ``{name: value}`` with a fixed value, a ``(low, high)`` range
+            (``(low, high, "log")`` for a log scale), a list of choices, or a Param.
         base: defaults for everything the search space leaves out (training, bound settings).
         validation: also compute held-out metrics (stored as ``heldout.*`` user attrs).
         checkpoints: how many partial bounds to report during training (0: none).
@@ -46,7 +47,7 @@ class DiffusionObjective:
         self,
         data: DataSplit,
         *,
-        search: dict[str, Param],
+        search: dict[str, Any],
         base: DiffusionConfig | None = None,
         validation: bool = False,
         checkpoints: int = 3,
@@ -55,7 +56,7 @@ class DiffusionObjective:
         on_result: TrialHook | None = None,
     ) -> None:
         self.data = data
-        self.search = search
+        self.search = parse_search(search, model="diffusion")
         self.base = base or DiffusionConfig()
         self.validation = validation
         self.checkpoints = checkpoints

@@ -362,6 +362,33 @@ def _check_diffusion_space(spec: StudySpec, where: str) -> None:
         raise SpecError(f"{where}: search.lr must be positive")
 
 
+def parse_search(search: dict[str, Any], *, model: str = "diffusion") -> dict[str, Param]:
+    """A search space from Python values, for use without a spec file.
+
+    Each entry is a Param, a fixed value, a ``(low, high)`` tuple (a range; ``(low, high, "log")``
+    for a log range), a list (choices), or a table as in a spec's [search].
+    """
+    allowed = DIFFUSION_PARAMS if model == "diffusion" else VAE_PARAMS
+    out: dict[str, Param] = {}
+    for name, value in search.items():
+        if isinstance(value, Param):
+            out[name] = value
+            continue
+        if name not in allowed:
+            raise SpecError(f"unknown search parameter '{name}' for a {model} objective; "
+                            f"allowed: {', '.join(allowed)}")
+        if isinstance(value, tuple):
+            if len(value) not in (2, 3) or (len(value) == 3 and value[2] != "log"):
+                raise SpecError(f"search.{name} = {value!r}: give (low, high) or (low, high, 'log')")
+            value = {"low": value[0], "high": value[1], "log": len(value) == 3}
+        elif isinstance(value, list):
+            value = {"choices": value}
+        out[name] = _parse_param(name, value, allowed[name], "search")
+    if model == "diffusion":
+        _check_diffusion_space(StudySpec(name="search", search=out), "search")
+    return out
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and check a study spec from a TOML file."""
     p = Path(path)
