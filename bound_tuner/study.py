@@ -16,6 +16,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from .data import DataSplit, load_dataset
+from .data.preprocess import to_symmetric
 from .experiment import DiffusionConfig
 from .space import grid_space
 from .spec import SpecError, StudySpec
@@ -62,9 +63,14 @@ def load_data(spec: StudySpec) -> DataSplit:
     d = dict(spec.data)
     name = d.pop("name")
     try:
-        return load_dataset(name, **d)
+        split = load_dataset(name, **d)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SpecError(f"{spec.path}: [data] {e}") from None
+    if spec.model == "diffusion" and split.train.dim() == 4:
+        # images for diffusion: bin centres in [-1, 1] (bound_tuner.data.preprocess)
+        split.train, split.test = to_symmetric(split.train), to_symmetric(split.test)
+        split.info["preprocess"] = "symmetric [-1, 1], bin centres"
+    return split
 
 
 def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
