@@ -9,6 +9,7 @@ study is created.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -70,11 +71,17 @@ def check_storage(url: str) -> str:
                 f"cannot create database {path}: folder {parent} does not "
                 "exist; create it or choose another --storage path"
             )
-        target = path if path.exists() else parent
-        if not os.access(target, os.W_OK):
+        try:  # a real write, which also catches read-only file systems and root on /proc
+            if path.exists():
+                with open(path, "ab"):
+                    pass
+            else:
+                with tempfile.NamedTemporaryFile(dir=parent, prefix=".bound_tuner_check"):
+                    pass
+        except OSError as e:
             raise StorageError(
-                f"cannot write database {path}: permission denied; choose a writable --storage path"
-            )
+                f"cannot write database {path}: {e.strerror or e}; choose a writable --storage path"
+            ) from None
         return u.render_as_string(hide_password=False)
     try:
         engine = sqlalchemy.create_engine(
