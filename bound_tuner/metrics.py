@@ -10,7 +10,7 @@ from torch import nn
 from .bounds.diffusion import prior_kl
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
 from .sampling import generate
-from .schedules import Schedule
+from .schedules import Schedule, sample_xt
 from .training import evaluate_train_loss
 
 
@@ -102,11 +102,7 @@ def _weighted_dsm(model, y, schedule, t, gen) -> torch.Tensor:
     """(T - t_min) beta(t) / (2 sigma_t^2) ||eps_theta(x_t, t) - eps||^2 per point (float64)."""
     eps = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     t_dev = t.to(y.device)
-    shape = (-1,) + (1,) * (y.dim() - 1)
-    xt = (
-        schedule.alpha(t_dev).to(y.dtype).view(shape) * y
-        + schedule.sigma2(t_dev).sqrt().to(y.dtype).view(shape) * eps
-    )
+    xt, _ = sample_xt(y, t_dev, schedule, noise=eps)
     err = (model(xt, t_dev.to(y.dtype)) - eps).pow(2).reshape(y.shape[0], -1).sum(1).double()
     w = schedule.beta(t_dev) / (2 * schedule.sigma2(t_dev))
     return (w * err).cpu()
