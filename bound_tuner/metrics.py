@@ -99,7 +99,7 @@ def bits_per_dim(
 
 
 def _weighted_dsm(model, y, schedule, t, gen) -> torch.Tensor:
-    """(T - t_min) beta(t) / (2 sigma_t^2) ||eps_theta(x_t, t) - eps||^2 per point (float64)."""
+    """beta(t) / (2 sigma_t^2) ||eps_theta(x_t, t) - eps||^2 per point (float64), one draw each."""
     eps = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
     t_dev = t.to(y.device)
     xt, _ = sample_xt(y, t_dev, schedule, noise=eps)
