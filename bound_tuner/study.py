@@ -152,11 +152,23 @@ def run_study(
     callbacks: list | None = None,
     data: DataSplit | None = None,
     heartbeat: bool = False,
+    dashboard: bool = True,
+    dashboard_charts: bool = True,
 ) -> optuna.Study:
-    """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all."""
+    """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all.
+
+    With ``dashboard``, each trial gets a note and a samples image for optuna-dashboard, and (with
+    ``dashboard_charts``, which only one process of a study may set) the study's charts are rebuilt
+    after each trial; see ``bound_tuner.dashboard``.
+    """
     target = n_trials or spec.n_trials
     data = data if data is not None else load_data(spec)  # bad data fails before the study exists
-    objective = build_objective(spec, data, device=device)
+    on_result, extra = None, []
+    if dashboard:
+        from .dashboard import dashboard_hooks
+
+        on_result, extra = dashboard_hooks(storage, reference=data.train, charts=dashboard_charts)
+    objective = build_objective(spec, data, device=device, on_result=on_result)
     study = open_study(spec, storage, heartbeat=heartbeat)
     remaining = target - finished_trials(study)
     if remaining <= 0:
@@ -164,7 +176,7 @@ def run_study(
     study.optimize(
         objective,
         n_trials=remaining,
-        callbacks=[MaxTrialsCallback(target, states=COUNTED), *(callbacks or [])],
+        callbacks=[MaxTrialsCallback(target, states=COUNTED), *extra, *(callbacks or [])],
         show_progress_bar=progress,
     )
     return study

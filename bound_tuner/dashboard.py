@@ -1,0 +1,599 @@
+"""Custom charts, trial notes and sample images for optuna-dashboard.
+
+Three pieces, all reading and writing the study's own storage:
+
+- ``TrialArtifacts``: an ``on_result`` hook for the objectives. Per trial it saves a markdown note
+  with the bound's breakdown (``optuna_dashboard.save_note``) and uploads a PNG of generated
+  samples to the artifact store (``optuna.artifacts.upload_artifact``).
+- ``ChartsCallback``: a study callback that rebuilds the study's custom plotly charts from all
+  finished trials (``optuna_dashboard.save_plotly_graph_object``): every term's signed
+  contribution against T, stacked, with the total as a line; in validation mode the bound against
+  the held-out metric with Spearman's rho; for VAE trials with per-epoch terms (a user attr
+  ``epoch_terms``), the terms against epoch for the best trial.
+- ``serve``: optuna-dashboard on the storage, with the artifact store.
+
+Notes and artifacts belong to one trial each, so any number of workers may write them. The charts
+belong to the study: exactly one process may rebuild them. In a single process, pass a
+``ChartsCallback`` (``run_study`` does); in a multi-worker run give it only to worker 0
+(``run_study(..., dashboard_charts=False)`` on the others) and call ``save_charts(study)`` once
+in the parent after the workers have finished, so the last trials appear too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial
+
+from .reporting import heldout_key, rank_correlation, trials_json
+from .storage import StorageError, normalize_url, resolve_url
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    import torch
+
+ARTIFACTS_ENV = "BOUND_TUNER_ARTIFACTS"
+CHART_TERMS_VS_T = "bound-terms-vs-T"
+CHART_BOUND_VS_HELDOUT = "bound-vs-heldout"
+CHART_VAE_EPOCHS = "vae-terms-vs-epoch"
+
+# how each term appears in notes and charts: (symbol in a table, label of its contribution)
+TERM_LABELS: dict[str, tuple[str, str]] = {
+    "train_loss": ("L_train", "L_train"),
+    "encoder_mixture_kl": ("C_mix", "−C_mix"),
+    "prior_kl_sqrt": ("C_prior", "√2 R · C_prior"),
+    "generator_info": ("I_gen", "√2 R · √I_gen"),
+    "rec": ("REC", "REC"),
+    "kld": ("KLD", "(1+r) √KLD"),
+    "mi": ("MI", "(1+r) √(MI/m)"),
+}
+TERM_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#EECA3B")
+
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- artifact store
+
+
+def artifact_dir_for(storage_url: str | None = None) -> Path:
+    """Where a study's artifacts live: $BOUND_TUNER_ARTIFACTS, else ``<db name>_artifacts`` next
+    to a SQLite file, else ./bound_tuner_artifacts."""
+    env = os.environ.get(ARTIFACTS_ENV)
+    if env:
+        return Path(env).expanduser()
+    u = normalize_url(resolve_url(storage_url))
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        db = Path(u.database).expanduser()
+        return db.with_name(f"{db.stem}_artifacts")
+    return Path("bound_tuner_artifacts")
+
+
+class FolderArtifactStore(FileSystemArtifactStore):
+    """A FileSystemArtifactStore that creates its folder on the first write (not before, so a
+    study that never starts leaves no folder behind)."""
+
+    def __init__(self, base_path: str | Path) -> None:
+        super().__init__(Path(base_path))
+        self.path = Path(base_path)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        super().write(artifact_id, content_body)
+
+
+def artifact_store_for(storage_url: str | None = None) -> FolderArtifactStore:
+    """The file-system artifact store of a storage URL (folder: see ``artifact_dir_for``)."""
+    return FolderArtifactStore(artifact_dir_for(storage_url))
+
+
+# ----------------------------------------------------------------------------- trial notes
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None) -> str:
+    """Markdown for a trial's note: the bound's terms and contributions as a table."""
+    lines = [
+        f"### Trial {number}: {report.kind} generalization bound {report.total:.4f}",
+        "",
+        "| term | value | contribution to the bound |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, value in report.terms.items():
+        symbol = TERM_LABELS.get(name, (name, name))[0]
+        c = report.contributions.get(name)
+        cs = f"{c:+.4f}" if c is not None else ""
+        lines.append(f"| {symbol} (`{name}`) | {value:.4f} | {cs} |")
+    lines.append(f"| **bound** | | **{report.total:.4f}** |")
+    if report.extras:
+        lines += ["", "Related numbers (not in the total):"]
+        lines += [f"- {k} = {_fmt(v)}" for k, v in report.extras.items()]
+    if report.settings:
+        lines += [
+            "",
+            "Settings: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in report.settings.items()),
+        ]
+    if heldout:
+        lines += [
+            "",
+            "Held-out metrics (validation mode; never the objective): "
+            + ", ".join(f"{k} = {_fmt(v)}" for k, v in heldout.items()),
+        ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sample images
+
+
+def _as_images(x: torch.Tensor) -> torch.Tensor | None:
+    """[n, C, H, W] for image-like samples (including flattened square images), else None."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() == 2 and x.shape[1] >= 64 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]:
+        s = math.isqrt(x.shape[1])
+        return x.reshape(-1, 1, s, s)
+    return None
+
+
+def save_samples_png(
+    samples: torch.Tensor,
+    path: str | Path,
+    *,
+    reference: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
+    """A PNG of generated samples: a grid for images, else a scatter of the first two
+    coordinates over the training points (``reference``) when given."""
+    samples = samples.detach().float().cpu()
+    images = _as_images(samples)
+    if images is not None:
+        from torchvision.utils import save_image
+
+        ref = _as_images(reference.detach().float().cpu()) if reference is not None else None
+        lo, hi = (float(ref.min()), float(ref.max())) if ref is not None else (None, None)
+        value_range = (lo, hi) if ref is not None and hi > lo else None
+        images = images[:64]
+        if value_range is not None:
+            images = images.clamp(*value_range)
+        save_image(images, str(path), nrow=8, normalize=True, value_range=value_range)
+        return
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = samples.reshape(samples.shape[0], -1)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if reference is not None:
+        r = reference.detach().float().cpu().reshape(reference.shape[0], -1)
+        ax.scatter(r[:, 0], r[:, 1], s=18, marker="x", c="#F58518", label="training data")
+        lo, hi = r[:, :2].min(0).values, r[:, :2].max(0).values
+        pad = 0.5 * (hi - lo)
+        ax.set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
+        ax.set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+    ax.scatter(flat[:, 0], flat[:, 1], s=4, alpha=0.5, c="#4C78A8", label="generated")
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _diffusion_samples(
+    result: Any, *, n: int, n_steps: int, shape: tuple[int, ...], seed: int
+) -> torch.Tensor:
+    import torch
+
+    from .sampling import generate
+    from .schedules import get_schedule
+
+    st = result.report.settings
+    params = {k.split(".", 1)[1]: v for k, v in st.items() if k.startswith("schedule.")}
+    schedule = get_schedule(st["schedule"], **params)
+    device = next(result.model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    run = generate(
+        result.model,
+        schedule,
+        T=float(st["T"]),
+        n=n,
+        shape=shape,
+        n_steps=n_steps,
+        t_min=float(st.get("t_min", 1e-3)),
+        generator=gen,
+        device=device,
+    )
+    return run.samples
+
+
+class TrialArtifacts:
+    """``on_result`` hook: a trial note with the bound's breakdown and a PNG of samples.
+
+    Args:
+        artifact_store: where the PNGs go (see ``artifact_store_for``); None: notes only.
+        reference: training points drawn under the generated ones in 2-D scatters, and the value
+            range of image grids.
+        n_samples: generated samples per image (at most 64 are shown for images).
+        n_steps: generator steps for the samples.
+        shape: shape of one sample; by default that of ``reference``, else of the model's data.
+
+    A failure here is logged and never fails the trial.
+    """
+
+    def __init__(
+        self,
+        artifact_store: Any | None = None,
+        *,
+        reference: torch.Tensor | None = None,
+        n_samples: int = 512,
+        n_steps: int = 200,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.artifact_store = artifact_store
+        self.reference = reference
+        self.n_samples = n_samples
+        self.n_steps = n_steps
+        self.shape = shape
+
+    def __call__(self, trial: optuna.Trial, result: Any) -> None:
+        try:
+            self.note(trial, result)
+        except Exception as e:  # the bound is computed; a note must not lose the trial
+            _log.warning("trial %d: could not save its note: %s", trial.number, e)
+        if self.artifact_store is None:
+            return
+        try:
+            self.samples_artifact(trial, result)
+        except Exception as e:
+            _log.warning("trial %d: could not save its samples: %s", trial.number, e)
+
+    def note(self, trial: optuna.Trial, result: Any) -> None:
+        from optuna_dashboard import save_note
+
+        save_note(trial, bound_note(trial.number, result.report, getattr(result, "heldout", None)))
+
+    def samples_artifact(self, trial: optuna.Trial, result: Any) -> str | None:
+        """Upload the PNG of samples; returns the artifact id, or None without samples."""
+        samples = self._samples(result, seed=trial.number)
+        if samples is None:
+            return None
+        st = result.report.settings
+        title = f"trial {trial.number}: {samples.shape[0]} generated samples"
+        if "T" in st:
+            title += f", T = {float(st['T']):.3g}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"samples_trial{trial.number}.png"
+            save_samples_png(samples, path, reference=self.reference, title=title)
+            return upload_artifact(
+                artifact_store=self.artifact_store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="image/png",
+            )
+
+    def _samples(self, result: Any, *, seed: int) -> torch.Tensor | None:
+        samples = getattr(result, "samples", None)
+        if samples is not None:
+            return samples
+        if result.report.kind != "diffusion" or getattr(result, "model", None) is None:
+            return None
+        shape = self.shape
+        if shape is None and self.reference is not None:
+            shape = tuple(self.reference.shape[1:])
+        if shape is None:
+            shape = (int(result.report.settings["d"]),)
+        return _diffusion_samples(
+            result, n=self.n_samples, n_steps=self.n_steps, shape=shape, seed=seed
+        )
+
+
+# ----------------------------------------------------------------------------- study charts
+
+
+def _best_per_T(done: list[dict]) -> tuple[list[dict], bool]:
+    best: dict[float, dict] = {}
+    for t in done:
+        T = round(float(t["user_attrs"]["bound.T"]), 10)
+        if T not in best or t["value"] < best[T]["value"]:
+            best[T] = t
+    rows = [best[T] for T in sorted(best)]
+    return rows, len(rows) < len(done)
+
+
+def terms_vs_T_figure(trials: list[dict]) -> go.Figure | None:
+    """Each term's signed contribution against T, stacked, with the bound's total as a line."""
+    import plotly.graph_objects as go
+
+    done = [
+        t
+        for t in trials
+        if t["state"] == "COMPLETE" and t["value"] is not None and "bound.T" in t["user_attrs"]
+    ]
+    if not done:
+        return None
+    rows, dedup = _best_per_T(done)
+    Ts = [float(t["user_attrs"]["bound.T"]) for t in rows]
+    names = [
+        k.split(".", 2)[2] for k in rows[0]["user_attrs"] if k.startswith("bound.contribution.")
+    ]
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        fig.add_bar(
+            x=Ts,
+            y=[t["user_attrs"].get(f"bound.contribution.{name}") for t in rows],
+            name=TERM_LABELS.get(name, (name, name))[1],
+            marker_color=TERM_COLORS[i % len(TERM_COLORS)],
+            customdata=[t["number"] for t in rows],
+            hovertemplate="T=%{x:.3g}<br>%{y:.4f}<br>trial %{customdata}<extra>%{fullData.name}</extra>",
+        )
+    fig.add_scatter(
+        x=Ts,
+        y=[t["value"] for t in rows],
+        mode="lines+markers",
+        name="bound (total)",
+        line={"color": "black", "width": 2},
+        marker={"size": 8, "symbol": "star"},
+        customdata=[t["number"] for t in rows],
+        hovertemplate="T=%{x:.3g}<br>bound %{y:.4f}<br>trial %{customdata}<extra></extra>",
+    )
+    title = "Bound terms against T (stacked contributions, total as a line)"
+    if dedup:
+        title += "<br><sup>best trial at each T</sup>"
+    fig.update_layout(
+        title={"text": title},
+        barmode="relative",
+        xaxis_title="diffusion time T",
+        yaxis_title="nats per sample",
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
+    """The bound against the held-out metric of validation mode, with Spearman's rho."""
+    import plotly.graph_objects as go
+
+    key = heldout_key(trials)
+    if key is None:
+        return None
+    done = [
+        t
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t["value"] is not None
+        and t["user_attrs"].get(key) is not None
+    ]
+    if not done:
+        return None
+    rho, n = rank_correlation(trials, key)
+    metric = key.split(".", 1)[1]
+    rho_text = (
+        f"Spearman ρ = {rho:.3f} (n={n})"
+        if math.isfinite(rho)
+        else f"Spearman ρ needs 3 trials (n={n})"
+    )
+    Ts = [t["user_attrs"].get("bound.T") for t in done]
+    marker: dict[str, Any] = {"size": 10}
+    if all(T is not None for T in Ts):
+        marker.update(color=Ts, colorscale="Viridis", showscale=True, colorbar={"title": "T"})
+    fig = go.Figure(
+        go.Scatter(
+            x=[t["user_attrs"][key] for t in done],
+            y=[t["value"] for t in done],
+            mode="markers+text",
+            text=[f"#{t['number']}" for t in done],
+            textposition="top center",
+            marker=marker,
+            hovertemplate=f"{metric} %{{x:.4g}}<br>bound %{{y:.4f}}<br>trial %{{text}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": f"Bound against held-out {metric}: {rho_text}"},
+        xaxis_title=f"held-out {metric}",
+        yaxis_title="generalization bound",
+    )
+    return fig
+
+
+def _epoch_series(raw: Any) -> dict[str, list[float]] | None:
+    """Per-epoch terms as ``{name: values}`` plus ``epoch``, from a list of per-epoch dicts or a
+    dict of lists."""
+    if isinstance(raw, dict):
+        series = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
+    elif isinstance(raw, list) and raw and all(isinstance(r, dict) for r in raw):
+        keys = [k for k in raw[0] if all(isinstance(r.get(k), (int, float)) for r in raw)]
+        series = {k: [r[k] for r in raw] for k in keys}
+    else:
+        return None
+    if not series:
+        return None
+    n = max(len(v) for v in series.values())
+    series.setdefault("epoch", list(range(1, n + 1)))
+    return series
+
+
+def vae_epochs_figure(trials: list[dict]) -> go.Figure | None:
+    """The bound's terms against epoch for the best trial that stores ``epoch_terms``."""
+    import plotly.graph_objects as go
+
+    done = [
+        t
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t["value"] is not None
+        and _epoch_series(t["user_attrs"].get("epoch_terms")) is not None
+    ]
+    if not done:
+        return None
+    best = min(done, key=lambda t: t["value"])
+    series = _epoch_series(best["user_attrs"]["epoch_terms"])
+    assert series is not None
+    epochs = series.pop("epoch")
+    fig = go.Figure()
+    for i, (name, values) in enumerate(series.items()):
+        emphasis = name in ("bound", "total")
+        fig.add_scatter(
+            x=epochs[: len(values)],
+            y=values,
+            mode="lines+markers",
+            name=TERM_LABELS.get(name, (name, name))[0],
+            line={"color": "black" if emphasis else TERM_COLORS[i % len(TERM_COLORS)]},
+        )
+    fig.update_layout(
+        title={"text": f"VAE bound terms against epoch (best trial #{best['number']})"},
+        xaxis_title="epoch",
+        yaxis_title="nats per sample",
+    )
+    return fig
+
+
+def study_figures(trials: list[dict]) -> dict[str, go.Figure]:
+    """The custom charts that the trials support, by graph object id."""
+    out = {}
+    for gid, make in (
+        (CHART_TERMS_VS_T, terms_vs_T_figure),
+        (CHART_BOUND_VS_HELDOUT, bound_vs_heldout_figure),
+        (CHART_VAE_EPOCHS, vae_epochs_figure),
+    ):
+        fig = make(trials)
+        if fig is not None:
+            out[gid] = fig
+    return out
+
+
+def save_charts(study: optuna.Study) -> list[str]:
+    """Rebuild the study's custom charts from all its trials; returns the ids saved.
+
+    Only one process may call this for a study at a time (see the module docstring).
+    """
+    from optuna_dashboard import save_plotly_graph_object
+
+    figures = study_figures(trials_json(study))
+    for gid, fig in figures.items():
+        save_plotly_graph_object(study, fig, graph_object_id=gid)
+    return list(figures)
+
+
+class ChartsCallback:
+    """Study callback ``(study, frozen_trial)`` that rebuilds the custom charts.
+
+    Give it to exactly one process of a study: the single process, or worker 0 of a pool (then
+    call ``save_charts`` once after the pool has finished). Thread-safe within that process.
+
+    Args:
+        every: rebuild after every ``every``-th finished trial of this process (1: each).
+    """
+
+    def __init__(self, *, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"every={every} must be at least 1")
+        self.every = every
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        with self._lock:
+            self._seen += 1
+            if self._seen % self.every:
+                return
+            try:
+                save_charts(study)
+            except Exception as e:  # charts are a view; the study goes on
+                _log.warning("could not save the dashboard charts: %s", e)
+
+
+def dashboard_hooks(
+    storage_url: str | None = None,
+    *,
+    reference: torch.Tensor | None = None,
+    charts: bool = True,
+) -> tuple[TrialArtifacts, list[ChartsCallback]]:
+    """The ``on_result`` hook and study callbacks of one process of a study.
+
+    ``charts`` must be true in exactly one process of a study (the single process, or worker 0).
+    """
+    hook = TrialArtifacts(artifact_store_for(storage_url), reference=reference)
+    return hook, [ChartsCallback()] if charts else []
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _check_exists(url: str) -> None:
+    u = normalize_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        if not Path(u.database).expanduser().exists():
+            raise StorageError(
+                f"no study database at {u.database}; run `bound-tuner run SPEC --storage {url}` "
+                "first or give the right --storage"
+            )
+
+
+def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | None = None):
+    """The optuna-dashboard WSGI app on a study storage and its artifact store."""
+    from optuna_dashboard import wsgi
+
+    from .storage import make_storage
+
+    url = resolve_url(storage_url)
+    _check_exists(url)
+    store = make_storage(url)
+    path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
+    return wsgi(store, artifact_store=FileSystemArtifactStore(path))
+
+
+def serve(
+    storage_url: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    artifact_dir: str | Path | None = None,
+) -> None:
+    """Serve optuna-dashboard on a study storage with its artifact store (blocks).
+
+    ``storage_url`` defaults to $BOUND_TUNER_STORAGE or sqlite:///bound_tuner.db; ``artifact_dir``
+    to ``artifact_dir_for(storage_url)``.
+    """
+    from optuna_dashboard import run_server
+
+    from .storage import make_storage
+
+    url = resolve_url(storage_url)
+    _check_exists(url)
+    path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
+    print(f"optuna-dashboard on http://{host}:{port}/dashboard/ (artifacts in {path})", flush=True)
+    run_server(
+        make_storage(url), host=host, port=port, artifact_store=FileSystemArtifactStore(path)
+    )
+
+
+__all__ = [
+    "ChartsCallback",
+    "TrialArtifacts",
+    "artifact_dir_for",
+    "artifact_store_for",
+    "FolderArtifactStore",
+    "bound_note",
+    "dashboard_hooks",
+    "dashboard_app",
+    "save_charts",
+    "serve",
+    "study_figures",
+]
