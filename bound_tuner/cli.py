@@ -1,6 +1,7 @@
 """The ``bound-tuner`` command.
 
-  bound-tuner run SPEC [--storage URL] [--n-trials N]
+  bound-tuner run SPEC [--storage URL] [--n-trials N] [--workers K | --gpus 0,1 [--trials-per-gpu k]]
+  bound-tuner worker SPEC --storage URL [--device DEV]
   bound-tuner report --study NAME [--storage URL] [--format table|json] [--plot FILE.png]
 
 A user error (spec, data, storage) prints one line and exits with status 2; nothing is written.
@@ -15,8 +16,9 @@ import sys
 
 from .spec import SpecError
 from .storage import StorageError
+from .workers import WorkerConfigError, WorkerError
 
-USER_ERRORS = (SpecError, StorageError)
+USER_ERRORS = (SpecError, StorageError, WorkerConfigError)
 
 
 def _storage_help() -> str:
@@ -24,27 +26,94 @@ def _storage_help() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .reporting import trials_json, trials_table
     from .spec import load_spec
-    from .study import best_trial_or_none, run_study
+    from .study import run_study
 
     spec = load_spec(args.spec)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
-    study = run_study(
+    pool = args.workers is not None or args.gpus is not None or args.trials_per_gpu is not None
+    heartbeat = args.heartbeat_interval is not None or args.grace_period is not None
+    if pool or heartbeat:
+        from .workers import parse_gpus, run_worker, run_workers
+
+        hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+        try:
+            if pool:
+                if args.gpus is None and args.device != "cpu":
+                    raise WorkerConfigError(
+                        f"--device {args.device} with --workers: give --gpus 0,1,... instead"
+                    )
+                study = run_workers(
+                    spec,
+                    storage=args.storage,
+                    n_workers=args.workers,
+                    gpus=parse_gpus(args.gpus) if args.gpus is not None else None,
+                    trials_per_gpu=args.trials_per_gpu or 1,
+                    n_trials=args.n_trials,
+                    progress=not args.quiet,
+                    **hb,
+                )
+            else:
+                study = run_worker(
+                    spec,
+                    storage=args.storage,
+                    device=args.device,
+                    n_trials=args.n_trials,
+                    worker_index=0,
+                    progress=not args.quiet,
+                    **hb,
+                )
+        except WorkerError as e:
+            print(f"bound-tuner: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bound-tuner: interrupted; running trials are retried when the study resumes")
+            return 130
+    else:
+        study = run_study(
+            spec,
+            storage=args.storage,
+            n_trials=args.n_trials,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    return _print_summary(spec.name, study)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from .spec import load_spec
+    from .storage import ENV_VAR
+    from .workers import run_worker
+
+    if not (args.storage or os.environ.get(ENV_VAR)):
+        raise WorkerConfigError(
+            "a worker needs the study's shared database: --storage postgresql://user@host/db"
+        )
+    spec = load_spec(args.spec)
+    study = run_worker(
         spec,
         storage=args.storage,
-        n_trials=args.n_trials,
         device=args.device,
+        n_trials=args.n_trials,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
         progress=not args.quiet,
     )
+    return _print_summary(spec.name, study)
+
+
+def _print_summary(name: str, study) -> int:
+    from .reporting import trials_json, trials_table
+    from .study import best_trial_or_none
+
     trials = trials_json(study)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
-    print(
-        f"study {spec.name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    )
+    print(f"study {name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
     best = best_trial_or_none(study)
     if best is None:
         print("no trial completed")
@@ -85,6 +154,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heartbeat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        metavar="S",
+        help="seconds between a running trial's heartbeats (default: [storage] or 10)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        metavar="S",
+        help="seconds without a heartbeat before a trial is failed and retried "
+        "(default: [storage] or 30)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bound-tuner",
@@ -103,7 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--workers", type=int, metavar="K", help="run K worker processes on the CPU (PostgreSQL)"
+    )
+    r.add_argument(
+        "--gpus", metavar="0,1,2,3", help="run workers on these GPUs, one process per GPU share"
+    )
+    r.add_argument(
+        "--trials-per-gpu", type=int, metavar="k", help="workers (trials at once) per GPU (1)"
+    )
+    _heartbeat_args(r)
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser(
+        "worker", help="join a study from this machine: run its trials against a shared database"
+    )
+    w.add_argument("spec", help="the study spec the other workers use")
+    w.add_argument("--storage", help="SQLAlchemy URL of the shared study database (PostgreSQL)")
+    w.add_argument(
+        "--n-trials", type=int, help="finished trials of the whole study (default: the spec's)"
+    )
+    w.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    _heartbeat_args(w)
+    w.set_defaults(func=cmd_worker)
 
     rep = sub.add_parser("report", help="print a study's trials and plot its trade-offs")
     rep.add_argument("--study", required=True, help="study name")

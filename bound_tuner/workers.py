@@ -1,0 +1,512 @@
+"""Several processes on one study: a pool of workers on CPUs or GPUs, and the loop each one runs.
+
+``run_workers`` creates the study once, then starts K spawn-started processes that load it and run
+trials until the study has ``n_trials`` finished trials in all (not each). With ``gpus`` each
+worker sees one GPU through CUDA_VISIBLE_DEVICES, set before it imports torch; the parent never
+touches CUDA. ``run_worker`` is the loop of one process; ``bound-tuner worker`` runs it on other
+machines against the same PostgreSQL database.
+
+Every worker heartbeats its running trial. A trial whose worker died (killed, preempted, out of
+memory) is failed once its heartbeat is older than the grace period and is re-queued
+(RetryHeartbeatStaleTrialCallback); the next free worker runs it again. A failed trial that was
+retried does not count towards ``n_trials``; its retry does.
+
+Workers claim trials under a PostgreSQL advisory lock, so a study never gets more than
+``n_trials`` trials however many workers race for the last ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .storage import StorageError, is_sqlite, normalize_url, resolve_url
+
+if TYPE_CHECKING:  # the spec and study modules import torch; workers import them after CUDA setup
+    from .spec import StudySpec
+
+__all__ = [
+    "WorkerConfigError",
+    "WorkerError",
+    "finished_count",
+    "parse_gpus",
+    "run_worker",
+    "run_workers",
+]
+
+DEFAULT_HEARTBEAT_INTERVAL = 10
+WORKER_ATTR = "worker"  # user attr: host:pid/device of the worker that runs the trial
+_POLL_S = 0.5
+
+
+class WorkerConfigError(ValueError):
+    """Worker options that cannot work together (bad --gpus, --workers, heartbeat); one line."""
+
+
+class WorkerError(RuntimeError):
+    """One or more worker processes ended with a non-zero exit status."""
+
+
+class _StudyDone(Exception):
+    """Raised from ask() when the study needs no further trial; ends a worker's optimize()."""
+
+
+# ---------------------------------------------------------------------------------------------
+# counting trials across workers
+
+
+class _Tally(NamedTuple):
+    finished: int  # COMPLETE, PRUNED, or FAIL that was not retried
+    used: int  # finished + running + waiting: slots of n_trials already taken
+    waiting: int
+    running: int  # running trials claimed by a worker (these heartbeat)
+
+
+def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    retry_history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return {n for t in trials if t.system_attrs for n in retry_history(t)}
+
+
+def _tally(trials: Sequence[FrozenTrial]) -> _Tally:
+    retried = _retried_numbers(trials)
+    finished = waiting = running = 0
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+            t.state == TrialState.FAIL and t.number not in retried
+        ):
+            finished += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+        elif t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs:
+            running += 1
+    return _Tally(finished, finished + waiting + running, waiting, running)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Finished trials towards ``n_trials``: complete, pruned, and failed ones not retried."""
+    return _tally(study.get_trials(deepcopy=False)).finished
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _open(spec: StudySpec, url: str, interval: int, grace: int) -> optuna.Study:
+    """The spec's study (created if missing) on a storage with heartbeat and retries."""
+    from .study import open_study
+
+    with warnings.catch_warnings():  # heartbeat options are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return open_study(
+            spec, url, heartbeat=True, heartbeat_interval=interval, grace_period=grace
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# one worker
+
+
+class _StudyLock:
+    """A lock shared by every worker of one study: a PostgreSQL advisory lock on the study name.
+
+    Other backends get no lock (SQLite serves one process; elsewhere the count may overshoot by
+    up to the number of workers minus one).
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        u = normalize_url(url)
+        self._engine = None
+        if u.get_backend_name() == "postgresql":
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(
+                u, pool_size=1, max_overflow=0, pool_pre_ping=True
+            )
+        digest = hashlib.blake2b(f"bound_tuner:{study_name}".encode(), digest_size=8).digest()
+        self._key = int.from_bytes(digest, "big", signed=True)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self._engine is None:
+            yield
+            return
+        import sqlalchemy
+
+        with self._engine.begin() as conn:  # the lock ends with the transaction
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._key})
+            yield
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+class _ClaimingStudy(optuna.Study):
+    """A study whose ask() claims one of the study's ``target`` trial slots, or ends the worker.
+
+    It fails stale trials first (their retries become WAITING trials, which ask() runs before
+    new ones), and when every slot is taken but trials still run elsewhere it waits: one of
+    them may die and come back as a retry.
+    """
+
+    def __init__(self, study: optuna.Study, *, target: int, lock: _StudyLock, ident: str) -> None:
+        super().__init__(
+            study_name=study.study_name,
+            storage=study._storage,
+            sampler=study.sampler,
+            pruner=study.pruner,
+        )
+        self._target = target
+        self._lock = lock
+        self._ident = ident
+
+    def ask(self, fixed_distributions: dict | None = None) -> optuna.Trial:
+        while True:
+            with self._lock():
+                _fail_stale(self)
+                tally = _tally(self.get_trials(deepcopy=False))
+                if tally.finished >= self._target:
+                    raise _StudyDone
+                if tally.waiting or tally.used < self._target:
+                    trial = super().ask(fixed_distributions)
+                    trial.set_user_attr(WORKER_ATTR, self._ident)
+                    # a first heartbeat now, so a worker killed before its heartbeat thread
+                    # starts still leaves a trial that goes stale
+                    self._storage.record_heartbeat(trial._trial_id)
+                    return trial
+                if not tally.running:
+                    raise _StudyDone
+            time.sleep(_POLL_S)
+
+
+def _stop_when_done(target: int, bar: Any = None):
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        done = finished_count(study)
+        if bar is not None:
+            bar.n = min(done, target)
+            bar.refresh()
+        if done >= target:
+            study.stop()
+
+    return callback
+
+
+def _heartbeat_settings(
+    spec: StudySpec, interval: int | None, grace: int | None
+) -> tuple[int, int]:
+    if interval is None:
+        interval = spec.storage.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+    if grace is None:
+        grace = spec.storage.get("grace_period", max(30, 3 * interval))
+    if interval < 1:
+        raise WorkerConfigError(f"heartbeat interval {interval} s must be at least 1 second")
+    if grace <= interval:
+        raise WorkerConfigError(
+            f"grace period {grace} s must be longer than the heartbeat interval {interval} s "
+            "(e.g. three times it), or live trials would be failed"
+        )
+    return interval, grace
+
+
+def _as_spec(spec: StudySpec | str | Path) -> StudySpec:
+    from .spec import load_spec
+
+    return load_spec(spec) if isinstance(spec, (str, Path)) else spec
+
+
+def _sampler_seed(spec: StudySpec, worker_index: int | None) -> int | None:
+    """Worker 0 keeps the spec's sampler seed; others get seeds derived from it, so workers do
+    not propose the same parameters; None (an unnumbered worker) draws one from the OS."""
+    base = spec.sampler.get("seed", spec.seed)
+    if worker_index is None or base is None:
+        return None
+    if worker_index == 0:
+        return base
+    h = hashlib.blake2b(f"{base}:worker{worker_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def _target(spec: StudySpec, n_trials: int | None) -> int:
+    target = n_trials if n_trials is not None else spec.n_trials
+    if target < 1:
+        raise WorkerConfigError(f"n_trials = {target} must be at least 1")
+    return target
+
+
+def run_worker(
+    spec: StudySpec | str | Path,
+    *,
+    storage: str | None,
+    device: str = "cpu",
+    n_trials: int | None = None,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    worker_index: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> optuna.Study:
+    """Run trials of the spec's study (created if missing) until it has ``n_trials`` in all.
+
+    This is the loop of one worker; any number of them, on any machines, may run it against one
+    database. ``worker_index`` numbers the workers of one pool (it seeds the sampler); leave it
+    None for workers started by hand. ``threads`` sets torch's CPU threads.
+    """
+    from .study import build_objective, load_data
+
+    spec = _as_spec(spec)
+    target = _target(spec, n_trials)
+    interval, grace = _heartbeat_settings(spec, heartbeat_interval, grace_period)
+    url = resolve_url(storage)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    data = load_data(spec)  # bad data fails before the study exists
+    objective = build_objective(spec, data, device=device)
+    seeded = dataclasses.replace(
+        spec, sampler={**spec.sampler, "seed": _sampler_seed(spec, worker_index)}
+    )
+    study = _open(seeded, url, interval, grace)
+    ident = f"{socket.gethostname()}:{os.getpid()}/{device}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device != "cpu" and visible:
+        ident += f" (GPU {visible})"
+    lock = _StudyLock(url, spec.name)
+    claiming = _ClaimingStudy(study, target=target, lock=lock, ident=ident)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=target, initial=min(finished_count(study), target), unit="trial")
+    try:
+        claiming.optimize(objective, callbacks=[_stop_when_done(target, bar)])
+    except _StudyDone:
+        pass
+    finally:
+        lock.close()
+        if bar is not None:
+            bar.close()
+    return claiming
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool
+
+
+def parse_gpus(text: str) -> list[int | str]:
+    """``"0,1,3"`` -> ``[0, 1, 3]``; GPU-/MIG- UUIDs pass through as strings."""
+    out: list[int | str] = []
+    for tok in (t.strip() for t in text.split(",")):
+        if tok.isdigit():
+            out.append(int(tok))
+        elif tok.startswith(("GPU-", "MIG-")):
+            out.append(tok)
+        else:
+            raise WorkerConfigError(
+                f"--gpus {text!r}: {tok!r} is not a GPU index; give indices such as 0,1,2,3"
+            )
+    return out
+
+
+def _worker_devices(
+    n_workers: int | None, gpus: Sequence[int | str] | None, trials_per_gpu: int
+) -> list[tuple[str, str]]:
+    """(CUDA_VISIBLE_DEVICES, torch device) for each worker of the pool."""
+    if trials_per_gpu < 1:
+        raise WorkerConfigError(f"--trials-per-gpu {trials_per_gpu} must be at least 1")
+    if gpus is None:
+        if trials_per_gpu != 1:
+            raise WorkerConfigError("--trials-per-gpu needs --gpus, e.g. --gpus 0,1")
+        n = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        if n < 1:
+            raise WorkerConfigError(f"--workers {n} must be at least 1")
+        return [("", "cpu")] * n
+    gpus = list(gpus)
+    if not gpus:
+        raise WorkerConfigError("--gpus is empty; give GPU indices such as 0,1,2,3")
+    seen = set()
+    for g in gpus:
+        if g in seen:
+            raise WorkerConfigError(
+                f"--gpus lists GPU {g} twice; use --trials-per-gpu 2 for two workers on one GPU"
+            )
+        seen.add(g)
+    slots = [(str(g), "cuda") for g in gpus for _ in range(trials_per_gpu)]
+    if n_workers is not None and n_workers != len(slots):
+        raise WorkerConfigError(
+            f"--workers {n_workers} does not match {len(gpus)} GPUs x {trials_per_gpu} trials "
+            f"per GPU = {len(slots)} workers; leave out --workers"
+        )
+    return slots
+
+
+def _worker_main(
+    index: int,
+    visible_devices: str,
+    device: str,
+    payload: bytes,
+    storage: str,
+    options: dict[str, Any],
+    errors: Any,
+) -> None:
+    """Entry point of a spawned worker: CUDA visibility first, then torch and the study loop."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        spec = pickle.loads(payload)  # imports torch (through bound_tuner.spec)
+        run_worker(spec, storage=storage, device=device, worker_index=index, threads=1, **options)
+    except Exception as e:
+        from .spec import SpecError
+
+        if not isinstance(e, (SpecError, StorageError, WorkerConfigError)):
+            traceback.print_exc()
+        errors.put((index, f"{type(e).__name__}: {e}".splitlines()[0]))
+        sys.exit(1)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def run_workers(
+    spec: StudySpec | str | Path,
+    *,
+    storage: str | None,
+    n_workers: int | None = None,
+    gpus: Sequence[int | str] | None = None,
+    trials_per_gpu: int = 1,
+    n_trials: int | None = None,
+    progress: bool = True,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+) -> optuna.Study:
+    """Run the spec's study with a pool of worker processes until it has ``n_trials`` in all.
+
+    Without ``gpus``: ``n_workers`` CPU workers (default: one per CPU core), each with one torch
+    thread. With ``gpus``: ``trials_per_gpu`` workers per listed GPU. SQLite serves one process,
+    so more than one worker needs PostgreSQL. A worker that dies does not stop the others (its
+    trial is retried); once all have ended, any non-zero exit raises WorkerError.
+    """
+    import multiprocessing as mp
+
+    from .study import load_data
+
+    spec = _as_spec(spec)
+    target = _target(spec, n_trials)
+    slots = _worker_devices(n_workers, gpus, trials_per_gpu)
+    interval, grace = _heartbeat_settings(spec, heartbeat_interval, grace_period)
+    url = resolve_url(storage)
+    if len(slots) > 1 and is_sqlite(url):
+        raise StorageError(
+            f"storage {url} is SQLite, which serves one process, not {len(slots)} workers; "
+            "use PostgreSQL (--storage postgresql://user@host:5432/dbname) or, from your own "
+            "Optuna code, a journal storage (JournalFileBackend on a shared file, or "
+            "JournalRedisBackend), or run one worker"
+        )
+    load_data(spec)  # bad data fails before the study exists
+    study = _open(spec, url, interval, grace)
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    payload = pickle.dumps(spec)
+    options = {"n_trials": target, "heartbeat_interval": interval, "grace_period": grace}
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(i, visible, device, payload, url, options, errors),
+            name=f"bound-tuner-worker-{i}",
+        )
+        for i, (visible, device) in enumerate(slots)
+    ]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
+        bar = tqdm(
+            total=target,
+            initial=min(finished_count(study), target),
+            unit="trial",
+            desc=f"{spec.name}: {len(procs)} workers on {where}",
+        )
+    ended: dict[int, int | None] = {}
+    try:
+        for p in procs:
+            p.start()
+        last_poll = 0.0
+        while len(ended) < len(procs):
+            for i, p in enumerate(procs):
+                if i not in ended and not p.is_alive():
+                    p.join()
+                    ended[i] = p.exitcode
+                    if p.exitcode != 0 and bar is not None:
+                        bar.write(f"worker {i} (pid {p.pid}) {_describe_exit(p.exitcode)}")
+            if time.monotonic() - last_poll >= _POLL_S:
+                last_poll = time.monotonic()
+                _fail_stale(study)  # a dead worker's trial is failed and retried promptly
+                if bar is not None:
+                    bar.n = min(finished_count(study), target)
+                    bar.refresh()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+    finally:
+        if bar is not None:
+            bar.n = min(finished_count(study), target)
+            bar.close()
+
+    messages: dict[int, str] = {}
+    while not errors.empty():
+        i, msg = errors.get()
+        messages[i] = msg
+    failed = {i: code for i, code in ended.items() if code != 0}
+    if failed:
+        parts = []
+        for i, code in sorted(failed.items()):
+            what = messages.get(i) or _describe_exit(code)
+            parts.append(f"worker {i} ({slots[i][1]}, pid {procs[i].pid}): {what}")
+        raise WorkerError(
+            f"{len(failed)} of {len(procs)} workers failed: {'; '.join(parts)}; the study has "
+            f"{finished_count(study)} of {target} finished trials"
+        )
+    return study
+
+
+def _stop(procs: Sequence[Any], *, timeout: float = 10.0) -> None:
+    """Terminate the workers (their running trials go stale and are retried on resume)."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in started:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
