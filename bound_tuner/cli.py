@@ -3,6 +3,7 @@
   bound-tuner run SPEC [--storage URL] [--n-trials N] [--workers K | --gpus 0,1 [--trials-per-gpu k]]
   bound-tuner worker SPEC --storage URL [--device DEV]
   bound-tuner report --study NAME [--storage URL] [--format table|json] [--plot FILE.png]
+  bound-tuner dashboard [--storage URL] [--host 127.0.0.1] [--port 8080] [--artifacts DIR]
 
 A user error (spec, data, storage) prints one line and exits with status 2; nothing is written.
 """
@@ -62,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     n_trials=args.n_trials,
                     worker_index=0,
                     progress=not args.quiet,
+                    dashboard_charts=True,
                     **hb,
                 )
         except WorkerError as e:
@@ -101,6 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period,
         progress=not args.quiet,
+        dashboard_charts=args.charts,
     )
     return _print_summary(spec.name, study)
 
@@ -170,6 +173,23 @@ def _heartbeat_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return port
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    serve(args.storage, host=args.host, port=args.port, artifact_dir=args.artifacts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bound-tuner",
@@ -210,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument(
+        "--charts",
+        action="store_true",
+        help="also rebuild the study's dashboard charts (give this to one worker of a study)",
+    )
     _heartbeat_args(w)
     w.set_defaults(func=cmd_worker)
 
@@ -219,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=("table", "json"), default="table")
     rep.add_argument("--plot", metavar="FILE.png", help="save the trade-off plot here")
     rep.set_defaults(func=cmd_report)
+
+    d = sub.add_parser(
+        "dashboard", help="serve optuna-dashboard with the studies' charts and samples"
+    )
+    d.add_argument("--storage", help=_storage_help())
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    d.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080)")
+    d.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help="artifact folder (default: $BOUND_TUNER_ARTIFACTS, else <db name>_artifacts beside "
+        "a SQLite file, else ./bound_tuner_artifacts)",
+    )
+    d.set_defaults(func=cmd_dashboard)
     return p
 
 

@@ -330,9 +330,9 @@ def terms_vs_T_figure(trials: list[dict]) -> go.Figure | None:
         return None
     rows, dedup = _best_per_T(done)
     Ts = [float(t["user_attrs"]["bound.T"]) for t in rows]
-    names = [
-        k.split(".", 2)[2] for k in rows[0]["user_attrs"] if k.startswith("bound.contribution.")
-    ]
+    prefix = "bound.contribution."
+    found = {k[len(prefix) :] for t in rows for k in t["user_attrs"] if k.startswith(prefix)}
+    names = [n for n in TERM_LABELS if n in found] + sorted(found - set(TERM_LABELS))
     fig = go.Figure()
     for i, name in enumerate(names):
         fig.add_bar(
@@ -389,13 +389,14 @@ def bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
         if math.isfinite(rho)
         else f"Spearman ρ needs 3 trials (n={n})"
     )
+    xs = [t["user_attrs"][key] for t in done]
     Ts = [t["user_attrs"].get("bound.T") for t in done]
     marker: dict[str, Any] = {"size": 10}
     if all(T is not None for T in Ts):
         marker.update(color=Ts, colorscale="Viridis", showscale=True, colorbar={"title": "T"})
     fig = go.Figure(
         go.Scatter(
-            x=[t["user_attrs"][key] for t in done],
+            x=xs,
             y=[t["value"] for t in done],
             mode="markers+text",
             text=[f"#{t['number']}" for t in done],
@@ -404,9 +405,10 @@ def bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
             hovertemplate=f"{metric} %{{x:.4g}}<br>bound %{{y:.4f}}<br>trial %{{text}}<extra></extra>",
         )
     )
+    spread = min(xs) > 0 and max(xs) / min(xs) > 30  # a log axis keeps small values apart
     fig.update_layout(
         title={"text": f"Bound against held-out {metric}: {rho_text}"},
-        xaxis_title=f"held-out {metric}",
+        xaxis={"title": {"text": f"held-out {metric}"}, "type": "log" if spread else "linear"},
         yaxis_title="generalization bound",
     )
     return fig
