@@ -263,12 +263,16 @@ def run_worker(
     worker_index: int | None = None,
     threads: int | None = None,
     progress: bool = False,
+    dashboard: bool = True,
+    dashboard_charts: bool = False,
 ) -> optuna.Study:
     """Run trials of the spec's study (created if missing) until it has ``n_trials`` in all.
 
     This is the loop of one worker; any number of them, on any machines, may run it against one
     database. ``worker_index`` numbers the workers of one pool (it seeds the sampler); leave it
-    None for workers started by hand. ``threads`` sets torch's CPU threads.
+    None for workers started by hand. ``threads`` sets torch's CPU threads. ``dashboard`` writes
+    each trial's note and samples for optuna-dashboard; ``dashboard_charts`` also rebuilds the
+    study's charts, which exactly one process of a study may do (see ``bound_tuner.dashboard``).
     """
     from .study import build_objective, load_data
 
@@ -281,7 +285,12 @@ def run_worker(
 
         torch.set_num_threads(threads)
     data = load_data(spec)  # bad data fails before the study exists
-    objective = build_objective(spec, data, device=device)
+    on_result, extra = None, []
+    if dashboard:
+        from .dashboard import dashboard_hooks
+
+        on_result, extra = dashboard_hooks(url, reference=data.train, charts=dashboard_charts)
+    objective = build_objective(spec, data, device=device, on_result=on_result)
     seeded = dataclasses.replace(
         spec, sampler={**spec.sampler, "seed": _sampler_seed(spec, worker_index)}
     )
@@ -298,7 +307,7 @@ def run_worker(
 
         bar = tqdm(total=target, initial=min(finished_count(study), target), unit="trial")
     try:
-        claiming.optimize(objective, callbacks=[_stop_when_done(target, bar)])
+        claiming.optimize(objective, callbacks=[_stop_when_done(target, bar), *extra])
     except _StudyDone:
         pass
     finally:
@@ -374,7 +383,18 @@ def _worker_main(
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.spec)
-        run_worker(spec, storage=storage, device=device, worker_index=index, threads=1, **options)
+        options = dict(options)
+        dashboard = options.pop("dashboard")
+        run_worker(
+            spec,
+            storage=storage,
+            device=device,
+            worker_index=index,
+            threads=1,
+            dashboard=dashboard,
+            dashboard_charts=dashboard and index == 0,
+            **options,
+        )
     except Exception as e:
         from .spec import SpecError
 
@@ -404,13 +424,16 @@ def run_workers(
     progress: bool = True,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
+    dashboard: bool = True,
 ) -> optuna.Study:
     """Run the spec's study with a pool of worker processes until it has ``n_trials`` in all.
 
     Without ``gpus``: ``n_workers`` CPU workers (default: one per CPU core), each with one torch
     thread. With ``gpus``: ``trials_per_gpu`` workers per listed GPU. SQLite serves one process,
     so more than one worker needs PostgreSQL. A worker that dies does not stop the others (its
-    trial is retried); once all have ended, any non-zero exit raises WorkerError.
+    trial is retried); once all have ended, any non-zero exit raises WorkerError. ``dashboard``:
+    trial notes and samples from every worker, the study's charts from worker 0 and, at the end,
+    from the parent.
     """
     import multiprocessing as mp
 
@@ -434,7 +457,12 @@ def run_workers(
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     payload = pickle.dumps(spec)
-    options = {"n_trials": target, "heartbeat_interval": interval, "grace_period": grace}
+    options = {
+        "n_trials": target,
+        "heartbeat_interval": interval,
+        "grace_period": grace,
+        "dashboard": dashboard,
+    }
     procs = [
         ctx.Process(
             target=_worker_main,
@@ -480,6 +508,14 @@ def run_workers(
         if bar is not None:
             bar.n = min(finished_count(study), target)
             bar.close()
+
+    if dashboard:
+        from .dashboard import save_charts
+
+        try:  # the last trials' charts; worker 0 built the earlier ones
+            save_charts(study)
+        except Exception as e:  # charts are a view; the study is done
+            warnings.warn(f"could not save the dashboard charts: {e}", stacklevel=2)
 
     messages: dict[int, str] = {}
     while not errors.empty():
