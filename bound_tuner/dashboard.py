@@ -121,10 +121,9 @@ def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None
         lines += ["", "Related numbers (not in the total):"]
         lines += [f"- {k} = {_fmt(v)}" for k, v in report.extras.items()]
     if report.settings:
-        lines += [
-            "",
-            "Settings: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in report.settings.items()),
-        ]
+        items = [f"{k} = {_fmt(v)}" for k, v in report.settings.items()]
+        rows = [", ".join(items[i : i + 6]) for i in range(0, len(items), 6)]
+        lines += ["", "Settings: " + "  \n".join(rows)]  # two spaces + newline: a line break
     if heldout:
         lines += [
             "",

@@ -1,0 +1,415 @@
+"""optuna-dashboard integration: charts, trial notes, sample images, and the served pages."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.artifacts import get_all_artifact_meta
+from optuna_dashboard import get_note
+from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+import bound_tuner.study as study_mod
+from bound_tuner.bounds.report import BoundReport
+from bound_tuner.cli import main
+from bound_tuner.dashboard import (
+    CHART_BOUND_VS_HELDOUT,
+    CHART_TERMS_VS_T,
+    CHART_VAE_EPOCHS,
+    ChartsCallback,
+    artifact_dir_for,
+    artifact_store_for,
+    bound_note,
+    dashboard_hooks,
+    save_samples_png,
+    study_figures,
+)
+from bound_tuner.reporting import rank_correlation, trials_json
+from bound_tuner.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+SPEC = """
+[study]
+name = "dash"
+n_trials = 3
+validation = {validation}
+seed = 0
+
+[data]
+name = "swiss_roll"
+m = 32
+test_size = 200
+
+[search]
+T = {{ grid = [0.3, 0.6, 0.9] }}
+schedule = "linear"
+lr = 0.003
+
+[training]
+steps = 20
+batch_size = 32
+width = 16
+checkpoints = 0
+
+[bound]
+R = 5.0
+N = 10
+n_paths = 8
+train_draws = 2
+
+[sampler]
+type = "grid"
+"""
+
+
+def _run_tiny(folder: Path, *, validation: bool = True, **kw) -> tuple[str, optuna.Study]:
+    """Run the tiny study (small held-out settings) into folder/dash.db."""
+    spec_path = folder / "dash.toml"
+    spec_path.write_text(textwrap.dedent(SPEC.format(validation=str(validation).lower())))
+    url = f"sqlite:///{folder}/dash.db"
+    base = study_mod.diffusion_base_config
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            study_mod,
+            "diffusion_base_config",
+            lambda spec: replace(base(spec), heldout_n_generated=200, heldout_n_steps=50),
+        )
+        mp.delenv("BOUND_TUNER_ARTIFACTS", raising=False)
+        study = study_mod.run_study(load_spec(spec_path), storage=url, progress=False, **kw)
+    return url, study
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished three-trial grid study over T with validation on, dashboard outputs written."""
+    folder = tmp_path_factory.mktemp("dash")
+    url, study = _run_tiny(folder)
+    return url, study, folder
+
+
+def _charts(study: optuna.Study) -> dict[str, dict]:
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return {k: json.loads(v) for k, v in get_plotly_graph_objects(attrs).items()}
+
+
+def test_finished_study_has_notes_and_sample_images(finished):
+    url, study, folder = finished
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    for t in trials:
+        trial = optuna.Trial(study, t._trial_id)
+        note = get_note(trial)
+        assert f"### Trial {t.number}: diffusion generalization bound {t.value:.4f}" in note
+        for name in ("train_loss", "encoder_mixture_kl", "prior_kl_sqrt", "generator_info"):
+            c = t.user_attrs[f"bound.contribution.{name}"]
+            assert f"`{name}`) | {t.user_attrs[f'bound.{name}']:.4f} | {c:+.4f} |" in note
+        assert f"| **bound** | | **{t.value:.4f}** |" in note
+        assert "test_kl = " in note  # held-out metrics of validation mode
+        metas = get_all_artifact_meta(t, storage=study._storage)
+        assert [m.filename for m in metas] == [f"samples_trial{t.number}.png"]
+        assert metas[0].mimetype == "image/png"
+        png = folder / "dash_artifacts" / metas[0].artifact_id
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    assert artifact_dir_for(url) == folder / "dash_artifacts"
+
+
+def test_terms_chart_stacks_contributions_to_the_total(finished):
+    _, study, _ = finished
+    charts = _charts(study)
+    assert set(charts) == {CHART_TERMS_VS_T, CHART_BOUND_VS_HELDOUT}
+    fig = charts[CHART_TERMS_VS_T]
+    assert fig["layout"]["barmode"] == "relative"
+    assert fig["layout"]["title"]["text"].startswith("Bound terms against T")
+    bars = [d for d in fig["data"] if d["type"] == "bar"]
+    (line,) = [d for d in fig["data"] if d["type"] == "scatter"]
+    assert [b["name"] for b in bars] == ["L_train", "−C_mix", "√2 R · C_prior", "√2 R · √I_gen"]
+    assert line["x"] == [0.3, 0.6, 0.9]
+    by_T = {t.params["T"]: t.value for t in study.get_trials()}
+    for i, T in enumerate(line["x"]):
+        assert line["y"][i] == pytest.approx(by_T[T])
+        assert sum(b["y"][i] for b in bars) == pytest.approx(by_T[T], rel=1e-9)
+    assert min(bars[1]["y"]) < 0  # -C_mix stacks below zero
+
+
+def test_heldout_chart_has_spearman_rho_in_title(finished):
+    _, study, _ = finished
+    fig = _charts(study)[CHART_BOUND_VS_HELDOUT]
+    rho, n = rank_correlation(trials_json(study), "heldout.test_kl")
+    assert n == 3
+    assert fig["layout"]["title"]["text"] == (
+        f"Bound against held-out test_kl: Spearman ρ = {rho:.3f} (n=3)"
+    )
+    ys = sorted(fig["data"][0]["y"])
+    assert ys == pytest.approx(sorted(t.value for t in study.get_trials()))
+
+
+def _fake_trial(T: float, parts: tuple[float, ...], **attrs) -> optuna.trial.FrozenTrial:
+    names = ("train_loss", "encoder_mixture_kl", "prior_kl_sqrt", "generator_info")
+    ua = {"bound.T": T, **{f"bound.contribution.{n}": v for n, v in zip(names, parts)}, **attrs}
+    return optuna.trial.create_trial(
+        params={"T": T},
+        distributions={"T": optuna.distributions.FloatDistribution(0.1, 1.0)},
+        value=sum(parts),
+        user_attrs=ua,
+    )
+
+
+def test_charts_callback_every_and_best_trial_per_T(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/c.db", study_name="c")
+    study.add_trial(_fake_trial(0.5, (1.0, -0.5, 2.0, 1.0)))
+    study.add_trial(_fake_trial(0.5, (1.0, -0.5, 1.0, 1.0)))  # the better one at T = 0.5
+    study.add_trial(_fake_trial(0.8, (1.0, -0.1, 0.5, 2.0)))
+    cb = ChartsCallback(every=2)
+    cb(study, study.trials[-1])
+    assert _charts(study) == {}
+    cb(study, study.trials[-1])
+    fig = _charts(study)[CHART_TERMS_VS_T]
+    assert "best trial at each T" in fig["layout"]["title"]["text"]
+    line = fig["data"][-1]
+    assert line["x"] == [0.5, 0.8] and line["y"] == pytest.approx([2.5, 3.4])
+    assert line["customdata"] == [1, 2]
+    with pytest.raises(ValueError):
+        ChartsCallback(every=0)
+
+
+def test_only_the_chart_writer_gets_the_charts_callback(tmp_path):
+    url = f"sqlite:///{tmp_path}/w.db"
+    hook, callbacks = dashboard_hooks(url, charts=False)
+    assert callbacks == [] and hook.artifact_store is not None
+    assert [type(c) for c in dashboard_hooks(url)[1]] == [ChartsCallback]
+
+
+def test_vae_epoch_terms_chart_for_the_best_trial():
+    rows = [{"epoch": e, "rec": 90.0 / e, "kld": 5.0 + e, "mi": 0.1 * e} for e in (1, 2, 3)]
+    trials = [
+        {"number": 0, "state": "COMPLETE", "value": 99.0, "params": {}, "user_attrs": {}},
+        {"number": 1, "state": "COMPLETE", "value": 80.0, "params": {}, "user_attrs": {}},
+        {"number": 2, "state": "COMPLETE", "value": 95.0, "params": {}, "user_attrs": {}},
+    ]
+    trials[0]["user_attrs"]["epoch_terms"] = rows
+    trials[1]["user_attrs"]["epoch_terms"] = {"rec": [70.0, 60.0], "bound": [85.0, 80.0]}
+    figs = study_figures(trials)
+    assert set(figs) == {CHART_VAE_EPOCHS}  # no T, no held-out metric: only the VAE chart
+    fig = figs[CHART_VAE_EPOCHS]
+    assert fig.layout.title.text == "VAE bound terms against epoch (best trial #1)"
+    assert [d.name for d in fig.data] == ["REC", "bound"]
+    assert list(fig.data[0].x) == [1, 2]
+    del trials[1]["user_attrs"]["epoch_terms"]
+    fig = study_figures(trials)[CHART_VAE_EPOCHS]
+    assert [d.name for d in fig.data] == ["REC", "KLD", "MI"] and list(fig.data[0].x) == [1, 2, 3]
+
+
+def test_artifact_folder_follows_the_storage(tmp_path, monkeypatch):
+    monkeypatch.delenv("BOUND_TUNER_ARTIFACTS", raising=False)
+    assert artifact_dir_for(f"sqlite:///{tmp_path}/my.db") == tmp_path / "my_artifacts"
+    assert artifact_dir_for("postgresql://u@localhost/db") == Path("bound_tuner_artifacts")
+    monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(tmp_path / "elsewhere"))
+    assert artifact_dir_for(f"sqlite:///{tmp_path}/my.db") == tmp_path / "elsewhere"
+    store = artifact_store_for(f"sqlite:///{tmp_path}/my.db")
+    assert not (tmp_path / "elsewhere").exists()  # created on the first upload, not before
+    src = tmp_path / "a.txt"
+    src.write_text("x")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/my.db")
+    optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(src), study_or_trial=study)
+    assert len(list((tmp_path / "elsewhere").iterdir())) == 1
+
+
+def test_run_study_without_dashboard_writes_none(tmp_path):
+    url, study = _run_tiny(tmp_path, validation=False, n_trials=1, dashboard=False)
+    assert _charts(study) == {}
+    assert get_note(optuna.Trial(study, study.trials[0]._trial_id)) == ""
+    assert not (tmp_path / "dash_artifacts").exists()
+
+
+def test_images_become_a_grid_and_points_a_scatter(tmp_path):
+    from PIL import Image
+
+    save_samples_png(torch.rand(10, 1, 28, 28), tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").size == (8 * 30 + 2, 2 * 30 + 2)
+    save_samples_png(torch.rand(4, 784), tmp_path / "f.png", reference=torch.rand(3, 784))
+    assert Image.open(tmp_path / "f.png").size == (4 * 30 + 2, 30 + 2)
+    save_samples_png(torch.randn(50, 2), tmp_path / "s.png", reference=torch.randn(8, 2))
+    assert (tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_note_lists_terms_extras_and_settings():
+    report = BoundReport(
+        "vae",
+        3.0,
+        {"rec": 1.0, "kld": 1.0, "mi": 0.25},
+        {"rec": 1.0, "kld": 2.0, "mi": 0.0},
+        {"r": 1.0},
+        extras={"heldout_loss": 2.5},
+    )
+    note = bound_note(7, report)
+    assert note.startswith("### Trial 7: vae generalization bound 3.0000")
+    assert "| KLD (`kld`) | 1.0000 | +2.0000 |" in note
+    assert "- heldout_loss = 2.5" in note and "Settings: r = 1" in note
+
+
+def test_dashboard_command_on_a_missing_database_exits_2(tmp_path, capsys):
+    assert main(["dashboard", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "no study database" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["dashboard", "--port", "70000"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- browser
+
+
+def _browser_missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is not installed (Debian package chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install -e .[dev])"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dashboard_server(finished, tmp_path):
+    """`bound-tuner dashboard` on the finished study, in a subprocess; yields its base URL."""
+    url, _, _ = finished
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "BOUND_TUNER_ARTIFACTS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bound_tuner.cli",
+            "dashboard",
+            "--storage",
+            url,
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.close()
+                    pytest.fail(
+                        "dashboard did not start:\n" + (tmp_path / "server.log").read_text()
+                    )
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_browser_shows_charts_note_and_samples(finished, dashboard_server, tmp_path):
+    """Chromium sees the custom charts, a trial's note and its samples image.
+
+    Screenshots go to tmp_path: the study page (dashboard.png), its custom charts
+    (dashboard_charts.png, copied to docs/dashboard.png when that file is missing or
+    BOUND_TUNER_UPDATE_SCREENSHOT=1) and the trial page (trial.png).
+    """
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    _, study, _ = finished
+    sid = study._study_id
+    best = study.best_trial
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{dashboard_server}/dashboard/studies/{sid}", timeout=30_000)
+            titles = page.locator(".gtitle")
+            titles.filter(has_text="Bound terms against T").wait_for(timeout=30_000)
+            titles.filter(has_text="Spearman ρ =").wait_for(timeout=30_000)
+            chart = page.locator(
+                ".js-plotly-plot", has=page.locator(".gtitle", has_text="Bound terms")
+            )
+            assert chart.locator(".barlayer .point").count() == 12  # 4 terms x 3 values of T
+            page.wait_for_timeout(1000)  # let plotly finish drawing
+            page.evaluate("window.scrollTo(0, 0)")
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            # the docs' picture: the row of the two custom charts
+            boxes = [
+                page.locator(
+                    ".js-plotly-plot", has=page.locator(".gtitle", has_text=t)
+                ).bounding_box()
+                for t in ("Bound terms against T", "Spearman")
+            ]
+            x0 = min(b["x"] for b in boxes) - 8
+            y0 = min(b["y"] for b in boxes) - 8
+            x1 = max(b["x"] + b["width"] for b in boxes) + 8
+            y1 = max(b["y"] + b["height"] for b in boxes) + 8
+            charts = tmp_path / "dashboard_charts.png"
+            page.screenshot(
+                path=str(charts),
+                full_page=True,
+                clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0},
+            )
+
+            page.goto(
+                f"{dashboard_server}/dashboard/studies/{sid}/trials?numbers={best.number}",
+                timeout=30_000,
+            )
+            page.get_by_text("contribution to the bound").wait_for(timeout=30_000)
+            assert page.get_by_text(f"Trial {best.number}: diffusion generalization bound").count()
+            assert page.get_by_text(f"{best.value:.4f}").count() >= 1
+            img = page.locator(f'img[alt="samples_trial{best.number}.png"]')
+            img.scroll_into_view_if_needed(timeout=30_000)
+            page.wait_for_function(
+                "img => img.complete && img.naturalWidth > 0", arg=img.element_handle()
+            )
+            resp = page.request.get(dashboard_server + img.get_attribute("src"))
+            assert resp.status == 200 and resp.body().startswith(PNG_MAGIC)
+            page.screenshot(path=str(tmp_path / "trial.png"))
+        finally:
+            browser.close()
+    assert shot.read_bytes().startswith(PNG_MAGIC) and charts.read_bytes().startswith(PNG_MAGIC)
+    docs = REPO / "docs" / "dashboard.png"
+    if not docs.exists() or os.environ.get("BOUND_TUNER_UPDATE_SCREENSHOT") == "1":
+        docs.parent.mkdir(exist_ok=True)
+        shutil.copyfile(charts, docs)
