@@ -342,6 +342,26 @@ def dashboard_server(finished, tmp_path):
         log.close()
 
 
+def test_served_api_has_charts_notes_and_artifacts(finished, dashboard_server):
+    """What the dashboard's pages load, over HTTP (no browser needed)."""
+    from urllib.request import urlopen
+
+    _, study, _ = finished
+    with urlopen(f"{dashboard_server}/api/studies/{study._study_id}", timeout=30) as r:
+        detail = json.load(r)
+    assert {g["id"] for g in detail["plotly_graph_objects"]} == {
+        CHART_TERMS_VS_T,
+        CHART_BOUND_VS_HELDOUT,
+    }
+    trial = detail["trials"][0]
+    assert "contribution to the bound" in trial["note"]["body"]
+    (artifact,) = trial["artifacts"]
+    assert artifact["filename"] == f"samples_trial{trial['number']}.png"
+    path = f"/artifacts/{study._study_id}/{trial['trial_id']}/{artifact['artifact_id']}"
+    with urlopen(dashboard_server + path, timeout=30) as r:
+        assert r.read().startswith(PNG_MAGIC)
+
+
 def test_browser_shows_charts_note_and_samples(finished, dashboard_server, tmp_path):
     """Chromium sees the custom charts, a trial's note and its samples image.
 
