@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import TrialState
 
@@ -95,6 +96,7 @@ def test_three_workers_finish_exactly_n_trials(tmp_path, study_name, monkeypatch
     assert len({t.user_attrs[WORKER_ATTR] for t in trials}) >= 2  # the work was shared
     assert len({(t.params["T"], t.params["lr"]) for t in trials}) == 9  # workers differ
     assert len(list((tmp_path / "artifacts").rglob("*"))) >= 9  # a samples image per trial
+    assert not torch.cuda.is_initialized()  # the parent leaves CUDA to the workers
 
 
 @needs_pg
