@@ -1,7 +1,9 @@
 """Benchmark: trials per second of a pool of 1 worker against 2 workers, on PostgreSQL.
 
 Short Swiss-roll trials (m=32, 20 training steps, a small bound), the same spec for both pools,
-each on a fresh study, measured in one run. Two rates per pool:
+each on a fresh study, measured in one run; with ``--repeats R`` the pools alternate (1, 2, 1, 2,
+...) and the medians are printed, which evens out other load on a shared machine. Two rates per
+pool:
 
 - steady: finished trials / (last trial's end - first trial's start), from the trials' own
   timestamps; what a long study sees.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -81,17 +84,27 @@ def main() -> None:
     )
     p.add_argument("--trials", type=int, default=40, help="trials per pool (default 40)")
     p.add_argument("--steps", type=int, default=20, help="training steps per trial (default 20)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each pool, alternating (2)")
     args = p.parse_args()
     if not args.storage:
         p.error("give --storage postgresql://... or set BOUND_TUNER_TEST_PG_URL")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     print(f"{args.trials} trials of {args.steps} steps each, {os.cpu_count()} CPU cores")
+    runs: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    for _ in range(args.repeats):
+        for n in (1, 2):
+            runs[n].append(measure(args.storage, n, args.trials, args.steps))
     rates = {}
-    for n in (1, 2):
-        steady, wall = measure(args.storage, n, args.trials, args.steps)
+    for n, rs in runs.items():
+        steady = statistics.median(r[0] for r in rs)
+        wall = statistics.median(r[1] for r in rs)
         rates[n] = (steady, wall)
-        print(f"{n} worker{'s' if n > 1 else ' '}: {steady:6.2f} trials/s steady  {wall:6.2f} wall")
+        each = ", ".join(f"{r[0]:.2f}" for r in rs)
+        print(
+            f"{n} worker{'s' if n > 1 else ' '}: {steady:6.2f} trials/s steady "
+            f"({each})  {wall:6.2f} wall"
+        )
     (s1, w1), (s2, w2) = rates[1], rates[2]
     print(f"2 workers / 1 worker: {s2 / s1:.2f}x steady, {w2 / w1:.2f}x wall")
 
