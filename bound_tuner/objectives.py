@@ -4,13 +4,17 @@
 returns its total; every term goes to the trial's user attrs (``bound.*``), the held-out metrics
 of validation mode to ``heldout.*`` (never to the value). At checkpoints it reports a cheap
 partial bound so pruners work. A NaN or infinite loss fails the trial with ``fail_reason``.
+
+``VAEObjective`` does the same for a VAE with the bound of bound-spec.md 2, trained with the
+bound-regularizer of section 3; it reports the bound after every epoch and keeps the per-epoch
+terms in the user attr ``epoch_terms``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import optuna
@@ -18,12 +22,16 @@ import torch
 from torch import nn
 
 from .bounds.diffusion import assemble_diffusion_bound, encoder_terms, model_terms
+from .bounds.report import BoundReport
+from .bounds.vae import vae_bound
 from .data import DataSplit
 from .experiment import DiffusionConfig, run_diffusion
+from .models.vae import MLPVAE, ConvVAE
 from .schedules import get_schedule
-from .seeding import derive_seed
-from .space import sample_diffusion_params
-from .spec import parse_search
+from .seeding import derive_seed, seed_everything
+from .space import sample_diffusion_params, suggest
+from .spec import SpecError, StudySpec, parse_search
+from .vae_training import train_vae
 
 TrialHook = Callable[[optuna.Trial, Any], None]
 
@@ -139,3 +147,285 @@ class DiffusionObjective:
                 raise optuna.TrialPruned(f"pruned at step {step} with partial bound {partial:.4f}")
 
         return report_partial, every
+
+
+# ----------------------------------------------------------------------------- VAE
+
+VAE_ARCHS = ("mlp", "conv")
+# extras of vae_bound computed on the test set: held-out metrics, kept out of bound.*
+_TEST_EXTRAS = ("heldout_loss", "test_neg_elbo", "test_rec", "test_kld", "test_size")
+
+
+@dataclass
+class VAEConfig:
+    """One VAE trial's settings (bound-spec.md 2 and 3); the search space overrides them.
+
+    ``lam`` weighs the bound-regularizer of ``bound_tuner.vae_training`` (0: plain training),
+    ``r`` is the bound's r, ``mc_samples`` the draws of z per point in each bound evaluation.
+    """
+
+    beta: float = 1.0
+    lam: float = 0.0
+    latent: int = 16
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 64
+    arch: str = "mlp"
+    r: float = 1.0
+    mc_samples: int = 1
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VAEResult:
+    """A finished VAE trial: the final bound (on all m points), held-out metrics, the model."""
+
+    report: BoundReport
+    heldout: dict[str, float]
+    model: nn.Module
+    history: list[dict[str, float]]
+    epoch_terms: list[dict[str, float]]
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """64 Bernoulli means decoded from z ~ N(0, I) with a fixed seed (trial artifacts)."""
+        p = next(self.model.parameters())
+        z = torch.randn(64, int(self.model.latent), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return torch.sigmoid(self.model.decode(z.to(p.device))).cpu()
+
+
+class VAEObjective:
+    """Objective for ``study.optimize``: the VAE bound of bound-spec.md 2 for one trial.
+
+    Each trial samples beta, lam, latent, lr (and epochs, batch_size, arch where the search space
+    has them), trains the VAE on REC + beta KLD + lam S (bound-spec.md 3, ``train_vae``) and
+    returns the bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on all m training points.
+
+    After every epoch it evaluates the bound on the training set (on ``bound_subset`` points
+    only, if set), keeps the terms in the user attr ``epoch_terms`` (one dict per epoch: epoch,
+    total, rec, kld, mi, encoder_only_bound; in validation mode also heldout_loss and
+    test_neg_elbo on the test set) and reports the total to the pruner with
+    ``trial.report(total, epoch)``. The final report's terms go to ``bound.*`` user attrs, the
+    held-out metrics of validation mode to ``heldout.*``; neither test number ever feeds the
+    value. A non-finite loss or bound fails the trial with ``fail_reason``.
+
+    Args:
+        data: training points [m, d] or images [m, 1, H, W] in [0, 1] (binarized, or grey with
+            ``dynamic_binarize``), and the test set for validation mode.
+        search: the search space (see ``DiffusionObjective``), keys of ``spec.VAE_PARAMS``.
+        base: defaults for everything the search space leaves out.
+        validation: also compute the held-out metrics.
+        bound_subset: evaluate the per-epoch bounds on this many training points, a subset fixed
+            by ``study_seed`` and shared by all trials (None: all m). REC, KLD and MI are then
+            averages over the subset, and the MI term still divides by the full m, so a
+            per-epoch total estimates the bound on all m at lower cost. The final bound always
+            uses all m points.
+        study_seed: per-trial seeds derive from it and the trial number.
+        device: torch device of the trial.
+        on_result: optional hook ``(trial, VAEResult)`` after a trial's bound (artifacts).
+        dynamic_binarize: resample x ~ Bernoulli(x) in every batch; None takes
+            ``data.info["dynamic_binarize"]``.
+        hidden: hidden widths of the MLP encoder (mirrored in the decoder).
+        conv_width: channels of the first convolution of the conv VAE.
+        eval_batch_size: points per batch in the bound evaluations.
+    """
+
+    def __init__(
+        self,
+        data: DataSplit,
+        *,
+        search: dict[str, Any],
+        base: VAEConfig | None = None,
+        validation: bool = False,
+        bound_subset: int | None = None,
+        study_seed: int = 0,
+        device: str | torch.device = "cpu",
+        on_result: TrialHook | None = None,
+        dynamic_binarize: bool | None = None,
+        hidden: tuple[int, ...] = (512, 256),
+        conv_width: int = 32,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        self.data = data
+        self.search = parse_search(search, model="vae")
+        self.base = base or VAEConfig()
+        self.validation = validation
+        self.study_seed = study_seed
+        self.device = device
+        self.on_result = on_result
+        if dynamic_binarize is None:
+            dynamic_binarize = bool(data.info.get("dynamic_binarize", False))
+        self.dynamic_binarize = dynamic_binarize
+        self.hidden = tuple(hidden)
+        self.conv_width = conv_width
+        self.eval_batch_size = eval_batch_size
+        self.m = int(data.train.shape[0])
+        self.input_dim = int(data.train[0].numel())
+        self._check_space()
+        if bound_subset is not None and bound_subset < 1:
+            raise SpecError(f"bound_subset={bound_subset} must be at least 1 (or None: all m)")
+        self.bound_subset = None if bound_subset is None or bound_subset >= self.m else bound_subset
+        self.epoch_x = data.train
+        if self.bound_subset is not None:
+            g = torch.Generator().manual_seed(study_seed)
+            idx = torch.randperm(self.m, generator=g)[: self.bound_subset].sort().values
+            self.epoch_x = data.train[idx]
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: StudySpec,
+        data: DataSplit,
+        *,
+        device: str | torch.device = "cpu",
+        on_result: TrialHook | None = None,
+    ) -> VAEObjective:
+        """The objective of a VAE study spec: [search], fixed values from [training] (epochs,
+        batch_size, lr) and [bound] (r, mc_samples, bound_subset)."""
+        tr, bd = spec.training, spec.bound
+        kw: dict[str, Any] = {k: tr[k] for k in ("epochs", "batch_size", "lr") if k in tr}
+        kw.update({k: bd[k] for k in ("r", "mc_samples") if k in bd})
+        try:
+            return cls(
+                data,
+                search=spec.search,
+                base=VAEConfig(**kw),
+                validation=spec.validation,
+                bound_subset=bd.get("bound_subset"),
+                study_seed=spec.seed,
+                device=device,
+                on_result=on_result,
+            )
+        except SpecError as e:
+            raise SpecError(f"{spec.path}: {e}") from None
+
+    def _check_space(self) -> None:
+        s, b = self.search, self.base
+
+        def values(name: str) -> list:
+            return s[name].values() if name in s else [getattr(b, name)]
+
+        for name, ok, need in (
+            ("beta", lambda v: v >= 0, ">= 0"),
+            ("lam", lambda v: v >= 0, ">= 0"),
+            ("lr", lambda v: v > 0, "positive"),
+            ("latent", lambda v: v >= 1, "at least 1"),
+            ("epochs", lambda v: v >= 1, "at least 1"),
+            ("batch_size", lambda v: v >= 1, "at least 1"),
+        ):
+            if not all(ok(v) for v in values(name)):
+                raise SpecError(f"search.{name} must be {need} (got {values(name)})")
+        if b.r < 0 or not math.isfinite(b.r):
+            raise SpecError(f"bound.r = {b.r} must be a finite number >= 0")
+        for arch in values("arch"):
+            if arch not in VAE_ARCHS:
+                raise SpecError(f"search.arch has unknown {arch!r}; choose from {VAE_ARCHS}")
+            if arch == "conv" and self.input_dim != 784:
+                raise SpecError(
+                    f"the conv VAE takes 28x28 images, but the data have {self.input_dim} values "
+                    'per point; set data.pad_to_32 = false or use arch = "mlp"'
+                )
+
+    def config_for(self, trial: optuna.Trial) -> VAEConfig:
+        params = {name: suggest(trial, p) for name, p in self.search.items()}
+        return replace(self.base, **params, seed=derive_seed(self.study_seed, trial.number))
+
+    def build_model(self, cfg: VAEConfig) -> nn.Module:
+        """A fresh VAE of ``cfg.arch`` (weights from the torch seed set by the caller)."""
+        if cfg.arch == "conv":
+            return ConvVAE(latent=cfg.latent, width=self.conv_width)
+        return MLPVAE(input_dim=self.input_dim, hidden=self.hidden, latent=cfg.latent)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.config_for(trial)
+        trial.set_user_attr("config", {**cfg.to_dict(), "bound_subset": self.bound_subset})
+        seed_everything(cfg.seed)
+        model = self.build_model(cfg).to(self.device)
+        decoder0 = model.initial_decoder()
+        test = self.data.test if self.validation else None
+        rows: list[dict[str, float]] = []
+        last: list[BoundReport] = []  # the latest epoch's bound
+
+        def bound_on(x: torch.Tensor, model: nn.Module) -> BoundReport:
+            return vae_bound(
+                model,
+                x,
+                decoder0=decoder0,
+                test_x=test,
+                r=cfg.r,
+                mc_samples=cfg.mc_samples,
+                seed=cfg.seed,
+                batch_size=self.eval_batch_size,
+            )
+
+        def on_epoch(epoch: int, model: nn.Module) -> None:
+            rep = bound_on(self.epoch_x, model)
+            row = self._epoch_row(epoch, rep, cfg.r)
+            rows.append(row)
+            trial.set_user_attr("epoch_terms", rows)
+            if not math.isfinite(row["total"]):
+                raise FloatingPointError(f"bound is {row['total']} at epoch {epoch}")
+            last[:] = [rep]
+            trial.report(row["total"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} with bound {row['total']:.4f}")
+
+        try:
+            history = train_vae(
+                model,
+                self.data.train,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                beta=cfg.beta,
+                lam=cfg.lam,
+                r=cfg.r,
+                seed=cfg.seed,
+                dynamic_binarize=self.dynamic_binarize,
+                device=self.device,
+                callback=on_epoch,
+                decoder0=decoder0,
+            )
+            if self.bound_subset is None and last and len(rows) == cfg.epochs:
+                full = last[0]  # the last epoch's bound is already on all m points
+            else:
+                full = bound_on(self.data.train, model)
+        except FloatingPointError as e:
+            trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
+            return math.nan  # Optuna records a NaN value as a failed trial; the study goes on
+        heldout = {k: float(v) for k, v in full.extras.items() if k in _TEST_EXTRAS}
+        heldout.pop("test_size", None)
+        report = replace(
+            full, extras={k: v for k, v in full.extras.items() if k not in _TEST_EXTRAS}
+        )
+        for key, value in report.user_attrs().items():
+            trial.set_user_attr(key, value)
+        for key, value in heldout.items():
+            trial.set_user_attr(f"heldout.{key}", value)
+        if not math.isfinite(report.total):
+            trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
+            return math.nan
+        if self.on_result is not None:
+            self.on_result(trial, VAEResult(report, heldout, model, history, rows))
+        return report.total
+
+    def _epoch_row(self, epoch: int, rep: BoundReport, r: float) -> dict[str, float]:
+        """One entry of ``epoch_terms``; the MI term divides by the full m (see bound_subset)."""
+        rec, kld, mi = rep.terms["rec"], rep.terms["kld"], rep.terms["mi"]
+        c_mi = (1.0 + r) * math.sqrt(max(mi, 0.0) / self.m)
+        row = {
+            "epoch": epoch,
+            "total": rec + rep.contributions["kld"] + c_mi,
+            "rec": rec,
+            "kld": kld,
+            "mi": mi,
+            "encoder_only_bound": rep.extras["encoder_only_bound"],
+        }
+        for key in ("heldout_loss", "test_neg_elbo"):
+            if key in rep.extras:
+                row[key] = rep.extras[key]
+        return row

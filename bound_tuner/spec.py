@@ -4,10 +4,12 @@ Every problem raises SpecError with one line naming the field and the mend, befo
 created. The schema (every section optional except [study].name):
 
   [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed
-  [data]     name, m, seed, test_size (+ binarize, pad_to_32 for image sets)
+  [data]     name, m (an integer; "all" for every image of an image set), seed, test_size
+             (+ binarize, pad_to_32 for image sets)
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
-  [bound]    R (number or "estimate"), L_estimator, N, k, n_paths, train_draws (VAE: r, mc_samples)
+  [bound]    R (number or "estimate"), L_estimator, N, k, n_paths, train_draws
+             (VAE: r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
              n_warmup_steps
@@ -63,7 +65,7 @@ SECTIONS = {
     "study": {"name": str, "model": str, "n_trials": int, "validation": bool, "seed": int},
     "data": {
         "name": str,
-        "m": int,
+        "m": (int, str),
         "seed": int,
         "test_size": int,
         "binarize": str,
@@ -89,6 +91,7 @@ SECTIONS = {
         "train_draws": int,
         "r": float,
         "mc_samples": int,
+        "bound_subset": int,
     },
     "sampler": {"type": str, "seed": int, "n_startup_trials": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
@@ -255,7 +258,13 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
             f"choose one of {', '.join(sorted(DATASETS))}"
         )
     spec.data.setdefault("m", 200)
-    if spec.data["m"] < 2:
+    if isinstance(spec.data["m"], str):
+        if spec.data["m"] != "all":
+            raise SpecError(
+                f'{where}: data.m = {spec.data["m"]!r} must be an integer or "all" '
+                "(every training image of an image set)"
+            )
+    elif spec.data["m"] < 2:
         raise SpecError(f"{where}: data.m = {spec.data['m']} must be at least 2")
     spec.data.setdefault("seed", spec.seed)
     spec.data.setdefault("test_size", 1000)
@@ -273,7 +282,7 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
     est = spec.bound.get("L_estimator", "path-mean")
     if est not in L_ESTIMATORS:
         raise SpecError(f"{where}: bound.L_estimator = {est!r}; choose one of {L_ESTIMATORS}")
-    for key in ("N", "k", "n_paths", "train_draws", "mc_samples"):
+    for key in ("N", "k", "n_paths", "train_draws", "mc_samples", "bound_subset"):
         if key in spec.bound and spec.bound[key] < 1:
             raise SpecError(f"{where}: bound.{key} = {spec.bound[key]} must be at least 1")
 

@@ -70,6 +70,11 @@ def load_data(spec: StudySpec) -> DataSplit:
         # images for diffusion: bin centres in [-1, 1] (bound_tuner.data.preprocess)
         split.train, split.test = to_symmetric(split.train), to_symmetric(split.test)
         split.info["preprocess"] = "symmetric [-1, 1], bin centres"
+    if spec.model == "vae" and split.train.dim() == 4:
+        # images for a VAE: flattened, [n, 784] ([n, 1024] with pad_to_32), binarized per [data]
+        split.train = split.train.reshape(split.train.shape[0], -1)
+        split.test = split.test.reshape(split.test.shape[0], -1)
+        split.info["flatten"] = True
     return split
 
 

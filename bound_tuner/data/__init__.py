@@ -49,6 +49,8 @@ def _image(name: str) -> Callable[..., DataSplit]:
     return load
 
 
+IMAGE_SETS = ("fashion_mnist", "mnist")
+
 DATASETS: dict[str, Callable[..., DataSplit]] = {
     "swiss_roll": _swiss_roll,
     "gaussian": _gaussian,
@@ -57,12 +59,26 @@ DATASETS: dict[str, Callable[..., DataSplit]] = {
 }
 
 
-def load_dataset(name: str, *, m: int, seed: int = 0, test_size: int = 1000, **kw) -> DataSplit:
-    """Load data set ``name`` with m training points chosen by ``seed`` and a test split."""
+def load_dataset(
+    name: str, *, m: int | str | None, seed: int = 0, test_size: int = 1000, **kw
+) -> DataSplit:
+    """Load data set ``name`` with m training points chosen by ``seed`` and a test split.
+
+    For the image sets ``m=None`` or ``m="all"`` takes every training image.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    if not isinstance(m, int) or m < 2:
-        raise ValueError(f"m={m!r} must be an integer of at least 2 training points")
+    if m is None or m == "all":
+        if name not in IMAGE_SETS:
+            raise ValueError(
+                f"m={m!r} (every training point) applies only to the image sets "
+                f"{', '.join(IMAGE_SETS)}; give {name} an integer m of at least 2"
+            )
+        m = None
+    elif not isinstance(m, int) or isinstance(m, bool) or m < 2:
+        raise ValueError(
+            f"m={m!r} must be an integer of at least 2 training points (or 'all' for image sets)"
+        )
     split = DATASETS[name](m=m, seed=seed, test_size=test_size, **kw)
     split.train = validate_points(split.train, name=f"{name} training set")
     split.test = validate_points(split.test, name=f"{name} test set", min_points=1)
