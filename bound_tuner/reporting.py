@@ -63,27 +63,35 @@ def rank_correlation(trials: list[dict], key: str) -> tuple[float, int]:
     return float(spearmanr(a, b).statistic), len(pairs)
 
 
+VAE_TERMS = ("rec", "kld", "mi", "encoder_only_bound")
+
+
 def trials_table(trials: list[dict]) -> str:
     """A text table: one row per trial, the bound terms and the held-out metric."""
     key = heldout_key(trials)
-    cols = ["#", "state", "T", "schedule", "bound", "L_train", "C_mix", "C_prior", "I_gen"]
+    vae = any("bound.rec" in t["user_attrs"] for t in trials)
+    if vae:
+        cols = ["#", "state", "beta", "lam", "latent", "bound", "REC", "KLD", "MI", "enc_only"]
+        firsts = ("beta", "lam", "latent")
+        names = VAE_TERMS
+    else:
+        cols = ["#", "state", "T", "schedule", "bound", "L_train", "C_mix", "C_prior", "I_gen"]
+        firsts = ("T", "schedule")
+        names = TERMS
     if key:
         cols.append(key.split(".", 1)[1])
     rows = [cols]
+
+    def f(v, fmt="{:.4g}"):
+        return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
+
     for t in trials:
         ua = t["user_attrs"]
-
-        def f(v, fmt="{:.4g}"):
-            return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
-
-        row = [
-            str(t["number"]),
-            t["state"],
-            f(ua.get("bound.T", t["params"].get("T"))),
-            f(ua.get("bound.schedule", t["params"].get("schedule"))),
-            f(t["value"]),
-        ]
-        row += [f(ua.get(f"bound.{name}")) for name in TERMS]
+        row = [str(t["number"]), t["state"]]
+        config = ua.get("config") or {}
+        row += [f(t["params"].get(p, ua.get(f"bound.{p}", config.get(p)))) for p in firsts]
+        row.append(f(t["value"]))
+        row += [f(ua.get(f"bound.{name}")) for name in names]
         if key:
             row.append(f(ua.get(key)))
         rows.append(row)

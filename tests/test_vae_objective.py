@@ -16,6 +16,7 @@ import torch
 from bound_tuner.data import DataSplit, load_dataset
 from bound_tuner.data.images import FASHION_MNIST_FILES
 from bound_tuner.objectives import VAEObjective
+from bound_tuner.reporting import trials_json, trials_table
 from bound_tuner.spec import SpecError, load_spec, parse_spec
 from bound_tuner.study import load_data, run_study
 
@@ -150,6 +151,26 @@ def test_vae_study_end_to_end_with_validation(binary_images, vae_spec, tmp_path)
     assert _complexity(by_lam[20.0]) < _complexity(by_lam[0.0])
     # the dashboard hook got a note and a samples image for each trial
     assert len(list((tmp_path / "v_artifacts").iterdir())) == 2
+    # the report table shows the VAE terms, not the diffusion ones
+    table = trials_table(trials_json(study)).splitlines()
+    assert table[0].split() == [
+        "#",
+        "state",
+        "beta",
+        "lam",
+        "latent",
+        "bound",
+        "REC",
+        "KLD",
+        "MI",
+        "enc_only",
+        "heldout_loss",
+    ]
+    row = table[1].split()
+    t0 = study.trials[0]
+    assert float(row[5]) == pytest.approx(t0.value, rel=1e-3)
+    assert float(row[6]) == pytest.approx(t0.user_attrs["bound.rec"], rel=1e-3)
+    assert row[4] == "4"
 
 
 def test_without_validation_no_heldout(binary_images, vae_spec, tmp_path):
