@@ -229,8 +229,9 @@ class TrialArtifacts:
         artifact_store: where the PNGs go (see ``artifact_store_for``); None: notes only.
         reference: training points drawn under the generated ones in 2-D scatters, and the value
             range of image grids.
-        n_samples: generated samples per image (at most 64 are shown for images).
-        n_steps: generator steps for the samples.
+        n_samples: generated samples per image (at most 64 are drawn for images).
+        n_steps: generator steps for the samples (for images, at most the bound's N: a UNet
+            pass per step and sample is the dominant cost of a trial's artifacts on a CPU).
         shape: shape of one sample; by default that of ``reference``, else of the model's data.
 
     A failure here is logged and never fails the trial.
@@ -298,9 +299,11 @@ class TrialArtifacts:
             shape = tuple(self.reference.shape[1:])
         if shape is None:
             shape = (int(result.report.settings["d"]),)
-        return _diffusion_samples(
-            result, n=self.n_samples, n_steps=self.n_steps, shape=shape, seed=seed
-        )
+        n, n_steps = self.n_samples, self.n_steps
+        if len(shape) > 1:  # images: one 8x8 grid, at most the bound's generator step count
+            n = min(n, 64)
+            n_steps = min(n_steps, int(result.report.settings.get("N", n_steps)))
+        return _diffusion_samples(result, n=n, n_steps=n_steps, shape=shape, seed=seed)
 
 
 # ----------------------------------------------------------------------------- study charts
