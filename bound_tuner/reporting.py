@@ -42,7 +42,12 @@ def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
 def heldout_key(trials: list[dict]) -> str | None:
     """The held-out metric to compare with: test KL where there is one, else the first recorded."""
     keys = sorted({k for t in trials for k in t["user_attrs"] if k.startswith("heldout.")})
-    for preferred in ("heldout.test_kl", "heldout.heldout_loss", "heldout.denoising_loss"):
+    for preferred in (
+        "heldout.test_kl",
+        "heldout.heldout_loss",
+        "heldout.bits_per_dim",
+        "heldout.denoising_loss",
+    ):
         if preferred in keys:
             return preferred
     return keys[0] if keys else None
