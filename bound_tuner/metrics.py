@@ -11,7 +11,7 @@ from .bounds.diffusion import prior_kl
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
 from .sampling import generate
 from .schedules import Schedule, sample_xt
-from .training import evaluate_train_loss
+from .training import draw_times, evaluate_train_loss
 
 
 def kde_logpdf(points: torch.Tensor, centers: torch.Tensor, *, bandwidth: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ def negative_elbo(
     prior = prior_kl(y, alpha=float(schedule.alpha(T)), sigma2=float(schedule.sigma2(T))).cpu()
     diff = torch.zeros(y.shape[0], dtype=torch.float64)
     for _ in range(draws):
-        t = t_min + (T - t_min) * torch.rand(y.shape[0], generator=generator, dtype=torch.float64)
+        t = draw_times(y.shape[0], T, t_min, generator)
         diff += _weighted_dsm(model, y, schedule, t, generator)
     return (T - t_min) * diff / draws + prior + decoder
 

@@ -98,7 +98,7 @@ class DiffusionObjective:
             trial.set_user_attr(key, value)
         for key, value in res.heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
-        trial.set_user_attr("config", {k: v for k, v in cfg.to_dict().items()})
+        trial.set_user_attr("config", cfg.to_dict())
         if not math.isfinite(report.total):
             trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
             return math.nan

@@ -384,11 +384,15 @@ def parse_search(search: dict[str, Any], *, model: str = "diffusion") -> dict[st
             out[name] = value
             continue
         if name not in allowed:
-            raise SpecError(f"unknown search parameter '{name}' for a {model} objective; "
-                            f"allowed: {', '.join(allowed)}")
+            raise SpecError(
+                f"unknown search parameter '{name}' for a {model} objective; "
+                f"allowed: {', '.join(allowed)}"
+            )
         if isinstance(value, tuple):
             if len(value) not in (2, 3) or (len(value) == 3 and value[2] != "log"):
-                raise SpecError(f"search.{name} = {value!r}: give (low, high) or (low, high, 'log')")
+                raise SpecError(
+                    f"search.{name} = {value!r}: give (low, high) or (low, high, 'log')"
+                )
             value = {"low": value[0], "high": value[1], "log": len(value) == 3}
         elif isinstance(value, list):
             value = {"choices": value}

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .schedules import Schedule, sample_xt
 
 
-def _draw_t(n: int, T: float, t_min: float, generator: torch.Generator | None) -> torch.Tensor:
+def draw_times(n: int, T: float, t_min: float, generator: torch.Generator | None) -> torch.Tensor:
+    """n times t ~ U(t_min, T) in float64."""
     return t_min + (T - t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
@@ -39,7 +40,7 @@ def denoising_terms(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample denoising loss [b] and per-sample beta(t)||s||^2 [b], one draw of (t, eps) each."""
-    t = _draw_t(x.shape[0], T, t_min, generator)
+    t = draw_times(x.shape[0], T, t_min, generator)
     eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     t_dev = t.to(x.device)
     xt, _ = sample_xt(x, t_dev, schedule, noise=eps)
