@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .bounds.diffusion import diffusion_bound
+from .bounds.diffusion import DEFAULT_VARIANT, diffusion_bound
 from .bounds.report import BoundReport
 from .metrics import heldout_metrics
 from .models import build_score_model
@@ -36,6 +36,7 @@ class DiffusionConfig:
     batch_size: int = 256
     t_min: float = 1e-3
     # bound settings
+    variant: str = DEFAULT_VARIANT
     R: float | None = 5.0
     l_estimator: str = "path-mean"
     n_steps: int = 500

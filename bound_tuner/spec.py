@@ -8,7 +8,7 @@ created. The schema (every section optional except [study].name):
              (+ binarize, pad_to_32 for image sets)
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
-  [bound]    R (number or "estimate"), L_estimator, N, k, n_paths, train_draws
+  [bound]    variant, R (number or "estimate"), L_estimator, N, k, n_paths, train_draws
              (VAE: r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DATASETS
+from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, VARIANTS
 from .schedules import SCHEDULES
 
 
@@ -83,6 +84,7 @@ SECTIONS = {
         "device": str,
     },
     "bound": {
+        "variant": str,
         "R": (float, str),
         "L_estimator": str,
         "N": int,
@@ -100,7 +102,6 @@ SECTIONS = {
 SAMPLERS = ("tpe", "random", "grid", "bruteforce")
 PRUNERS = ("median", "none", "successive_halving", "hyperband")
 MODELS = ("diffusion", "vae")
-L_ESTIMATORS = ("path-mean", "path-max")
 SCHEDULE_PARAMS = {
     "beta_min": "linear",
     "beta_max": "linear",
@@ -279,6 +280,9 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
         raise SpecError(f'{where}: bound.R = {r!r}; give a positive number or "estimate"')
     if not isinstance(r, str) and not (math.isfinite(r) and r > 0):
         raise SpecError(f"{where}: bound.R = {r} must be positive")
+    variant = spec.bound.get("variant", DEFAULT_VARIANT)
+    if variant not in VARIANTS:
+        raise SpecError(f"{where}: bound.variant = {variant!r}; choose one of {', '.join(VARIANTS)}")
     est = spec.bound.get("L_estimator", "path-mean")
     if est not in L_ESTIMATORS:
         raise SpecError(f"{where}: bound.L_estimator = {est!r}; choose one of {L_ESTIMATORS}")

@@ -85,6 +85,8 @@ def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
     kw: dict[str, Any] = {k: v for k, v in tr.items() if k in known}
     kw["R"] = None if bd.get("R", 5.0) == "estimate" else float(bd.get("R", 5.0))
     kw["l_estimator"] = bd.get("L_estimator", "path-mean")
+    if "variant" in bd:
+        kw["variant"] = bd["variant"]
     for src, dst in (
         ("N", "n_steps"),
         ("k", "mc_samples"),

@@ -20,6 +20,9 @@ from .mixture import mixture_kl
 from .report import BoundReport
 
 L_ESTIMATORS = ("path-mean", "path-max")
+#: the bound variants of docs/theory.md; "paper" is the formula of arXiv 2506.00849 as published
+VARIANTS = ("paper", "elbo", "elbo-encoder")
+DEFAULT_VARIANT = "paper"
 
 
 def prior_kl(x: torch.Tensor, *, alpha: float, sigma2: float) -> torch.Tensor:
