@@ -201,7 +201,7 @@ def _diffusion_samples(
     import torch
 
     from .sampling import generate
-    from .schedules import get_schedule
+    from .sde import get_schedule
 
     st = result.report.settings
     params = {k.split(".", 1)[1]: v for k, v in st.items() if k.startswith("schedule.")}

@@ -16,7 +16,7 @@ from .bounds.diffusion import DEFAULT_VARIANT, diffusion_bound
 from .bounds.report import BoundReport
 from .metrics import heldout_metrics
 from .models import build_score_model
-from .schedules import get_schedule
+from .sde import get_schedule
 from .seeding import seed_everything
 from .training import train_score_model
 

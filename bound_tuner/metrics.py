@@ -10,7 +10,7 @@ from torch import nn
 from .bounds.diffusion import prior_kl
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
 from .sampling import generate
-from .schedules import Schedule, sample_xt
+from .sde import Schedule, sample_xt
 from .training import draw_times, evaluate_train_loss
 
 

@@ -27,7 +27,7 @@ from .bounds.vae import vae_bound
 from .data import DataSplit
 from .experiment import DiffusionConfig, run_diffusion
 from .models.vae import MLPVAE, ConvVAE
-from .schedules import get_schedule
+from .sde import get_schedule
 from .seeding import derive_seed, seed_everything
 from .space import sample_diffusion_params, suggest
 from .spec import SpecError, StudySpec, parse_search

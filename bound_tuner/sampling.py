@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .schedules import Schedule
+from .sde import Schedule
 
 
 def score(model: nn.Module, y: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:

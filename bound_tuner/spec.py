@@ -31,7 +31,7 @@ else:  # pragma: no cover
 
 from .data import DATASETS
 from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, VARIANTS
-from .schedules import SCHEDULES
+from .sde import SCHEDULES
 
 
 class SpecError(ValueError):

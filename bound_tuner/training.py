@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .schedules import Schedule, sample_xt
+from .sde import Schedule, sample_xt
 
 
 def draw_times(n: int, T: float, t_min: float, generator: torch.Generator | None) -> torch.Tensor:

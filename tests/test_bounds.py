@@ -15,7 +15,7 @@ from bound_tuner.bounds import (
 )
 from bound_tuner.data import gaussian, swiss_roll
 from bound_tuner.sampling import generate
-from bound_tuner.schedules import get_schedule
+from bound_tuner.sde import get_schedule
 
 LIN = get_schedule("linear")
 

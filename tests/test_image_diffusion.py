@@ -6,7 +6,7 @@ import torch
 
 from bound_tuner.data.preprocess import dequantize, pixel_levels, to_symmetric
 from bound_tuner.metrics import bits_per_dim, negative_elbo
-from bound_tuner.schedules import get_schedule
+from bound_tuner.sde import get_schedule
 from bound_tuner.spec import parse_spec
 from bound_tuner.study import run_study
 

@@ -7,7 +7,7 @@ from bound_tuner.bounds import diffusion_bound
 from bound_tuner.data import load_dataset, swiss_roll
 from bound_tuner.experiment import DiffusionConfig, run_diffusion
 from bound_tuner.models import ScoreMLP
-from bound_tuner.schedules import get_schedule
+from bound_tuner.sde import get_schedule
 from bound_tuner.seeding import derive_seed, seed_everything
 from bound_tuner.training import denoising_terms, evaluate_train_loss, train_score_model
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..sampling import generate, time_grid
-from ..schedules import Schedule
+from ..sde import Schedule
 from ..training import evaluate_train_loss
 from .mixture import mixture_kl
 from .report import BoundReport
