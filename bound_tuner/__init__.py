@@ -16,7 +16,7 @@ _LAZY = {
     "mixture_kl": "bound_tuner.bounds.mixture",
     "prior_kl": "bound_tuner.bounds.diffusion",
     "vae_bound": "bound_tuner.bounds.vae",
-    "get_schedule": "bound_tuner.schedules",
+    "get_schedule": "bound_tuner.sde",
     "load_dataset": "bound_tuner.data",
     "DiffusionObjective": "bound_tuner.objectives",
     "VAEObjective": "bound_tuner.objectives",
