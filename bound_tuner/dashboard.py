@@ -206,7 +206,6 @@ def _diffusion_samples(
     st = result.report.settings
     params = {k.split(".", 1)[1]: v for k, v in st.items() if k.startswith("schedule.")}
     schedule = get_schedule(st["schedule"], **params)
-    device = next(result.model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     run = generate(
         result.model,
@@ -217,7 +216,6 @@ def _diffusion_samples(
         n_steps=n_steps,
         t_min=float(st.get("t_min", 1e-3)),
         generator=gen,
-        device=device,
     )
     return run.samples
 

@@ -1,9 +1,11 @@
-"""The generator G_T: Euler-Maruyama on the reverse VP SDE (bound-spec.md 1.2).
+"""The generator G_T: Euler-Maruyama on the reverse VP SDE (docs/theory.md, section 1.2).
 
   dy = [beta(t) s(y, t) + 1/2 beta(t) y] dt' + sqrt(beta(t)) dW,  t from T down to t_min,
 
 on the uniform grid t_k = T - k h, h = (T - t_min)/N, k = 0..N-1. The score is queried at the
-time t_k of the state it is applied to, and its norms are recorded for L_hat.
+time t_k of the state it is applied to. Along the way it records, per step and path, the score
+norm ||s_theta|| (for the paper's L_hat) and ||s_theta - s_ref||^2 against the data-free
+reference score (for the Girsanov generator term). Both stay on the model's device until the end.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sde import Schedule
+from .sde import Schedule, reference_score, reverse_step, time_grid
 
 
 def score(model: nn.Module, y: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
@@ -22,16 +24,14 @@ def score(model: nn.Module, y: torch.Tensor, t: torch.Tensor, schedule: Schedule
     return -model(y, t.to(y.dtype)) / sigma
 
 
-def time_grid(T: float, n_steps: int, *, t_min: float = 1e-3) -> torch.Tensor:
-    """The generator's grid t_k = T - k (T - t_min)/N, k = 0..N-1 (float64)."""
-    h = (T - t_min) / n_steps
-    return T - h * torch.arange(n_steps, dtype=torch.float64)
-
-
 @dataclass
 class GeneratorRun:
+    """Samples at t_min and the per-step statistics of the paths (CPU, float64)."""
+
     samples: torch.Tensor  # [n, ...] at t_min
-    score_norms: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k)|| per step and path
+    score_norms: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k)||
+    ref_sq_dev: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k) - s_ref(y_k)||^2
+    grid: torch.Tensor  # [N]: t_k
 
 
 @torch.no_grad()
@@ -45,28 +45,34 @@ def generate(
     n_steps: int = 1000,
     t_min: float = 1e-3,
     generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
     batch_size: int = 4096,
 ) -> GeneratorRun:
-    """Run n generator paths from pi = N(0, I) at T to t_min, with N Euler-Maruyama steps."""
+    """Run n generator paths from pi = N(0, I) at T to t_min with N Euler-Maruyama steps.
+
+    The paths run on the model's device; the noise is drawn from ``generator`` (CPU) so that
+    runs are reproducible across devices.
+    """
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
     model.eval()
+    device = next(model.parameters()).device
     grid = time_grid(T, n_steps, t_min=t_min)
     h = (T - t_min) / n_steps
-    betas = schedule.beta(grid)
-    out, norms = [], []
+    betas = schedule.beta(grid).tolist()
+    out, norms, devs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         y = torch.randn((b, *shape), generator=generator).to(device)
-        path_norms = torch.empty(n_steps, b, dtype=torch.float64)
+        path_norms = torch.empty(n_steps, b, dtype=torch.float64, device=device)
+        path_devs = torch.empty(n_steps, b, dtype=torch.float64, device=device)
         for k in range(n_steps):
             t = torch.full((b,), float(grid[k]), dtype=torch.float64, device=device)
             s = score(model, y, t, schedule)
-            path_norms[k] = s.reshape(b, -1).norm(dim=1).cpu()
-            beta = float(betas[k])
+            path_norms[k] = s.reshape(b, -1).norm(dim=1)
+            path_devs[k] = (s - reference_score(y)).reshape(b, -1).pow(2).sum(dim=1)
             z = torch.randn((b, *shape), generator=generator).to(device)
-            y = y + h * beta * (s + 0.5 * y) + (beta * h) ** 0.5 * z
+            y = reverse_step(y, s, beta=betas[k], h=h, noise=z)
         out.append(y)
-        norms.append(path_norms)
-    return GeneratorRun(torch.cat(out), torch.cat(norms, dim=1))
+        norms.append(path_norms.cpu())
+        devs.append(path_devs.cpu())
+    return GeneratorRun(torch.cat(out), torch.cat(norms, dim=1), torch.cat(devs, dim=1), grid)

@@ -1,8 +1,12 @@
-"""Forward process (bound-spec.md section 1.1): noise schedules on absolute time.
+"""The forward VP SDE and everything defined by it (docs/theory.md, section 1).
 
-Each schedule gives beta(t), B(t) = integral_0^t beta, alpha_t = exp(-B/2) and
-sigma_t^2 = 1 - alpha_t^2 in closed form. Schedules are functions of absolute time, so a
-larger T moves the end point of the process, not its shape.
+  dX = -1/2 beta(t) X dt + sqrt(beta(t)) dW,   B(t) = int_0^t beta,
+  alpha_t = exp(-B/2),  sigma_t^2 = 1 - alpha_t^2,  lambda(t) = ln(alpha_t^2 / sigma_t^2) (log-SNR).
+
+Each schedule gives beta, B and the inverse of B in closed form. Schedules are functions of
+absolute time, so a larger T moves the end point of the process, not its shape. Beside the
+schedules: drawing x_t, the prior KL of the encoder E_T, the generator's time grid and its
+Euler-Maruyama reverse step, and the reference score of the data-free model.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class Schedule:
         """sigma_t^2 = 1 - alpha_t^2, computed as -expm1(-B) to keep precision at small t."""
         return -torch.expm1(-self.big_b(t))
 
+    def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
+        """The time t with B(t) = b (B is increasing)."""
+        raise NotImplementedError
+
+    def log_snr(self, t: TensorLike) -> torch.Tensor:
+        """lambda(t) = ln(alpha_t^2 / sigma_t^2) = -ln(expm1(B(t))); falls from +inf at t=0."""
+        return -torch.log(torch.expm1(self.big_b(t)))
+
+    def time_at_log_snr(self, lam: TensorLike) -> torch.Tensor:
+        """The inverse of ``log_snr``: B = ln(1 + e^-lambda) = softplus(-lambda), then t = B^-1."""
+        return self.inverse_big_b(torch.nn.functional.softplus(-_as_tensor(lam)))
+
     def params(self) -> dict[str, float]:
         return {}
 
@@ -77,6 +93,12 @@ class LinearSchedule(Schedule):
         t = _as_tensor(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
 
+    def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
+        # root of c/2 t^2 + b0 t - b = 0 in the cancellation-free form 2b / (b0 + sqrt(b0^2 + 2cb))
+        b = _as_tensor(b)
+        c = self.beta_max - self.beta_min
+        return 2 * b / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * c * b))
+
     def params(self) -> dict[str, float]:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max}
 
@@ -102,6 +124,13 @@ class CosineSchedule(Schedule):
         # B = -ln abar = -2 ln cos(u(t)) + 2 ln cos(u(0))
         return -2.0 * torch.log(torch.cos(self._u(t))) + 2.0 * math.log(math.cos(u0))
 
+    def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
+        # cos(u(t)) = cos(u(0)) exp(-B/2)
+        b = _as_tensor(b)
+        u0 = self.s / (1.0 + self.s) * (math.pi / 2)
+        u = torch.arccos(math.cos(u0) * torch.exp(-0.5 * b))
+        return u * (1.0 + self.s) / (math.pi / 2) - self.s
+
     def params(self) -> dict[str, float]:
         return {"s": self.s}
 
@@ -119,6 +148,9 @@ class ConstantSchedule(Schedule):
 
     def big_b(self, t: TensorLike) -> torch.Tensor:
         return self.beta_const * _as_tensor(t)
+
+    def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
+        return _as_tensor(b) / self.beta_const
 
     def params(self) -> dict[str, float]:
         return {"beta_const": self.beta_const}
@@ -158,3 +190,36 @@ def sample_xt(
     alpha = schedule.alpha(t).to(x0.dtype).view(shape)
     sigma = schedule.sigma2(t).sqrt().to(x0.dtype).view(shape)
     return alpha * x0 + sigma * eps, eps
+
+
+def prior_kl(x: torch.Tensor, *, alpha: float, sigma2: float) -> torch.Tensor:
+    """KL(E_T(x_i) || N(0, I)) = KL(N(alpha x_i, sigma2 I) || N(0, I)) per point, shape [m], float64.
+
+    KL_i = 1/2 (alpha^2 ||x_i||^2 + d (sigma2 - 1 - ln sigma2))   (docs/theory.md, eq. 1.3).
+    """
+    x = x.reshape(x.shape[0], -1).double()
+    d = x.shape[1]
+    alpha, sigma2 = float(alpha), float(sigma2)
+    if not (0 < sigma2 <= 1):
+        raise ValueError(f"sigma2={sigma2} must lie in (0, 1]")
+    return 0.5 * (alpha**2 * (x * x).sum(dim=1) + d * (sigma2 - 1.0 - math.log(sigma2)))
+
+
+def time_grid(T: float, n_steps: int, *, t_min: float = 1e-3) -> torch.Tensor:
+    """The generator's grid t_k = T - k h, h = (T - t_min)/N, k = 0..N-1 (float64)."""
+    h = (T - t_min) / n_steps
+    return T - h * torch.arange(n_steps, dtype=torch.float64)
+
+
+def reverse_step(
+    y: torch.Tensor, score: torch.Tensor, *, beta: float, h: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """One Euler-Maruyama step of the reverse SDE dy = beta (s + y/2) dt' + sqrt(beta) dW."""
+    return y + h * beta * (score + 0.5 * y) + math.sqrt(beta * h) * noise
+
+
+def reference_score(y: torch.Tensor) -> torch.Tensor:
+    """The score of the data-free model: s_ref(y, t) = -y, exact at every t when the data are
+    N(0, I) (then every marginal is N(0, I)). The Girsanov generator term measures the score
+    against it (docs/theory.md, eq. 2.4)."""
+    return -y
