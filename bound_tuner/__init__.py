@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BoundReport": "bound_tuner.bounds.report",
-    "diffusion_bound": "bound_tuner.bounds.diffusion",
+    "diffusion_bound": "bound_tuner.evaluate",
     "mixture_kl": "bound_tuner.bounds.mixture",
-    "prior_kl": "bound_tuner.bounds.diffusion",
+    "prior_kl": "bound_tuner.sde",
     "vae_bound": "bound_tuner.bounds.vae",
     "get_schedule": "bound_tuner.sde",
     "load_dataset": "bound_tuner.data",

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .bounds.diffusion import DEFAULT_VARIANT, diffusion_bound
+from .bounds.diffusion import DEFAULT_VARIANT
 from .bounds.report import BoundReport
-from .metrics import heldout_metrics
+from .evaluate import diffusion_bound, heldout_metrics
 from .models import build_score_model
 from .sde import get_schedule
 from .seeding import seed_everything
@@ -37,14 +37,14 @@ class DiffusionConfig:
     t_min: float = 1e-3
     # bound settings
     variant: str = DEFAULT_VARIANT
-    R: float | None = 5.0
+    R: float | str | None = None  # a number, "estimate", or None: the variant's default (DEFAULT_R)
     l_estimator: str = "path-mean"
     n_steps: int = 500
     n_paths: int = 256
     mc_samples: int = 1
     train_draws: int = 64
     # held-out metrics (validation mode only)
-    heldout_n_generated: int = 1000
+    heldout_n_generated: int = 10_000
     heldout_n_steps: int = 1000
     seed: int = 0
 
@@ -97,6 +97,7 @@ def run_diffusion(
         x,
         schedule,
         T=cfg.T,
+        variant=cfg.variant,
         R=cfg.R,
         l_estimator=cfg.l_estimator,
         n_steps=cfg.n_steps,
@@ -114,7 +115,7 @@ def run_diffusion(
             model,
             schedule,
             T=cfg.T,
-            test=test.to(device),
+            test=test,
             n_generated=cfg.heldout_n_generated,
             n_steps=cfg.heldout_n_steps,
             t_min=cfg.t_min,

@@ -1,17 +1,19 @@
-"""Held-out metrics (bound-spec.md 1.4): recorded beside the bound, never the objective."""
+"""Held-out and selection statistics as pure functions (docs/theory.md, section 4).
+
+Sample-based divergences between data and generated points, and the numbers that say how well a
+score selects models: Spearman's rank correlation and the regret of its pick against a ground
+truth. Nothing here runs a model (``bound_tuner.evaluate`` does).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torch import nn
-
-from .bounds.diffusion import prior_kl
-from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
-from .sampling import generate
-from .sde import Schedule, sample_xt
-from .training import draw_times, evaluate_train_loss
+from scipy import linalg, stats
+from scipy.spatial import cKDTree
 
 
 def kde_logpdf(points: torch.Tensor, centers: torch.Tensor, *, bandwidth: float) -> torch.Tensor:
@@ -40,122 +42,61 @@ def kde_kl(
     )
 
 
-@torch.no_grad()
-def negative_elbo(
-    model: nn.Module,
-    y: torch.Tensor,
-    schedule: Schedule,
-    *,
-    T: float,
-    t_min: float = 1e-3,
-    draws: int = 16,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """-ELBO per point (nats, float64) of continuous data y under the VP SDE model:
+def knn_kl(data: torch.Tensor, generated: torch.Tensor, *, k: int = 5) -> tuple[float, float]:
+    """KL(data || generated) by k nearest neighbours (Wang, Kulkarni and Verdu 2009), and its s.e.
 
-    -ln p(y) <= E_t [(T - t_min) beta(t) / (2 sigma_t^2) ||eps_theta - eps||^2]   (diffusion)
-               + KL(N(alpha_T y, sigma_T^2 I) || N(0, I))                            (prior)
-               + d/2 ln(2 pi e sigma_tmin^2 / alpha_tmin^2)                          (decoder)
+      KL ~ (d/n) sum_i ln(nu_k(i) / rho_k(i)) + ln(M / (n - 1))
 
-    with t ~ U(t_min, T) and the Gaussian decoder y ~ N(x_tmin / alpha, sigma^2 / alpha^2 I).
+    with n data points x_i, M generated points, rho_k(i) the distance from x_i to its k-th
+    neighbour among the other data points and nu_k(i) to its k-th neighbour among the generated
+    points (docs/theory.md eq. 4.1). The standard error treats the n terms as independent.
+    Uses scipy's cKDTree: exact neighbours, fast in the low dimensions this is meant for.
     """
-    model.eval()
-    d = y[0].numel()
-    a0, s0 = float(schedule.alpha(t_min)), float(schedule.sigma2(t_min))
-    decoder = 0.5 * d * math.log(2 * math.pi * math.e * s0 / a0**2)
-    prior = prior_kl(y, alpha=float(schedule.alpha(T)), sigma2=float(schedule.sigma2(T))).cpu()
-    diff = torch.zeros(y.shape[0], dtype=torch.float64)
-    for _ in range(draws):
-        t = draw_times(y.shape[0], T, t_min, generator)
-        diff += _weighted_dsm(model, y, schedule, t, generator)
-    return (T - t_min) * diff / draws + prior + decoder
+    x = data.reshape(data.shape[0], -1).double().cpu().numpy()
+    y = generated.reshape(generated.shape[0], -1).double().cpu().numpy()
+    n, d = x.shape
+    m = y.shape[0]
+    if n <= k or m < k:
+        raise ValueError(f"knn_kl needs more than k={k} data points and at least k generated ones")
+    rho = cKDTree(x).query(x, k=k + 1)[0][:, k]
+    nu = cKDTree(y).query(x, k=k)[0]
+    nu = nu[:, k - 1] if k > 1 else nu
+    tiny = np.finfo(np.float64).tiny
+    terms = d * (np.log(np.maximum(nu, tiny)) - np.log(np.maximum(rho, tiny)))
+    kl = float(terms.mean() + math.log(m / (n - 1)))
+    return kl, float(terms.std(ddof=1) / math.sqrt(n))
 
 
-def bits_per_dim(
-    model: nn.Module,
-    y: torch.Tensor,
-    schedule: Schedule,
-    *,
-    T: float,
-    t_min: float = 1e-3,
-    draws: int = 16,
-    seed: int = 0,
-    batch_size: int = 512,
-) -> float:
-    """Bits per dimension of 8-bit images stored as bin centres in [-1, 1] (data.preprocess).
-
-    Uniformly dequantized y bounds the discrete likelihood: -log2 P(k) <= (-ELBO(y) -
-    d ln(2/256)) / ln 2, averaged over the images.
-    """
-    g = torch.Generator().manual_seed(seed)
-    d = y[0].numel()
-    total = 0.0
-    for start in range(0, y.shape[0], batch_size):
-        yb = dequantize(y[start : start + batch_size], generator=g)
-        nelbo = negative_elbo(model, yb, schedule, T=T, t_min=t_min, draws=draws, generator=g)
-        total += float(nelbo.sum())
-    nll = total / y.shape[0]
-    return (nll - d * LOG_BIN_VOLUME_PER_DIM) / (d * math.log(2))
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two samples [n, ...] (flattened):
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). In pixel space for images."""
+    x = a.reshape(a.shape[0], -1).double().cpu().numpy()
+    y = b.reshape(b.shape[0], -1).double().cpu().numpy()
+    mu = x.mean(0) - y.mean(0)
+    ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(ca @ cb)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.trace(root))
 
 
-def _weighted_dsm(model, y, schedule, t, gen) -> torch.Tensor:
-    """beta(t) / (2 sigma_t^2) ||eps_theta(x_t, t) - eps||^2 per point (float64), one draw each."""
-    eps = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-    t_dev = t.to(y.device)
-    xt, _ = sample_xt(y, t_dev, schedule, noise=eps)
-    err = (model(xt, t_dev.to(y.dtype)) - eps).pow(2).reshape(y.shape[0], -1).sum(1).double()
-    w = schedule.beta(t_dev) / (2 * schedule.sigma2(t_dev))
-    return (w * err).cpu()
+def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """Spearman's rank correlation between a score and the ground truth (nan if undefined)."""
+    if len(scores) < 3:
+        return math.nan
+    rho = stats.spearmanr(scores, truth).statistic
+    return float(rho)
 
 
-def heldout_metrics(
-    model: nn.Module,
-    schedule: Schedule,
-    *,
-    T: float,
-    test: torch.Tensor,
-    reference: torch.Tensor | None = None,
-    n_generated: int = 1000,
-    n_steps: int = 1000,
-    bandwidth: float = 0.1,
-    t_min: float = 1e-3,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Held-out denoising loss for any data; bits per dim for images; test KL for 2-D data.
+def regret(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """truth(pick) / truth(best) - 1, pick = argmin score, best = min truth (both lower is better).
 
-    ``reference`` is an independent data sample for the test-KL density; without it the first
-    half of ``test`` serves as reference and the second half as evaluation points.
-    """
-    images = test.dim() == 4
-    draws = 8 if images else 64  # a UNet pass per draw and point: fewer draws for images
-    out = {
-        "denoising_loss": float(
-            evaluate_train_loss(
-                model, test, schedule, T=T, t_min=t_min, draws=draws, seed=seed + 11
-            ).mean()
-        )
-    }
-    if images:
-        out["bits_per_dim"] = bits_per_dim(
-            model, test, schedule, T=T, t_min=t_min, draws=draws, seed=seed + 13
-        )
-    if test.dim() == 2 and test.shape[1] == 2:
-        if reference is None:
-            half = test.shape[0] // 2
-            reference, test = test[:half], test[half:]
-        run = generate(
-            model,
-            schedule,
-            T=T,
-            n=n_generated,
-            shape=(2,),
-            n_steps=n_steps,
-            t_min=t_min,
-            generator=torch.Generator().manual_seed(seed + 12),
-        )
-        gen = run.samples
-        if not torch.isfinite(gen).all():
-            out["test_kl"] = float("inf")
-        else:
-            out["test_kl"] = kde_kl(test, reference, gen.to(test.device), bandwidth=bandwidth)
-    return out
+    Undefined (nan) when the best truth is not positive."""
+    pick = int(np.argmin(scores))
+    best = float(np.min(truth))
+    return float(truth[pick]) / best - 1.0 if best > 0 else math.nan
+
+
+def pick_rank(scores: Sequence[float], truth: Sequence[float]) -> int:
+    """The rank (1 = best) of the score's pick among the candidates by the ground truth."""
+    pick = int(np.argmin(scores))
+    return int(1 + sum(float(t) < float(truth[pick]) for t in truth))

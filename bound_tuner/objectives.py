@@ -21,10 +21,11 @@ import optuna
 import torch
 from torch import nn
 
-from .bounds.diffusion import assemble_diffusion_bound, encoder_terms, model_terms
+from .bounds.diffusion import encoder_terms
 from .bounds.report import BoundReport
 from .bounds.vae import vae_bound
 from .data import DataSplit
+from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, run_diffusion
 from .models.vae import MLPVAE, ConvVAE
 from .sde import get_schedule
@@ -117,27 +118,22 @@ class DiffusionObjective:
         def report_partial(step: int, model: nn.Module) -> None:
             if step >= cfg.steps:
                 return
-            if not enc:
+            if not enc and cfg.variant != "elbo":
                 enc.update(encoder_terms(x, schedule, T=cfg.T, mc_samples=1, seed=cfg.seed))
-            mt = model_terms(
+            partial = diffusion_bound(
                 model,
                 x,
                 schedule,
                 T=cfg.T,
+                variant=cfg.variant,
+                R=cfg.R,
+                l_estimator=cfg.l_estimator,
                 n_steps=min(100, cfg.n_steps),
                 n_paths=64,
                 train_draws=4,
                 t_min=cfg.t_min,
                 seed=cfg.seed,
-            )
-            R = cfg.R if cfg.R is not None else mt["R_estimate"]
-            partial = assemble_diffusion_bound(
-                train_loss=mt["train_loss"],
-                c_mix=enc["c_mix"],
-                c_prior=enc["c_prior"],
-                i_gen=mt["i_gen"],
-                R=R,
-                settings={},
+                encoder=enc or None,
             ).total
             model.train()
             if not math.isfinite(partial):

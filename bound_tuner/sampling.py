@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models import model_device
 from .sde import Schedule, reference_score, reverse_step, time_grid
 
 
@@ -55,7 +56,7 @@ def generate(
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     grid = time_grid(T, n_steps, t_min=t_min)
     h = (T - t_min) / n_steps
     betas = schedule.beta(grid).tolist()

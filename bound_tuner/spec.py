@@ -8,7 +8,8 @@ created. The schema (every section optional except [study].name):
              (+ binarize, pad_to_32 for image sets)
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
-  [bound]    variant, R (number or "estimate"), L_estimator, N, k, n_paths, train_draws
+  [bound]    variant, R (number or "estimate"), L_estimator, N, k, n_paths, train_draws,
+             heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
@@ -29,8 +30,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .data import DATASETS
 from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, VARIANTS
+from .data import DATASETS
 from .sde import SCHEDULES
 
 
@@ -94,6 +95,8 @@ SECTIONS = {
         "r": float,
         "mc_samples": int,
         "bound_subset": int,
+        "heldout_samples": int,
+        "heldout_steps": int,
     },
     "sampler": {"type": str, "seed": int, "n_startup_trials": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
@@ -275,18 +278,29 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
         if key in spec.training and spec.training[key] < (0 if key == "checkpoints" else 1):
             raise SpecError(f"{where}: training.{key} = {spec.training[key]} is too small")
     spec.bound = _check_section("bound", raw.get("bound", {}), where)
-    r = spec.bound.get("R", 5.0)
+    r = spec.bound.get("R", 1.0)
     if isinstance(r, str) and r != "estimate":
         raise SpecError(f'{where}: bound.R = {r!r}; give a positive number or "estimate"')
     if not isinstance(r, str) and not (math.isfinite(r) and r > 0):
         raise SpecError(f"{where}: bound.R = {r} must be positive")
     variant = spec.bound.get("variant", DEFAULT_VARIANT)
     if variant not in VARIANTS:
-        raise SpecError(f"{where}: bound.variant = {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise SpecError(
+            f"{where}: bound.variant = {variant!r}; choose one of {', '.join(VARIANTS)}"
+        )
     est = spec.bound.get("L_estimator", "path-mean")
     if est not in L_ESTIMATORS:
         raise SpecError(f"{where}: bound.L_estimator = {est!r}; choose one of {L_ESTIMATORS}")
-    for key in ("N", "k", "n_paths", "train_draws", "mc_samples", "bound_subset"):
+    for key in (
+        "N",
+        "k",
+        "n_paths",
+        "train_draws",
+        "mc_samples",
+        "bound_subset",
+        "heldout_samples",
+        "heldout_steps",
+    ):
         if key in spec.bound and spec.bound[key] < 1:
             raise SpecError(f"{where}: bound.{key} = {spec.bound[key]} must be at least 1")
 

@@ -12,8 +12,6 @@ from dataclasses import fields
 from typing import Any
 
 import optuna
-from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
 
 from .data import DataSplit, load_dataset
 from .data.preprocess import to_symmetric
@@ -23,7 +21,6 @@ from .spec import SpecError, StudySpec
 from .storage import make_storage
 
 METRIC_NAME = "generalization bound"
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -83,7 +80,8 @@ def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
     tr, bd = spec.training, spec.bound
     known = {f.name for f in fields(DiffusionConfig)}
     kw: dict[str, Any] = {k: v for k, v in tr.items() if k in known}
-    kw["R"] = None if bd.get("R", 5.0) == "estimate" else float(bd.get("R", 5.0))
+    if "R" in bd:
+        kw["R"] = bd["R"] if bd["R"] == "estimate" else float(bd["R"])
     kw["l_estimator"] = bd.get("L_estimator", "path-mean")
     if "variant" in bd:
         kw["variant"] = bd["variant"]
@@ -92,6 +90,8 @@ def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
         ("k", "mc_samples"),
         ("n_paths", "n_paths"),
         ("train_draws", "train_draws"),
+        ("heldout_samples", "heldout_n_generated"),
+        ("heldout_steps", "heldout_n_steps"),
     ):
         if src in bd:
             kw[dst] = bd[src]
@@ -146,7 +146,10 @@ def open_study(
 
 
 def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=COUNTED))
+    """Trials that count towards n_trials; the one definition is ``bound_tuner.workers.counts``."""
+    from .workers import finished_count
+
+    return finished_count(study)
 
 
 def run_study(
@@ -158,35 +161,38 @@ def run_study(
     progress: bool = True,
     callbacks: list | None = None,
     data: DataSplit | None = None,
-    heartbeat: bool = False,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
     dashboard: bool = True,
     dashboard_charts: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all.
 
+    This is the loop of one worker (``bound_tuner.workers.run_worker``): trials are counted as
+    the worker pool counts them, every trial heartbeats (a trial left running by a killed
+    process is failed and retried on the next resume), and Ctrl-C or SIGTERM ends the running
+    trial as interrupted (retried on resume) and raises KeyboardInterrupt.
+
     With ``dashboard``, each trial gets a note and a samples image for optuna-dashboard, and (with
     ``dashboard_charts``, which only one process of a study may set) the study's charts are rebuilt
     after each trial; see ``bound_tuner.dashboard``.
     """
-    target = n_trials or spec.n_trials
-    data = data if data is not None else load_data(spec)  # bad data fails before the study exists
-    on_result, extra = None, []
-    if dashboard:
-        from .dashboard import dashboard_hooks
+    from .workers import run_worker
 
-        on_result, extra = dashboard_hooks(storage, reference=data.train, charts=dashboard_charts)
-    objective = build_objective(spec, data, device=device, on_result=on_result)
-    study = open_study(spec, storage, heartbeat=heartbeat)
-    remaining = target - finished_trials(study)
-    if remaining <= 0:
-        return study
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        callbacks=[MaxTrialsCallback(target, states=COUNTED), *extra, *(callbacks or [])],
-        show_progress_bar=progress,
+    return run_worker(
+        spec,
+        storage=storage,
+        device=device,
+        n_trials=n_trials,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        worker_index=0,
+        progress=progress,
+        dashboard=dashboard,
+        dashboard_charts=dashboard_charts,
+        data=data,
+        callbacks=callbacks or (),
     )
-    return study
 
 
 def best_trial_or_none(study: optuna.Study):

@@ -59,35 +59,6 @@ def generator_surrogate(
     return (T - t_min) * weighted_sq_score.mean() / (2 * m)
 
 
-@torch.no_grad()
-def evaluate_train_loss(
-    model: nn.Module,
-    x: torch.Tensor,
-    schedule: Schedule,
-    *,
-    T: float,
-    draws: int = 64,
-    t_min: float = 1e-3,
-    seed: int = 1234,
-    batch_size: int = 4096,
-) -> torch.Tensor:
-    """L_train per sample: a dedicated pass over all m points, ``draws`` (t, eps) pairs each.
-
-    Returns the [m] float64 tensor of per-sample mean losses; L_train is its mean. The seed is
-    fixed so that two models are evaluated on the same draws.
-    """
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    m = x.shape[0]
-    total = torch.zeros(m, dtype=torch.float64)
-    for _ in range(draws):
-        for start in range(0, m, batch_size):
-            xb = x[start : start + batch_size]
-            loss, _ = denoising_terms(model, xb, schedule, T=T, t_min=t_min, generator=g)
-            total[start : start + batch_size] += loss.double().cpu()
-    return total / draws
-
-
 def train_score_model(
     model: nn.Module,
     x: torch.Tensor,

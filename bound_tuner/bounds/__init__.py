@@ -1,16 +1,18 @@
-"""The bounds as pure tensor functions (no Optuna here)."""
+"""The bounds as pure tensor functions (no Optuna, no model runs here; see bound_tuner.evaluate)."""
 
+from ..sde import prior_kl
 from .diffusion import (
+    DEFAULT_R,
+    DEFAULT_VARIANT,
     L_ESTIMATORS,
+    VARIANTS,
     assemble_diffusion_bound,
     beta_integral,
-    diffusion_bound,
     encoder_terms,
     estimate_R,
     generator_info,
+    girsanov_info,
     l_hat_from_norms,
-    model_terms,
-    prior_kl,
     prior_kl_sqrt,
 )
 from .mixture import mixture_kl, mixture_kl_broadcast
@@ -18,15 +20,17 @@ from .report import BoundReport
 
 __all__ = [
     "BoundReport",
+    "DEFAULT_R",
+    "DEFAULT_VARIANT",
     "L_ESTIMATORS",
+    "VARIANTS",
     "assemble_diffusion_bound",
     "beta_integral",
-    "diffusion_bound",
     "encoder_terms",
     "estimate_R",
     "generator_info",
+    "girsanov_info",
     "l_hat_from_norms",
-    "model_terms",
     "mixture_kl",
     "mixture_kl_broadcast",
     "prior_kl",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .mlp import ScoreMLP
 
-__all__ = ["ScoreMLP", "build_score_model"]
+__all__ = ["ScoreMLP", "build_score_model", "model_device"]
 
 
 def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: int = 3):
@@ -14,3 +14,12 @@ def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: 
     from .unet import SmallUNet
 
     return SmallUNet(channels=data_shape[0], base=max(8, width // 4))
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter or buffer (the CPU for a model with neither)."""
+    import torch
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,330 @@
+"""Runs a trained score model to get what the bounds and the held-out metrics need.
+
+The evaluation passes (the denoising loss and the negative ELBO on fixed draws), the generator
+paths with their per-step statistics, and the assembly of a bound variant (``diffusion_bound``)
+live here; the final bound and the checkpoint (partial) bound both go through
+``diffusion_bound``. Held-out metrics (validation mode only, never the objective) are
+``heldout_metrics``. The formulas are in docs/theory.md; ``bound_tuner.bounds`` holds the pure
+tensor functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bounds.diffusion import (
+    DEFAULT_R,
+    L_ESTIMATORS,
+    assemble_diffusion_bound,
+    check_variant,
+    encoder_terms,
+    estimate_R,
+    generator_info,
+    girsanov_info,
+    l_hat_from_norms,
+)
+from .bounds.report import BoundReport
+from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
+from .metrics import frechet_distance, kde_kl, knn_kl
+from .models import model_device
+from .sampling import generate
+from .sde import Schedule, prior_kl, sample_xt
+from .training import denoising_terms
+
+#: data of at most this many dimensions get the k-NN sample KL (docs/theory.md, section 4)
+SAMPLE_KL_MAX_DIM = 10
+
+
+@torch.no_grad()
+def denoising_loss_pass(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    draws: int = 64,
+    t_min: float = 1e-3,
+    seed: int = 1234,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """Per-sample sigma^2-weighted denoising loss [m] (float64, CPU): ``draws`` (t, eps) pairs each,
+    t ~ U(t_min, T), on the model's device. The fixed seed gives every model the same draws."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = x.to(model_device(model))
+    m = x.shape[0]
+    total = torch.zeros(m, dtype=torch.float64, device=x.device)
+    for _ in range(draws):
+        for start in range(0, m, batch_size):
+            xb = x[start : start + batch_size]
+            loss, _ = denoising_terms(model, xb, schedule, T=T, t_min=t_min, generator=g)
+            total[start : start + batch_size] += loss.double()
+    return (total / draws).cpu()
+
+
+@dataclass
+class ElboEstimate:
+    """Per-point negative ELBO (nats, float64, CPU) and the Monte Carlo variance of each mean."""
+
+    per_point: torch.Tensor  # [n]
+    mc_var: torch.Tensor  # [n]: variance of each per-point mean over its draws
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_point.mean())
+
+    @property
+    def mc_se(self) -> float:
+        """Standard error of ``mean`` from the Monte Carlo draws alone (the points held fixed)."""
+        return float(self.mc_var.sum().sqrt()) / self.per_point.numel()
+
+    @property
+    def se(self) -> float:
+        """Standard error of ``mean`` as an estimate of the population mean (points and draws)."""
+        n = self.per_point.numel()
+        return float(self.per_point.std()) / math.sqrt(n) if n > 1 else math.inf
+
+
+@torch.no_grad()
+def negative_elbo(
+    model: nn.Module,
+    y: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    t_min: float = 1e-3,
+    draws: int = 64,
+    seed: int = 4321,
+    batch_size: int = 4096,
+) -> ElboEstimate:
+    """-ELBO of each point of y under the VP SDE model (docs/theory.md eq. 1.5):
+
+      -ln p(y) <= 1/2 int_{lambda_T}^{lambda_tmin} E||eps_theta(x_t, t) - eps||^2 d lambda   (diffusion)
+                  + KL(N(alpha_T y, sigma_T^2 I) || N(0, I))                               (prior)
+                  + d/2 ln(2 pi e sigma_tmin^2 / alpha_tmin^2)                             (decoder)
+
+    The diffusion integral is taken in the log-SNR lambda (beta/sigma^2 dt = -d lambda), with
+    ``draws`` stratified draws of lambda uniform on [lambda_T, lambda_tmin] per point: importance
+    sampling of t by its ELBO weight, so the estimate has a small, finite variance. The draws come
+    from a fixed seed (common random numbers: every model is scored on the same draws).
+    """
+    model.eval()
+    dev = model_device(model)
+    y = y.to(dev)
+    n, d = y.shape[0], y[0].numel()
+    lam_hi = float(schedule.log_snr(t_min))
+    lam_lo = float(schedule.log_snr(T))
+    width = lam_hi - lam_lo
+    a0, s0 = float(schedule.alpha(t_min)), float(schedule.sigma2(t_min))
+    decoder = 0.5 * d * math.log(2 * math.pi * math.e * s0 / a0**2)
+    prior = prior_kl(y, alpha=float(schedule.alpha(T)), sigma2=float(schedule.sigma2(T)))
+    g = torch.Generator().manual_seed(seed)
+    s1 = torch.zeros(n, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    for j in range(draws):
+        u = (j + torch.rand(n, generator=g, dtype=torch.float64)) / draws
+        eps = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        t = schedule.time_at_log_snr(lam_hi - width * u).clamp(t_min, T).to(dev)
+        eps = eps.to(dev)
+        for start in range(0, n, batch_size):
+            sl = slice(start, start + batch_size)
+            xt, _ = sample_xt(y[sl], t[sl], schedule, noise=eps[sl])
+            err = (model(xt, t[sl].to(y.dtype)) - eps[sl]).pow(2).reshape(xt.shape[0], -1).sum(1)
+            v = 0.5 * width * err.double()
+            s1[sl] += v
+            s2[sl] += v * v
+    mean = s1 / draws
+    var = (s2 / draws - mean * mean).clamp(min=0) / max(draws - 1, 1)
+    return ElboEstimate((mean + prior + decoder).cpu(), var.cpu())
+
+
+def bits_per_dim(
+    model: nn.Module,
+    y: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    t_min: float = 1e-3,
+    draws: int = 16,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bits per dimension of 8-bit images stored as bin centres in [-1, 1], and its standard error.
+
+    Uniformly dequantized y bounds the discrete likelihood: -log2 P(k) <= (-ELBO(y) -
+    d ln(2/256)) / ln 2, averaged over the images (data.preprocess).
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = y[0].numel()
+    est = negative_elbo(
+        model, dequantize(y, generator=g), schedule, T=T, t_min=t_min, draws=draws, seed=seed + 1
+    )
+    scale = d * math.log(2)
+    return (est.mean - d * LOG_BIN_VOLUME_PER_DIM) / scale, est.se / scale
+
+
+def diffusion_bound(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    variant: str = "paper",
+    R: float | str | None = None,
+    l_estimator: str = "path-mean",
+    n_steps: int = 1000,
+    n_paths: int = 256,
+    mc_samples: int = 1,
+    train_draws: int = 64,
+    t_min: float = 1e-3,
+    seed: int = 0,
+    encoder: dict[str, float] | None = None,
+) -> BoundReport:
+    """A bound variant (docs/theory.md section 2) for a trained eps-predicting model on data x.
+
+    ``R`` is a number, ``"estimate"`` (``estimate_R`` on the per-sample values of the variant's
+    empirical loss; settings say R_source) or None for the variant's default (``DEFAULT_R``). ``encoder`` takes precomputed ``encoder_terms`` (they depend on
+    the data and alpha_T only). Every variant's terms are computed on the same fixed draws, and
+    the settings record the other variants' generator quantities for comparison.
+    """
+    check_variant(variant)
+    T = schedule.check_T(T, t_min=t_min)
+    if l_estimator not in L_ESTIMATORS:
+        raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
+    x = x.to(model_device(model))
+    m = x.shape[0]
+    if variant == "paper":
+        per_sample = denoising_loss_pass(
+            model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
+        )
+        mc_se = float("nan")
+    else:
+        est = negative_elbo(model, x, schedule, T=T, t_min=t_min, draws=train_draws, seed=seed + 1)
+        per_sample, mc_se = est.per_point, est.mc_se
+    run = generate(
+        model,
+        schedule,
+        T=T,
+        n=n_paths,
+        shape=tuple(x.shape[1:]),
+        n_steps=n_steps,
+        t_min=t_min,
+        generator=torch.Generator().manual_seed(seed + 3),
+    )
+    l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
+    i_uniform = generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min)
+    i_gir = girsanov_info(run.ref_sq_dev, schedule, T=T, m=m, t_min=t_min)
+    R_est = estimate_R(per_sample)
+    if R is None:
+        R = DEFAULT_R[variant]
+    if R == "estimate":
+        R = None
+    r_value = float(R) if R is not None else R_est
+    if variant != "elbo" and encoder is None:
+        encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
+    settings = {
+        "variant": variant,
+        "T": T,
+        "schedule": schedule.name,
+        **{f"schedule.{k}": v for k, v in schedule.params().items()},
+        "R": r_value,
+        "R_source": "user" if R is not None else "estimate",
+        "R_estimate": R_est,
+        "L_estimator": l_estimator,
+        "L_hat": l_hat,
+        "I_uniform": i_uniform,
+        "I_girsanov": i_gir,
+        "train_mc_se": mc_se,
+        "m": m,
+        "d": x[0].numel(),
+        "N": n_steps,
+        "k": mc_samples,
+        "n_paths": n_paths,
+        "train_draws": train_draws,
+        "t_min": t_min,
+        "alpha_T": float(schedule.alpha(T)),
+        "sigma2_T": float(schedule.sigma2(T)),
+    }
+    return assemble_diffusion_bound(
+        variant=variant,
+        train_loss=float(per_sample.mean()),
+        i_gen=i_uniform if variant == "paper" else i_gir,
+        R=r_value,
+        c_mix=(encoder or {}).get("c_mix", 0.0),
+        c_prior=(encoder or {}).get("c_prior", 0.0),
+        settings=settings,
+    )
+
+
+def heldout_metrics(
+    model: nn.Module,
+    schedule: Schedule,
+    *,
+    T: float,
+    test: torch.Tensor,
+    n_generated: int = 10_000,
+    n_steps: int = 1000,
+    bandwidth: float = 0.1,
+    t_min: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Held-out metrics of a trained model (docs/theory.md section 4); never the objective.
+
+    Any data: the held-out negative ELBO per point (``neg_elbo``, with ``neg_elbo_se``) and the
+    held-out denoising loss. Data of at most SAMPLE_KL_MAX_DIM dimensions: ``sample_kl``, the
+    k-NN estimate of KL(data || generated) from ``n_generated`` generator samples against all
+    test points (the ground truth for selection, with ``sample_kl_se``), and for 2-D data the
+    paper's kernel-density ``test_kl`` (first half of the test points as the reference density,
+    the second half as evaluation points, 1000 of each at most). Images: ``bits_per_dim`` (with
+    ``bits_per_dim_se``) and ``pixel_fd``, the Frechet distance between generated and test
+    images in pixel space.
+    """
+    images = test.dim() == 4
+    draws = 8 if images else 64  # a UNet pass per draw and point: fewer draws for images
+    out: dict[str, float] = {
+        "denoising_loss": float(
+            denoising_loss_pass(
+                model, test, schedule, T=T, t_min=t_min, draws=draws, seed=seed + 11
+            ).mean()
+        )
+    }
+    if images:
+        bpd, bpd_se = bits_per_dim(
+            model, test, schedule, T=T, t_min=t_min, draws=draws, seed=seed + 13
+        )
+        out["bits_per_dim"], out["bits_per_dim_se"] = bpd, bpd_se
+    else:
+        est = negative_elbo(model, test, schedule, T=T, t_min=t_min, draws=draws, seed=seed + 13)
+        out["neg_elbo"], out["neg_elbo_se"] = est.mean, est.se
+    d = test[0].numel()
+    if not images and d > SAMPLE_KL_MAX_DIM:
+        return out
+    run = generate(
+        model,
+        schedule,
+        T=T,
+        n=n_generated,
+        shape=tuple(test.shape[1:]),
+        n_steps=n_steps,
+        t_min=t_min,
+        generator=torch.Generator().manual_seed(seed + 12),
+    )
+    gen = run.samples.cpu()
+    test = test.cpu()
+    finite = bool(torch.isfinite(gen).all())
+    if images:
+        out["pixel_fd"] = frechet_distance(test, gen) if finite else math.inf
+        return out
+    if not finite:
+        out.update(sample_kl=math.inf, sample_kl_se=math.inf)
+    else:
+        kl, se = knn_kl(test, gen)
+        out.update(sample_kl=kl, sample_kl_se=se)
+    if d == 2:
+        half = min(test.shape[0] // 2, 1000)
+        ref, pts = test[:half], test[half : 2 * half]
+        out["test_kl"] = kde_kl(pts, ref, gen[:1000], bandwidth=bandwidth) if finite else math.inf
+    return out
