@@ -13,13 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from .spec import SpecError
-from .storage import StorageError
-from .workers import WorkerConfigError, WorkerError
+from .storage import StorageError, scrub
+from .workers import TrialError, WorkerConfigError, WorkerError, install_sigterm_handler
 
 USER_ERRORS = (SpecError, StorageError, WorkerConfigError)
+RUN_ERRORS = (WorkerError, TrialError)
+INTERRUPTED_MESSAGE = (
+    "bound-tuner: interrupted; the running trials were marked interrupted and are retried "
+    "when the study resumes"
+)
 
 
 def _storage_help() -> str:
@@ -28,57 +34,39 @@ def _storage_help() -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .study import run_study
 
     spec = load_spec(args.spec)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
     pool = args.workers is not None or args.gpus is not None or args.trials_per_gpu is not None
-    heartbeat = args.heartbeat_interval is not None or args.grace_period is not None
-    if pool or heartbeat:
-        from .workers import parse_gpus, run_worker, run_workers
+    hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+    if pool:
+        from .workers import parse_gpus, run_workers
 
-        hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
-        try:
-            if pool:
-                if args.gpus is None and args.device != "cpu":
-                    raise WorkerConfigError(
-                        f"--device {args.device} with --workers: give --gpus 0,1,... instead"
-                    )
-                study = run_workers(
-                    spec,
-                    storage=args.storage,
-                    n_workers=args.workers,
-                    gpus=parse_gpus(args.gpus) if args.gpus is not None else None,
-                    trials_per_gpu=args.trials_per_gpu or 1,
-                    n_trials=args.n_trials,
-                    progress=not args.quiet,
-                    **hb,
-                )
-            else:
-                study = run_worker(
-                    spec,
-                    storage=args.storage,
-                    device=args.device,
-                    n_trials=args.n_trials,
-                    worker_index=0,
-                    progress=not args.quiet,
-                    dashboard_charts=True,
-                    **hb,
-                )
-        except WorkerError as e:
-            print(f"bound-tuner: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("bound-tuner: interrupted; running trials are retried when the study resumes")
-            return 130
+        if args.gpus is None and args.device != "cpu":
+            raise WorkerConfigError(
+                f"--device {args.device} with --workers: give --gpus 0,1,... instead"
+            )
+        study = run_workers(
+            spec,
+            storage=args.storage,
+            n_workers=args.workers,
+            gpus=parse_gpus(args.gpus) if args.gpus is not None else None,
+            trials_per_gpu=args.trials_per_gpu or 1,
+            n_trials=args.n_trials,
+            progress=not args.quiet,
+            **hb,
+        )
     else:
+        from .study import run_study
+
         study = run_study(
             spec,
             storage=args.storage,
             n_trials=args.n_trials,
             device=args.device,
             progress=not args.quiet,
+            **hb,
         )
     return _print_summary(spec.name, study)
 
@@ -264,11 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
+    storage = getattr(args, "storage", None)
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"bound-tuner: error: {e}", file=sys.stderr)
+        print(f"bound-tuner: error: {scrub(e, storage)}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as e:
+        print(f"bound-tuner: error: {scrub(e, storage)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED_MESSAGE, file=sys.stderr)
+        return 130
+    finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ study is created.
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
@@ -21,8 +24,52 @@ DEFAULT_STORAGE = "sqlite:///bound_tuner.db"
 ENV_VAR = "BOUND_TUNER_STORAGE"
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+# tables of a study database (Optuna's RDB schema); a SQLite file with other tables and none of
+# these belongs to another program
+OPTUNA_TABLES = frozenset({"studies", "trials", "version_info", "alembic_version"})
+
+
 class StorageError(ValueError):
-    """A storage URL that is malformed, unreachable or unwritable; one line with the mend."""
+    """A storage URL that is malformed, unreachable or unwritable; one line with the mend.
+
+    Its message never contains the password of a storage URL (see ``redact``).
+    """
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
+_LOOSE = re.compile(r"(?P<user>[^:/@\s]*):[^@\s]*@")  # user:password@ without a scheme
+
+
+def _passwords(url: str) -> list[str]:
+    """The password of ``url`` as written and decoded (empty if it has none)."""
+    url = url.strip()
+    m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:(?P<pw>[^@\s]*)@", url) or re.search(
+        r"[^:/@\s]*:(?P<pw>[^@\s]*)@", url
+    )
+    if not m or not m.group("pw"):
+        return []
+    raw = m.group("pw")
+    return sorted({raw, unquote(raw)} - {""}, key=len, reverse=True)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``; safe to print, log or store."""
+    text = str(url)
+    out = _USERINFO.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
+    if out == text:  # no scheme://user:password@: mask anything shaped like user:password@
+        out = _LOOSE.sub(lambda m: f"{m.group('user')}:***@", text)
+    return out
+
+
+def scrub(text: str, *urls: str | None) -> str:
+    """``text`` with every password of ``urls`` (and of $BOUND_TUNER_STORAGE) masked."""
+    out = redact(str(text))
+    for url in (*urls, os.environ.get(ENV_VAR)):
+        for pw in _passwords(url or ""):
+            if pw:
+                out = out.replace(pw, "***")
+    return out
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -32,16 +79,16 @@ def resolve_url(url: str | None = None) -> str:
 
 def normalize_url(url: str) -> URL:
     """Parse a SQLAlchemy URL, choosing psycopg for a bare postgresql:// URL."""
-    if url.startswith(("redis://", "file:")) or url.endswith(".log"):
+    if url.startswith(("redis://", "rediss://", "file:")) or url.endswith(".log"):
         raise StorageError(
-            f"storage {url!r} is a journal storage; bound_tuner takes a SQLAlchemy URL such as "
+            f"storage {redact(url)!r} is a journal storage; bound_tuner takes a SQLAlchemy URL such as "
             "sqlite:///bound_tuner.db or postgresql://user@host/db"
         )
     try:
         u = make_url(url)
     except ArgumentError:
         raise StorageError(
-            f"malformed storage URL {url!r}; use e.g. sqlite:///bound_tuner.db or "
+            f"malformed storage URL {redact(url)!r}; use e.g. sqlite:///bound_tuner.db or "
             "postgresql://user@host:5432/dbname"
         ) from None
     if u.drivername in ("postgresql", "postgres"):
@@ -53,6 +100,59 @@ def is_sqlite(url: str) -> bool:
     return normalize_url(url).get_backend_name() == "sqlite"
 
 
+def check_sqlite_file(path: Path) -> None:
+    """Refuse an existing file that is not a usable study database, without changing it.
+
+    Garbage bytes, a truncated or damaged SQLite file and the SQLite database of another program
+    each raise StorageError. An empty file is an empty database, which Optuna fills.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        raise StorageError(
+            f"cannot read database {path}: {e.strerror or e}; check its permissions"
+        ) from None
+    if size == 0:
+        return
+    mend = "move it away or choose another --storage path"
+    if len(header) < 100 or not header.startswith(SQLITE_HEADER):
+        raise StorageError(
+            f"{path} is not a SQLite database (its first bytes are not SQLite's); {mend}"
+        )
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if page_size < 512 or (pages and size < page_size * pages) or size % page_size:
+        raise StorageError(
+            f"{path} is a truncated or damaged SQLite database ({size} bytes, expected "
+            f"{page_size * pages}); restore it from a copy or {mend}"
+        )
+    try:  # read-only: the file is not touched
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            check = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise StorageError(f"{path} is not a usable SQLite database ({e}); {mend}") from None
+    if check is None or check[0] != "ok":
+        raise StorageError(
+            f"{path} is a damaged SQLite database ({check[0] if check else 'no check result'}); "
+            f"restore it from a copy or {mend}"
+        )
+    if tables and not tables & OPTUNA_TABLES:
+        shown = ", ".join(sorted(tables)[:5])
+        raise StorageError(
+            f"{path} is a SQLite database of another program (tables: {shown}), not a study "
+            f"database; {mend}"
+        )
+
+
 def check_storage(url: str) -> str:
     """Check that a storage URL can be used, without creating any study; return it normalized."""
     u = normalize_url(url)
@@ -61,7 +161,7 @@ def check_storage(url: str) -> str:
         db = u.database
         if not db or db == ":memory:":
             raise StorageError(
-                f"storage {url!r} is an in-memory SQLite database that forgets the study; "
+                f"storage {redact(url)!r} is an in-memory SQLite database that forgets the study; "
                 "give a file such as sqlite:///bound_tuner.db"
             )
         path = Path(db).expanduser().resolve()
@@ -71,6 +171,12 @@ def check_storage(url: str) -> str:
                 f"cannot create database {path}: folder {parent} does not "
                 "exist; create it or choose another --storage path"
             )
+        if path.is_dir():
+            raise StorageError(
+                f"database path {path} is a folder; give a file such as {path}/bound_tuner.db"
+            )
+        if path.exists():
+            check_sqlite_file(path)
         try:  # a real write, which also catches read-only file systems and root on /proc
             if path.exists():
                 with open(path, "ab"):
@@ -89,16 +195,19 @@ def check_storage(url: str) -> str:
         )
     except NoSuchModuleError:
         raise StorageError(
-            f"storage {url!r} names driver {u.drivername!r}, which is not "
+            f"storage {redact(url)!r} names driver {u.drivername!r}, which is not "
             "installed; use postgresql:// (psycopg) or sqlite:///file.db"
         ) from None
     except (ArgumentError, ImportError) as e:
-        raise StorageError(f"storage {url!r} cannot be used ({e}); check the URL") from None
+        raise StorageError(
+            f"storage {redact(url)!r} cannot be used ({scrub(e, url)}); check the URL"
+        ) from None
     try:
         with engine.connect():
             pass
-    except OperationalError as e:
-        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e).splitlines()[0]
+    except (OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.DBAPIError) as e:
+        first = (str(e.orig).strip() or str(e)).splitlines()[0] if e.orig else str(e)
+        first = scrub(first.splitlines()[0] if first else type(e).__name__, url)
         raise StorageError(
             f"cannot reach storage {u.render_as_string(hide_password=True)}: "
             f"{first}; check that the server runs and the URL is right"
@@ -139,4 +248,11 @@ def make_storage(
             kwargs["heartbeat_stale_trial_callback"] = (
                 optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_failed)
             )
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()
+        raise StorageError(
+            f"cannot open storage {redact(url)}: {scrub(first[0] if first else e, url)}; "
+            "check the database"
+        ) from None

@@ -25,6 +25,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .storage import StorageError, is_sqlite, normalize_url, resolve_url
+from .storage import StorageError, is_sqlite, normalize_url, redact, resolve_url, scrub
 
 if TYPE_CHECKING:  # the spec and study modules import torch; workers import them after CUDA setup
     from .spec import StudySpec
@@ -62,16 +63,49 @@ class WorkerError(RuntimeError):
     """One or more worker processes ended with a non-zero exit status."""
 
 
-class _StudyDone(Exception):
-    """Raised from ask() when the study needs no further trial; ends a worker's optimize()."""
+class TrialError(RuntimeError):
+    """A trial that could not run or be recorded (disk full, read-only database); one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or the parent's end) stopped the run; handled like Ctrl-C."""
+
+
+INTERRUPTED = "interrupted"  # fail_reason of a trial stopped by Ctrl-C or SIGTERM
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_sigterm_handler() -> Any:
+    """Make SIGTERM stop this process like Ctrl-C (its running trial ends as interrupted).
+
+    Returns the handler it replaced (None off the main thread, where nothing changes)."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _raise_interrupted)
+    return None
+
+
+def _ignore_signals() -> dict:
+    """Ignore SIGINT and SIGTERM while an interrupted trial is written down (main thread only);
+    returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(old: dict) -> None:
+    for s, handler in old.items():
+        signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------
-# counting trials across workers
+# counting trials: one definition for the single process, every worker and the progress bars
 
 
 class _Tally(NamedTuple):
-    finished: int  # COMPLETE, PRUNED, or FAIL that was not retried
+    finished: int  # trials that count towards n_trials (see ``counts``)
     used: int  # finished + running + waiting: slots of n_trials already taken
     waiting: int
     running: int  # running trials claimed by a worker (these heartbeat)
@@ -84,13 +118,28 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
         return {n for t in trials if t.system_attrs for n in retry_history(t)}
 
 
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED
+
+
+def counts(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a trial counts towards n_trials: COMPLETE, PRUNED, or FAIL for good.
+
+    A FAIL counts unless it was retried (its retry counts instead, once it finishes) or it was
+    interrupted (Ctrl-C, SIGTERM: it is retried when the study resumes).
+    """
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return (
+        trial.state == TrialState.FAIL and trial.number not in retried and not is_interrupted(trial)
+    )
+
+
 def _tally(trials: Sequence[FrozenTrial]) -> _Tally:
     retried = _retried_numbers(trials)
     finished = waiting = running = 0
     for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-            t.state == TrialState.FAIL and t.number not in retried
-        ):
+        if counts(t, retried):
             finished += 1
         elif t.state == TrialState.WAITING:
             waiting += 1
@@ -100,11 +149,38 @@ def _tally(trials: Sequence[FrozenTrial]) -> _Tally:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Finished trials towards ``n_trials``: complete, pruned, and failed ones not retried."""
+    """Finished trials towards ``n_trials`` (``counts``): complete, pruned, and failed for good."""
     return _tally(study.get_trials(deepcopy=False)).finished
 
 
+def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue ``trial`` again with the same parameters, recorded as Optuna records retries."""
+    history = [*optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial), trial.number]
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={"retry_of": trial.number},
+            system_attrs={"failed_trial": history[0], "retry_history": history},
+        )
+    )
+
+
+def _requeue_interrupted(study: optuna.Study) -> None:
+    """Retry every interrupted trial that has no retry yet (call under the study lock)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for t in trials:
+            if is_interrupted(t) and t.number not in retried:
+                _retry(study, t)
+
+
 def _fail_stale(study: optuna.Study) -> None:
+    """Fail trials whose heartbeat stopped and queue their retries (call under the study lock,
+    so no process counts a failed trial before its retry exists)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -126,7 +202,7 @@ def _open(spec: StudySpec, url: str, interval: int, grace: int) -> optuna.Study:
 
 
 class _StudyLock:
-    """A lock shared by every worker of one study: a PostgreSQL advisory lock on the study name.
+    """A lock shared by every process of one study: a PostgreSQL advisory lock on the study name.
 
     Other backends get no lock (SQLite serves one process; elsewhere the count may overshoot by
     up to the number of workers minus one).
@@ -160,54 +236,109 @@ class _StudyLock:
             self._engine.dispose()
 
 
-class _ClaimingStudy(optuna.Study):
-    """A study whose ask() claims one of the study's ``target`` trial slots, or ends the worker.
+def _one_line(e: BaseException, url: str | None = None) -> str:
+    orig = getattr(e, "orig", None)  # a SQLAlchemy error: the driver's own message
+    text = str(orig or e).strip()
+    first = text.splitlines()[0] if text else ""
+    return scrub(f"{type(orig or e).__name__}: {first}" if first else type(e).__name__, url)
 
-    It fails stale trials first (their retries become WAITING trials, which ask() runs before
-    new ones), and when every slot is taken but trials still run elsewhere it waits: one of
-    them may die and come back as a retry.
+
+def _storage_failure(e: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(e, (OSError, sqlalchemy.exc.SQLAlchemyError))
+
+
+def optimize_until(
+    study: optuna.Study,
+    objective: Any,
+    *,
+    target: int,
+    lock: _StudyLock | None = None,
+    ident: str | None = None,
+    callbacks: Sequence[Any] = (),
+    bar: Any = None,
+    url: str | None = None,
+) -> None:
+    """Run trials of ``study`` until it has ``target`` trials that count (``counts``).
+
+    Every trial is claimed under ``lock``: stale trials are failed and retried, interrupted ones
+    queued again, the count taken, and the trial created, all before another process may look.
+    When every slot is taken but trials still run elsewhere, it waits: one of them may die and
+    come back as a retry. Ctrl-C or SIGTERM ends the running trial as FAIL with
+    ``fail_reason = "interrupted"``, queues its retry and raises KeyboardInterrupt. A trial
+    that cannot be written (disk full, read-only database) raises TrialError.
     """
+    ident = ident or f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        held = contextlib.ExitStack()
+        current: dict[str, Any] = {}
 
-    def __init__(self, study: optuna.Study, *, target: int, lock: _StudyLock, ident: str) -> None:
-        super().__init__(
-            study_name=study.study_name,
-            storage=study._storage,
-            sampler=study.sampler,
-            pruner=study.pruner,
-        )
-        self._target = target
-        self._lock = lock
-        self._ident = ident
+        def run(trial: optuna.Trial, current: dict = current, held=held) -> float:
+            current["number"] = trial.number
+            trial.set_user_attr(WORKER_ATTR, ident)
+            held.close()  # the slot is claimed: let the next process count
+            try:
+                return objective(trial)
+            except optuna.TrialPruned:
+                raise
+            except KeyboardInterrupt:
+                current["signals"] = _ignore_signals()  # until the retry is queued
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("fail_reason", INTERRUPTED)
+                raise
+            except Exception as e:
+                current["reason"] = _one_line(e, url)
+                with contextlib.suppress(Exception):
+                    if "fail_reason" not in trial.user_attrs:
+                        trial.set_user_attr("fail_reason", current["reason"])
+                raise
 
-    def ask(self, fixed_distributions: dict | None = None) -> optuna.Trial:
-        while True:
-            with self._lock():
-                _fail_stale(self)
-                tally = _tally(self.get_trials(deepcopy=False))
-                if tally.finished >= self._target:
-                    raise _StudyDone
-                if tally.waiting or tally.used < self._target:
-                    trial = super().ask(fixed_distributions)
-                    trial.set_user_attr(WORKER_ATTR, self._ident)
-                    # a first heartbeat now, so a worker killed before its heartbeat thread
-                    # starts still leaves a trial that goes stale
-                    self._storage.record_heartbeat(trial._trial_id)
-                    return trial
+        try:
+            if lock is not None:
+                held.enter_context(lock())
+            _fail_stale(study)
+            _requeue_interrupted(study)
+            tally = _tally(study.get_trials(deepcopy=False))
+            if tally.finished >= target:
+                return
+            if not (tally.waiting or tally.used < target):
                 if not tally.running:
-                    raise _StudyDone
-            time.sleep(_POLL_S)
-
-
-def _stop_when_done(target: int, bar: Any = None):
-    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        done = finished_count(study)
+                    return
+                held.close()
+                time.sleep(_POLL_S)
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(run, n_trials=1, callbacks=list(callbacks))
+        except KeyboardInterrupt:
+            held.close()
+            old = current.get("signals") or _ignore_signals()
+            try:
+                if "number" in current:
+                    with (
+                        contextlib.suppress(Exception),
+                        lock() if lock else contextlib.nullcontext(),
+                    ):
+                        _requeue_interrupted(study)
+            finally:
+                _restore_signals(old)
+            raise
+        except Exception as e:
+            held.close()
+            if not _storage_failure(e):
+                raise
+            what = f"trial {current['number']}" if "number" in current else "a new trial"
+            raise TrialError(
+                f"{what} failed: {current.get('reason') or _one_line(e, url)}; the finished "
+                "trials are kept; free disk space or make the database writable, then run the "
+                "same command to resume (an unfinished trial is retried)"
+            ) from None
+        finally:
+            held.close()
         if bar is not None:
-            bar.n = min(done, target)
+            bar.n = min(finished_count(study), target)
             bar.refresh()
-        if done >= target:
-            study.stop()
-
-    return callback
 
 
 def _heartbeat_settings(
@@ -265,6 +396,8 @@ def run_worker(
     progress: bool = False,
     dashboard: bool = True,
     dashboard_charts: bool = False,
+    data: Any = None,
+    callbacks: Sequence[Any] = (),
 ) -> optuna.Study:
     """Run trials of the spec's study (created if missing) until it has ``n_trials`` in all.
 
@@ -284,7 +417,9 @@ def run_worker(
         import torch
 
         torch.set_num_threads(threads)
-    data = load_data(spec)  # bad data fails before the study exists
+    check_device(device)
+    if data is None:
+        data = load_data(spec)  # bad data fails before the study exists
     on_result, extra = None, []
     if dashboard:
         from .dashboard import dashboard_hooks
@@ -297,24 +432,30 @@ def run_worker(
     study = _open(seeded, url, interval, grace)
     ident = f"{socket.gethostname()}:{os.getpid()}/{device}"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if device != "cpu" and visible:
+    if visible:
         ident += f" (GPU {visible})"
     lock = _StudyLock(url, spec.name)
-    claiming = _ClaimingStudy(study, target=target, lock=lock, ident=ident)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=target, initial=min(finished_count(study), target), unit="trial")
     try:
-        claiming.optimize(objective, callbacks=[_stop_when_done(target, bar), *extra])
-    except _StudyDone:
-        pass
+        optimize_until(
+            study,
+            objective,
+            target=target,
+            lock=lock,
+            ident=ident,
+            callbacks=[*extra, *callbacks],
+            bar=bar,
+            url=url,
+        )
     finally:
         lock.close()
         if bar is not None:
             bar.close()
-    return claiming
+    return study
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +509,17 @@ def _worker_devices(
     return slots
 
 
+def _watch_parent(parent: int) -> None:
+    """End this worker like SIGTERM if its parent dies (no orphans running trials)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="bound-tuner-parent-watch", daemon=True).start()
+
+
 def _worker_main(
     index: int,
     visible_devices: str,
@@ -376,10 +528,14 @@ def _worker_main(
     storage: str,
     options: dict[str, Any],
     errors: Any,
+    parent: int | None = None,
 ) -> None:
     """Entry point of a spawned worker: CUDA visibility first, then torch and the study loop."""
     os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    install_sigterm_handler()  # the parent's SIGTERM ends our trial as interrupted
+    if parent is not None:
+        _watch_parent(parent)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.spec)
@@ -395,12 +551,14 @@ def _worker_main(
             dashboard_charts=dashboard and index == 0,
             **options,
         )
+    except KeyboardInterrupt:
+        sys.exit(130)
     except Exception as e:
         from .spec import SpecError
 
-        if not isinstance(e, (SpecError, StorageError, WorkerConfigError)):
+        if not isinstance(e, (SpecError, StorageError, WorkerConfigError, TrialError)):
             traceback.print_exc()
-        errors.put((index, f"{type(e).__name__}: {e}".splitlines()[0]))
+        errors.put((index, _one_line(e, storage)))
         sys.exit(1)
 
 
@@ -433,26 +591,57 @@ def run_workers(
     so more than one worker needs PostgreSQL. A worker that dies does not stop the others (its
     trial is retried); once all have ended, any non-zero exit raises WorkerError. ``dashboard``:
     trial notes and samples from every worker, the study's charts from worker 0 and, at the end,
-    from the parent.
+    from the parent. Ctrl-C or SIGTERM stops every worker (their trials end as interrupted and
+    are retried when the study resumes) and raises KeyboardInterrupt.
     """
+    slots = _worker_devices(n_workers, gpus, trials_per_gpu)
+    if gpus is not None:
+        check_gpus(gpus)
+    where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
+    return run_pool(
+        spec,
+        storage=storage,
+        slots=slots,
+        n_trials=n_trials,
+        progress=progress,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        dashboard=dashboard,
+        where=where,
+    )
+
+
+def run_pool(
+    spec: StudySpec | str | Path,
+    *,
+    storage: str | None,
+    slots: Sequence[tuple[str, str]],
+    n_trials: int | None = None,
+    progress: bool = True,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    dashboard: bool = True,
+    where: str = "CPU",
+) -> optuna.Study:
+    """The pool of ``run_workers``: one spawned process per (CUDA_VISIBLE_DEVICES, device) slot."""
     import multiprocessing as mp
 
     from .study import load_data
 
     spec = _as_spec(spec)
     target = _target(spec, n_trials)
-    slots = _worker_devices(n_workers, gpus, trials_per_gpu)
     interval, grace = _heartbeat_settings(spec, heartbeat_interval, grace_period)
     url = resolve_url(storage)
     if len(slots) > 1 and is_sqlite(url):
         raise StorageError(
-            f"storage {url} is SQLite, which serves one process, not {len(slots)} workers; "
-            "use PostgreSQL (--storage postgresql://user@host:5432/dbname) or, from your own "
-            "Optuna code, a journal storage (JournalFileBackend on a shared file, or "
+            f"storage {redact(url)} is SQLite, which serves one process, not {len(slots)} "
+            "workers; use PostgreSQL (--storage postgresql://user@host:5432/dbname) or, from "
+            "your own Optuna code, a journal storage (JournalFileBackend on a shared file, or "
             "JournalRedisBackend), or run one worker"
         )
     load_data(spec)  # bad data fails before the study exists
     study = _open(spec, url, interval, grace)
+    lock = _StudyLock(url, spec.name)
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
@@ -466,7 +655,7 @@ def run_workers(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(i, visible, device, payload, url, options, errors),
+            args=(i, visible, device, payload, url, options, errors, os.getpid()),
             name=f"bound-tuner-worker-{i}",
         )
         for i, (visible, device) in enumerate(slots)
@@ -475,7 +664,6 @@ def run_workers(
     if progress:
         from tqdm.auto import tqdm
 
-        where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
         bar = tqdm(
             total=target,
             initial=min(finished_count(study), target),
@@ -496,15 +684,21 @@ def run_workers(
                         bar.write(f"worker {i} (pid {p.pid}) {_describe_exit(p.exitcode)}")
             if time.monotonic() - last_poll >= _POLL_S:
                 last_poll = time.monotonic()
-                _fail_stale(study)  # a dead worker's trial is failed and retried promptly
+                with lock():  # a dead worker's trial is failed and retried promptly
+                    _fail_stale(study)
                 if bar is not None:
                     bar.n = min(finished_count(study), target)
                     bar.refresh()
             time.sleep(0.2)
     except KeyboardInterrupt:
-        _stop(procs)
+        old = _ignore_signals()  # a second Ctrl-C must not leave workers behind
+        try:
+            _stop(procs)
+        finally:
+            _restore_signals(old)
         raise
     finally:
+        lock.close()
         if bar is not None:
             bar.n = min(finished_count(study), target)
             bar.close()
@@ -534,8 +728,62 @@ def run_workers(
     return study
 
 
-def _stop(procs: Sequence[Any], *, timeout: float = 10.0) -> None:
-    """Terminate the workers (their running trials go stale and are retried on resume)."""
+def check_device(device: str) -> None:
+    """Refuse a torch device this process cannot use, with one line (before any study exists)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise WorkerConfigError(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:0"
+        ) from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise WorkerConfigError(f"--device {device!r}: bound-tuner trains on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise WorkerConfigError(
+            f"--device {device} but this machine shows no CUDA GPU to this process "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "use --device cpu"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise WorkerConfigError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+            "use cuda:0 .. cuda:N-1"
+        )
+
+
+def check_gpus(gpus: Sequence[int | str]) -> None:
+    """Refuse --gpus on a machine without those GPUs, asking a short-lived process so that this
+    one never touches CUDA."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+        )
+        count = int(out.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        count = 0
+    if count == 0:
+        raise WorkerConfigError(
+            f"--gpus {','.join(map(str, gpus))} but this machine shows no CUDA GPU; "
+            "use --workers K for CPU workers"
+        )
+    missing = [g for g in gpus if isinstance(g, int) and g >= count]
+    if missing:
+        raise WorkerConfigError(
+            f"--gpus lists GPU {missing[0]}, but this machine has {count} (0..{count - 1})"
+        )
+
+
+def _stop(procs: Sequence[Any], *, timeout: float = 30.0) -> None:
+    """SIGTERM the workers, which end their trials as interrupted (retried on resume) and exit;
+    kill any that has not ended after ``timeout`` seconds (its trial goes stale and is retried)."""
     started = [p for p in procs if p.pid is not None]
     for p in started:
         if p.is_alive():
