@@ -166,14 +166,31 @@ def bits_per_dim(
     return (est.mean - d * LOG_BIN_VOLUME_PER_DIM) / scale, est.se / scale
 
 
-def diffusion_bound(
+@dataclass
+class BoundTerms:
+    """The measured ingredients of every bound variant for one model (docs/theory.md section 2).
+
+    ``dsm`` and ``nelbo`` are per-sample training losses (None when not measured), the rest are
+    numbers: L_hat, the uniform generator information I_gen, the Girsanov one I_gir, and the
+    encoder terms C_mix and C_prior (None when not needed). ``settings`` says how.
+    """
+
+    dsm: torch.Tensor | None
+    nelbo: ElboEstimate | None
+    l_hat: float
+    i_uniform: float
+    i_girsanov: float
+    encoder: dict[str, float] | None
+    settings: dict
+
+
+def bound_terms(
     model: nn.Module,
     x: torch.Tensor,
     schedule: Schedule,
     *,
     T: float,
-    variant: str = "paper",
-    R: float | str | None = None,
+    variants: tuple[str, ...] = ("paper",),
     l_estimator: str = "path-mean",
     n_steps: int = 1000,
     n_paths: int = 256,
@@ -182,28 +199,25 @@ def diffusion_bound(
     t_min: float = 1e-3,
     seed: int = 0,
     encoder: dict[str, float] | None = None,
-) -> BoundReport:
-    """A bound variant (docs/theory.md section 2) for a trained eps-predicting model on data x.
-
-    ``R`` is a number, ``"estimate"`` (``estimate_R`` on the per-sample values of the variant's
-    empirical loss; settings say R_source) or None for the variant's default (``DEFAULT_R``). ``encoder`` takes precomputed ``encoder_terms`` (they depend on
-    the data and alpha_T only). Every variant's terms are computed on the same fixed draws, and
-    the settings record the other variants' generator quantities for comparison.
-    """
-    check_variant(variant)
+) -> BoundTerms:
+    """Run the model once for what ``variants`` need: the evaluation passes on fixed draws, one
+    set of generator paths (both generator terms come from them) and the encoder terms."""
+    for v in variants:
+        check_variant(v)
     T = schedule.check_T(T, t_min=t_min)
     if l_estimator not in L_ESTIMATORS:
         raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
     x = x.to(model_device(model))
     m = x.shape[0]
-    if variant == "paper":
-        per_sample = denoising_loss_pass(
+    dsm = nelbo = None
+    if "paper" in variants:
+        dsm = denoising_loss_pass(
             model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
         )
-        mc_se = float("nan")
-    else:
-        est = negative_elbo(model, x, schedule, T=T, t_min=t_min, draws=train_draws, seed=seed + 1)
-        per_sample, mc_se = est.per_point, est.mc_se
+    if any(v != "paper" for v in variants):
+        nelbo = negative_elbo(
+            model, x, schedule, T=T, t_min=t_min, draws=train_draws, seed=seed + 1
+        )
     run = generate(
         model,
         schedule,
@@ -215,29 +229,13 @@ def diffusion_bound(
         generator=torch.Generator().manual_seed(seed + 3),
     )
     l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
-    i_uniform = generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min)
-    i_gir = girsanov_info(run.ref_sq_dev, schedule, T=T, m=m, t_min=t_min)
-    R_est = estimate_R(per_sample)
-    if R is None:
-        R = DEFAULT_R[variant]
-    if R == "estimate":
-        R = None
-    r_value = float(R) if R is not None else R_est
-    if variant != "elbo" and encoder is None:
+    if encoder is None and any(v != "elbo" for v in variants):
         encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
     settings = {
-        "variant": variant,
         "T": T,
         "schedule": schedule.name,
         **{f"schedule.{k}": v for k, v in schedule.params().items()},
-        "R": r_value,
-        "R_source": "user" if R is not None else "estimate",
-        "R_estimate": R_est,
         "L_estimator": l_estimator,
-        "L_hat": l_hat,
-        "I_uniform": i_uniform,
-        "I_girsanov": i_gir,
-        "train_mc_se": mc_se,
         "m": m,
         "d": x[0].numel(),
         "N": n_steps,
@@ -248,15 +246,69 @@ def diffusion_bound(
         "alpha_T": float(schedule.alpha(T)),
         "sigma2_T": float(schedule.sigma2(T)),
     }
+    return BoundTerms(
+        dsm=dsm,
+        nelbo=nelbo,
+        l_hat=l_hat,
+        i_uniform=generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min),
+        i_girsanov=girsanov_info(run.ref_sq_dev, schedule, T=T, m=m, t_min=t_min),
+        encoder=encoder,
+        settings=settings,
+    )
+
+
+def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = None) -> BoundReport:
+    """The bound of one variant from measured terms. ``R`` is a number, ``"estimate"``
+    (``estimate_R`` on the per-sample values of the variant's empirical loss; settings say
+    R_source) or None for the variant's default (``DEFAULT_R``)."""
+    check_variant(variant)
+    if variant == "paper":
+        per_sample, mc_se, i_gen = terms.dsm, math.nan, terms.i_uniform
+    else:
+        per_sample, mc_se, i_gen = terms.nelbo.per_point, terms.nelbo.mc_se, terms.i_girsanov
+    if per_sample is None:
+        raise ValueError(f"the terms were measured without what variant {variant!r} needs")
+    R_est = estimate_R(per_sample)
+    if R is None:
+        R = DEFAULT_R[variant]
+    r_value = R_est if R is None or R == "estimate" else float(R)
+    settings = {
+        "variant": variant,
+        **terms.settings,
+        "R": r_value,
+        "R_source": "estimate" if R is None or R == "estimate" else "user",
+        "R_estimate": R_est,
+        "L_hat": terms.l_hat,
+        "I_uniform": terms.i_uniform,
+        "I_girsanov": terms.i_girsanov,
+        "train_mc_se": mc_se,
+    }
+    enc = terms.encoder or {}
     return assemble_diffusion_bound(
         variant=variant,
         train_loss=float(per_sample.mean()),
-        i_gen=i_uniform if variant == "paper" else i_gir,
+        i_gen=i_gen,
         R=r_value,
-        c_mix=(encoder or {}).get("c_mix", 0.0),
-        c_prior=(encoder or {}).get("c_prior", 0.0),
+        c_mix=enc.get("c_mix", 0.0),
+        c_prior=enc.get("c_prior", 0.0),
         settings=settings,
     )
+
+
+def diffusion_bound(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedule: Schedule,
+    *,
+    T: float,
+    variant: str = "paper",
+    R: float | str | None = None,
+    **kwargs,
+) -> BoundReport:
+    """One bound variant (docs/theory.md section 2) for a trained eps-predicting model on data x;
+    ``kwargs`` are those of ``bound_terms`` (N, paths, draws, seed, precomputed encoder terms)."""
+    terms = bound_terms(model, x, schedule, T=T, variants=(variant,), **kwargs)
+    return variant_report(terms, variant=variant, R=R)
 
 
 def heldout_metrics(

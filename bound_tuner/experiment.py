@@ -16,7 +16,7 @@ from .bounds.diffusion import DEFAULT_VARIANT
 from .bounds.report import BoundReport
 from .evaluate import diffusion_bound, heldout_metrics
 from .models import build_score_model
-from .sde import get_schedule
+from .sde import Schedule, get_schedule
 from .seeding import seed_everything
 from .training import train_score_model
 
@@ -60,18 +60,16 @@ class DiffusionResult:
     losses: list[float]
 
 
-def run_diffusion(
+def train_model(
     train: torch.Tensor,
     cfg: DiffusionConfig,
     *,
-    test: torch.Tensor | None = None,
-    validation: bool = False,
     device: str | torch.device = "cpu",
     checkpoint: Callable[[int, nn.Module], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = False,
-) -> DiffusionResult:
-    """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics."""
+) -> tuple[nn.Module, Schedule, list[float]]:
+    """Build and train cfg's score model on ``train``; returns (model, schedule, losses)."""
     schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
     schedule.check_T(cfg.T, t_min=cfg.t_min)
     seed_everything(cfg.seed)
@@ -92,9 +90,34 @@ def run_diffusion(
         callback_every=checkpoint_every,
         progress=progress,
     )
+    return model, schedule, losses
+
+
+def run_diffusion(
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    test: torch.Tensor | None = None,
+    validation: bool = False,
+    device: str | torch.device = "cpu",
+    checkpoint: Callable[[int, nn.Module], None] | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = False,
+) -> DiffusionResult:
+    """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics."""
+    if validation and test is None:
+        raise ValueError("validation mode needs a test set; give test=...")
+    model, schedule, losses = train_model(
+        train,
+        cfg,
+        device=device,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+    )
     report = diffusion_bound(
         model,
-        x,
+        train,
         schedule,
         T=cfg.T,
         variant=cfg.variant,
@@ -109,8 +132,6 @@ def run_diffusion(
     )
     heldout: dict[str, float] = {}
     if validation:
-        if test is None:
-            raise ValueError("validation mode needs a test set; give test=...")
         heldout = heldout_metrics(
             model,
             schedule,

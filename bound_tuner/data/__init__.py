@@ -11,10 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .synthetic import gaussian, swiss_roll
+from .synthetic import gaussian, ring, swiss_roll, two_moons
 from .validate import validate_points
 
-__all__ = ["DataSplit", "DATASETS", "load_dataset", "swiss_roll", "gaussian", "validate_points"]
+__all__ = [
+    "DataSplit",
+    "DATASETS",
+    "load_dataset",
+    "swiss_roll",
+    "gaussian",
+    "two_moons",
+    "ring",
+    "validate_points",
+]
 
 
 @dataclass
@@ -32,6 +41,15 @@ def _swiss_roll(*, m: int, seed: int, test_size: int, **kw) -> DataSplit:
     train = swiss_roll(m, seed=seed, **kw)
     test = swiss_roll(test_size, seed=seed + 1_000_003, **kw)
     return DataSplit(train, test, "swiss_roll", {"m": m, "seed": seed, "d": 2})
+
+
+def _points(name: str, draw: Callable[..., torch.Tensor]) -> Callable[..., DataSplit]:
+    def load(*, m: int, seed: int, test_size: int, **kw) -> DataSplit:
+        train = draw(m, seed=seed, **kw)
+        test = draw(test_size, seed=seed + 1_000_003, **kw)
+        return DataSplit(train, test, name, {"m": m, "seed": seed, "d": 2})
+
+    return load
 
 
 def _gaussian(*, m: int, seed: int, test_size: int, d: int = 2, std: float = 2.0) -> DataSplit:
@@ -54,6 +72,8 @@ IMAGE_SETS = ("fashion_mnist", "mnist")
 DATASETS: dict[str, Callable[..., DataSplit]] = {
     "swiss_roll": _swiss_roll,
     "gaussian": _gaussian,
+    "two_moons": _points("two_moons", two_moons),
+    "ring": _points("ring", ring),
     "fashion_mnist": _image("fashion_mnist"),
     "mnist": _image("mnist"),
 }
