@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 
 from .spec import SpecError
 from .storage import StorageError, scrub
@@ -249,11 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _thread_warning(args, storage: str | None) -> None:
+    """One line for an error in a helper thread (a heartbeat the database refused), not a
+    traceback; the run itself reports what it means."""
+    text = str(args.exc_value).strip().splitlines()
+    what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
+    name = args.thread.name if args.thread is not None else "a thread"
+    print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
     storage = getattr(args, "storage", None)
+    old_hook = threading.excepthook
+    threading.excepthook = lambda a: _thread_warning(a, storage)
     try:
         return args.func(args)
     except USER_ERRORS as e:
@@ -266,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return 130
     finally:
+        threading.excepthook = old_hook
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
 

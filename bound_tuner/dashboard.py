@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -561,6 +562,26 @@ def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | 
     return wsgi(store, artifact_store=FileSystemArtifactStore(path))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_warning(host: str) -> str | None:
+    """The warning for a dashboard listening beyond this machine, or None on loopback."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host in LOOPBACK
+    if loopback:
+        return None
+    return (
+        f"bound-tuner: warning: --host {host} lets anyone who can reach this address open the "
+        "dashboard; optuna-dashboard has no login, and its users can change notes and delete "
+        "studies. Serve on 127.0.0.1 and tunnel (ssh -L 8080:127.0.0.1:8080 host) instead"
+    )
+
+
 def serve(
     storage_url: str | None = None,
     *,
@@ -577,6 +598,9 @@ def serve(
 
     from .storage import make_storage
 
+    warning = host_warning(host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     url = resolve_url(storage_url)
     _check_exists(url)
     path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)

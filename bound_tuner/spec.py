@@ -82,7 +82,6 @@ SECTIONS = {
         "width": int,
         "layers": int,
         "epochs": int,
-        "device": str,
     },
     "bound": {
         "variant": str,
@@ -196,6 +195,8 @@ def _parse_param(name: str, raw: Any, kind: type, where: str) -> Param:
                 f"{f} = {raw!r} must be {_tname(kind)} or a table such as "
                 "{ low = ..., high = ... } or { choices = [...] }"
             )
+        if kind is not str and not math.isfinite(raw):
+            raise SpecError(f"{f} = {raw!r} must be a finite number")
         return Param(name, kind, fixed=raw)
     keys = set(raw)
     if keys & {"choices", "grid"}:
@@ -205,7 +206,7 @@ def _parse_param(name: str, raw: Any, kind: type, where: str) -> Param:
         if not isinstance(values, list) or not values:
             raise SpecError(f"{f}: the list of values is empty; give at least one value")
         for v in values:
-            if not _type_ok(v, kind):
+            if not _type_ok(v, kind) or (kind is not str and not math.isfinite(v)):
                 raise SpecError(f"{f}: value {v!r} must be {_tname(kind)}")
         return Param(name, kind, choices=values)
     bad = keys - {"low", "high", "log", "step"}
@@ -225,6 +226,8 @@ def _parse_param(name: str, raw: Any, kind: type, where: str) -> Param:
     log = raw.get("log", False)
     if not isinstance(log, bool):
         raise SpecError(f"{f}.log must be true or false")
+    if log and raw.get("step") is not None:
+        raise SpecError(f"{f}: a range takes log = true or a step, not both; drop one of them")
     if log and low <= 0:
         raise SpecError(f"{f}: a log range needs low > 0 (got {low}); set log = false or raise low")
     step = raw.get("step")
@@ -273,6 +276,11 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
     spec.data.setdefault("seed", spec.seed)
     spec.data.setdefault("test_size", 1000)
 
+    if isinstance(raw.get("training"), dict) and "device" in raw["training"]:
+        raise SpecError(
+            f"{where}: training.device is not read from a spec; remove it and give the device "
+            "on the command line (--device cuda, or --gpus 0,1 for workers)"
+        )
     spec.training = _check_section("training", raw.get("training", {}), where)
     for key in ("steps", "batch_size", "checkpoints", "epochs", "width", "layers"):
         if key in spec.training and spec.training[key] < (0 if key == "checkpoints" else 1):
@@ -332,6 +340,7 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
                 f"study; allowed: {', '.join(allowed)}"
             )
         spec.search[name] = _parse_param(name, value, allowed[name], where)
+    _check_values(spec, where)
     if spec.model == "diffusion":
         _check_diffusion_space(spec, where)
     if spec.sampler["type"] in ("grid", "bruteforce"):
@@ -347,6 +356,87 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
                     f"write {p.name} = {{ grid = [...] }}"
                 )
     return spec
+
+
+# lowest allowed value of numeric settings and search parameters (None: no lower limit)
+_AT_LEAST = {
+    "study.seed": 0,
+    "data.seed": 0,
+    "data.test_size": 1,
+    "sampler.seed": 0,
+    "sampler.n_startup_trials": 0,
+    "pruner.n_startup_trials": 0,
+    "pruner.n_warmup_steps": 0,
+    "storage.heartbeat_interval": 1,
+    "storage.grace_period": 1,
+    "bound.heldout_samples": 1,
+    "bound.heldout_steps": 1,
+    "search.width": 1,
+    "search.layers": 1,
+    "search.steps": 1,
+    "search.batch_size": 1,
+    "search.latent": 1,
+    "search.epochs": 1,
+    "search.beta": 0,
+    "search.lam": 0,
+}
+_POSITIVE = ("training.t_min", "training.lr", "search.lr")
+_IMAGE_ONLY = ("binarize", "pad_to_32")
+BINARIZE = ("fixed", "dynamic")
+
+
+def _check_values(spec: StudySpec, where: str) -> None:
+    """Values of the right type that still cannot work: negative seeds, non-finite or
+    non-positive rates, image options on point data, and the like."""
+    from .data import IMAGE_SETS
+
+    tables = {
+        "study": {"seed": spec.seed},
+        "data": spec.data,
+        "training": spec.training,
+        "bound": spec.bound,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
+        "storage": spec.storage,
+    }
+    for section, table in tables.items():
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                raise SpecError(f"{where}: {name} = {value} must be a finite number")
+            low = _AT_LEAST.get(name)
+            if low is not None and value < low:
+                raise SpecError(f"{where}: {name} = {value} must be at least {low}")
+            if name in _POSITIVE and value <= 0:
+                raise SpecError(f"{where}: {name} = {value} must be positive")
+    for key in _IMAGE_ONLY:
+        if key in spec.data and spec.data["name"] not in IMAGE_SETS:
+            raise SpecError(
+                f"{where}: data.{key} applies to the image sets ({', '.join(IMAGE_SETS)}), not "
+                f"{spec.data['name']}; remove it"
+            )
+    if "binarize" in spec.data and spec.data["binarize"] not in BINARIZE:
+        raise SpecError(
+            f"{where}: data.binarize = {spec.data['binarize']!r}; choose one of "
+            f"{', '.join(BINARIZE)} (or leave it out for grey levels)"
+        )
+    if "r" in spec.bound and spec.bound["r"] < 0:
+        raise SpecError(f"{where}: bound.r = {spec.bound['r']} must be at least 0")
+    t_min = spec.training.get("t_min")
+    if t_min is not None and t_min >= 1:
+        raise SpecError(f"{where}: training.t_min = {t_min} must be below 1 (e.g. 1e-3)")
+    for p in spec.search.values():
+        name = f"search.{p.name}"
+        if p.kind is str:
+            continue
+        values = p.values()
+        low = _AT_LEAST.get(name)
+        if low is not None and min(values) < low:
+            raise SpecError(f"{where}: {name} reaches {min(values)}; it must be at least {low}")
+        if name in _POSITIVE and min(values) <= 0:
+            raise SpecError(f"{where}: {name} must be positive")
 
 
 def _check_diffusion_space(spec: StudySpec, where: str) -> None:

@@ -86,7 +86,7 @@ def normalize_url(url: str) -> URL:
         )
     try:
         u = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError, TypeError):
         raise StorageError(
             f"malformed storage URL {redact(url)!r}; use e.g. sqlite:///bound_tuner.db or "
             "postgresql://user@host:5432/dbname"

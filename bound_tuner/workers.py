@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .storage import StorageError, is_sqlite, normalize_url, redact, resolve_url, scrub
+from .storage import (
+    StorageError,
+    check_storage,
+    is_sqlite,
+    normalize_url,
+    redact,
+    resolve_url,
+    scrub,
+)
 
 if TYPE_CHECKING:  # the spec and study modules import torch; workers import them after CUDA setup
     from .spec import StudySpec
@@ -72,6 +80,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 INTERRUPTED = "interrupted"  # fail_reason of a trial stopped by Ctrl-C or SIGTERM
+STORAGE_FAILURE = "storage error: "  # fail_reason prefix of a trial the database refused
+
+
+class _Abandon(BaseException):
+    """Leaves a trial RUNNING when not even its failure can be written: Optuna tells only
+    Exception and KeyboardInterrupt, so the trial goes stale and is retried on resume."""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -119,7 +133,12 @@ def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def is_interrupted(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") == INTERRUPTED
+    """A FAIL that says nothing about its parameters: Ctrl-C, SIGTERM, or a database that could
+    not take the trial's results (disk full, read-only). Such trials are retried."""
+    if trial.state != TrialState.FAIL:
+        return False
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return reason == INTERRUPTED or reason.startswith(STORAGE_FAILURE)
 
 
 def counts(trial: FrozenTrial, retried: set[int]) -> bool:
@@ -237,16 +256,28 @@ class _StudyLock:
 
 
 def _one_line(e: BaseException, url: str | None = None) -> str:
+    for _ in range(10):  # Optuna wraps database errors: the innermost says what happened
+        if not isinstance(e.__cause__, Exception):
+            break
+        e = e.__cause__
     orig = getattr(e, "orig", None)  # a SQLAlchemy error: the driver's own message
     text = str(orig or e).strip()
     first = text.splitlines()[0] if text else ""
     return scrub(f"{type(orig or e).__name__}: {first}" if first else type(e).__name__, url)
 
 
-def _storage_failure(e: BaseException) -> bool:
+def _storage_failure(e: BaseException | None) -> BaseException | None:
+    """The database or file-system error behind ``e`` (itself, or what it was raised from or
+    during), else None."""
     import sqlalchemy.exc
 
-    return isinstance(e, (OSError, sqlalchemy.exc.SQLAlchemyError))
+    kinds = (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, kinds):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def optimize_until(
@@ -287,8 +318,14 @@ def optimize_until(
                 with contextlib.suppress(Exception):
                     trial.set_user_attr("fail_reason", INTERRUPTED)
                 raise
-            except Exception as e:
-                current["reason"] = _one_line(e, url)
+            except Exception as err:
+                current["reason"] = _one_line(err, url)
+                if _storage_failure(err):
+                    try:
+                        trial.set_user_attr("fail_reason", STORAGE_FAILURE + current["reason"])
+                    except Exception:
+                        raise _Abandon from err
+                    raise
                 with contextlib.suppress(Exception):
                     if "fail_reason" not in trial.user_attrs:
                         trial.set_user_attr("fail_reason", current["reason"])
@@ -324,10 +361,13 @@ def optimize_until(
             finally:
                 _restore_signals(old)
             raise
-        except Exception as e:
+        except (Exception, _Abandon) as failure:
             held.close()
-            if not _storage_failure(e):
+            e = _storage_failure(failure)
+            if e is None:
                 raise
+            if isinstance(failure, _Abandon):
+                e = failure.__cause__ or e
             what = f"trial {current['number']}" if "number" in current else "a new trial"
             raise TrialError(
                 f"{what} failed: {current.get('reason') or _one_line(e, url)}; the finished "
@@ -417,6 +457,7 @@ def run_worker(
         import torch
 
         torch.set_num_threads(threads)
+    check_storage(url)
     check_device(device)
     if data is None:
         data = load_data(spec)  # bad data fails before the study exists
@@ -626,7 +667,7 @@ def run_pool(
     """The pool of ``run_workers``: one spawned process per (CUDA_VISIBLE_DEVICES, device) slot."""
     import multiprocessing as mp
 
-    from .study import load_data
+    from .study import build_objective, load_data
 
     spec = _as_spec(spec)
     target = _target(spec, n_trials)
@@ -639,7 +680,9 @@ def run_pool(
             "your own Optuna code, a journal storage (JournalFileBackend on a shared file, or "
             "JournalRedisBackend), or run one worker"
         )
-    load_data(spec)  # bad data fails before the study exists
+    check_storage(url)
+    # bad data or search settings fail here, before the study exists (never in the workers)
+    build_objective(spec, load_data(spec), device="cpu")
     study = _open(spec, url, interval, grace)
     lock = _StudyLock(url, spec.name)
 
