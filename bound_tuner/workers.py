@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import pickle
 import signal
@@ -280,6 +281,17 @@ def _storage_failure(e: BaseException | None) -> BaseException | None:
     return None
 
 
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with its traceback; the run says it in one line."""
+    exc = record.exc_info[0] if record.exc_info else None
+    if exc is not None and issubclass(exc, KeyboardInterrupt):
+        return False
+    return not (_interrupting and record.getMessage().startswith("Trial "))
+
+
+_interrupting = False  # a trial is being written down as interrupted
+
+
 def optimize_until(
     study: optuna.Study,
     objective: Any,
@@ -300,7 +312,9 @@ def optimize_until(
     ``fail_reason = "interrupted"``, queues its retry and raises KeyboardInterrupt. A trial
     that cannot be written (disk full, read-only database) raises TrialError.
     """
+    global _interrupting
     ident = ident or f"{socket.gethostname()}:{os.getpid()}"
+    logging.getLogger("optuna.study._optimize").addFilter(_not_an_interrupt)
     while True:
         held = contextlib.ExitStack()
         current: dict[str, Any] = {}
@@ -314,6 +328,8 @@ def optimize_until(
             except optuna.TrialPruned:
                 raise
             except KeyboardInterrupt:
+                global _interrupting
+                _interrupting = True
                 current["signals"] = _ignore_signals()  # until the retry is queued
                 with contextlib.suppress(Exception):
                     trial.set_user_attr("fail_reason", INTERRUPTED)
@@ -360,6 +376,7 @@ def optimize_until(
                         _requeue_interrupted(study)
             finally:
                 _restore_signals(old)
+                _interrupting = False
             raise
         except (Exception, _Abandon) as failure:
             held.close()

@@ -1,0 +1,264 @@
+"""Runs that are interrupted or killed, and what worker processes see: real processes, real
+signals, real databases (SQLite for one process, PostgreSQL for pools)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from bound_tuner.workers import INTERRUPTED, WORKER_ATTR, finished_count, run_pool
+
+PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
+REPO = Path(__file__).parent.parent
+
+SPEC = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+seed = 0
+[data]
+name = "swiss_roll"
+m = 32
+test_size = 32
+[search]
+T = {{ low = 0.2, high = 0.9 }}
+[training]
+steps = {steps}
+batch_size = 32
+width = 16
+checkpoints = 0
+[bound]
+N = 10
+n_paths = 8
+train_draws = 2
+[sampler]
+type = "random"
+[pruner]
+type = "none"
+[storage]
+heartbeat_interval = 1
+grace_period = 2
+"""
+
+
+def write_spec(path: Path, name: str, *, n_trials: int = 2, steps: int = 10) -> Path:
+    path.write_text(SPEC.format(name=name, n_trials=n_trials, steps=steps))
+    return path
+
+
+def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bound_tuner.cli", *argv, "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_running(name: str, url: str, n: int, proc: subprocess.Popen, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            trials = optuna.load_study(study_name=name, storage=url).get_trials()
+        except KeyError:
+            trials = []
+        running = [
+            t for t in trials if t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs
+        ]
+        if len(running) >= n:
+            time.sleep(0.5)  # into the trial's training
+            return running
+        time.sleep(0.2)
+    raise AssertionError("no trial started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command,sig", [("run", signal.SIGINT), ("worker", signal.SIGTERM)])
+def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command, sig):
+    url = f"sqlite:///{tmp_path}/i.db"
+    spec = write_spec(tmp_path / "s.toml", "intr", n_trials=2, steps=200_000)
+    proc = start([command, str(spec), "--storage", url], tmp_path)
+    (victim,) = wait_running("intr", url, 1, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+
+    trials = optuna.load_study(study_name="intr", storage=url).get_trials()
+    assert len(trials) == 2
+    failed, retry = trials
+    assert failed.number == victim.number and failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"] == INTERRUPTED
+    assert retry.state == TrialState.WAITING and retry.params == failed.params
+    assert retry.system_attrs["retry_history"] == [failed.number]
+
+    # resume (short trials now): the retry runs first with the same parameters, then one more
+    write_spec(spec, "intr", n_trials=2, steps=10)
+    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    study = optuna.load_study(study_name="intr", storage=url)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params == failed.params
+    assert finished_count(study) == 2
+
+
+def test_killed_single_process_trial_is_failed_and_retried_on_resume(tmp_path):
+    url = f"sqlite:///{tmp_path}/k.db"
+    spec = write_spec(tmp_path / "s.toml", "kill", n_trials=2, steps=200_000)
+    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    (victim,) = wait_running("kill", url, 1, proc)
+    proc.kill()
+    proc.communicate()
+    t = optuna.load_study(study_name="kill", storage=url).get_trials()[0]
+    assert t.state == TrialState.RUNNING  # left behind by the killed process
+
+    write_spec(spec, "kill", n_trials=2, steps=10)
+    began = time.monotonic()
+    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    study = optuna.load_study(study_name="kill", storage=url)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL  # failed once its heartbeat was stale (2 s)
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert finished_count(study) == 2 and len(trials) == 3
+    assert time.monotonic() - began < 60
+
+
+@needs_pg
+def test_sigterm_to_the_pool_interrupts_every_worker_and_leaves_no_process(tmp_path):
+    name = f"rel-pool-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path / "s.toml", name, n_trials=4, steps=200_000)
+    try:
+        proc = start(["run", str(spec), "--storage", PG_URL, "--workers", "2"], tmp_path)
+        running = wait_running(name, PG_URL, 2, proc, timeout=120)
+        pids = {int(t.user_attrs[WORKER_ATTR].split(":")[1].split("/")[0]) for t in running}
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+        assert not any(alive(p) for p in pids)  # no orphans
+        study = optuna.load_study(study_name=name, storage=PG_URL)
+        trials = study.get_trials()
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        assert len(failed) == 2 and all(t.user_attrs["fail_reason"] == INTERRUPTED for t in failed)
+        assert sorted(t.system_attrs["retry_history"][-1] for t in waiting) == sorted(
+            t.number for t in failed
+        )
+        assert finished_count(study) == 0
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+@needs_pg
+def test_gpu_slot_workers_each_see_their_own_cuda_visible_devices(tmp_path, monkeypatch):
+    """Real worker processes started with the pool's GPU slots: each one records the
+    CUDA_VISIBLE_DEVICES it saw (here the trials run on the CPU, so no GPU is needed)."""
+    monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(tmp_path / "art"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    name = f"rel-gpus-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path / "s.toml", name, n_trials=6, steps=200)
+    try:
+        study = run_pool(
+            str(spec), storage=PG_URL, slots=[("0", "cpu"), ("2", "cpu")], progress=False
+        )
+        seen: dict[int, set[str]] = {}
+        for t in study.get_trials():
+            ident = t.user_attrs[WORKER_ATTR]
+            pid = int(ident.split(":")[1].split("/")[0])
+            seen.setdefault(pid, set()).add(ident.rsplit("(GPU ", 1)[1].rstrip(")"))
+        assert os.getpid() not in seen
+        assert sorted(v for s in seen.values() for v in s) == ["0", "2"]  # one GPU each
+        assert all(len(s) == 1 for s in seen.values()) and len(seen) == 2
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+@needs_pg
+def test_pool_parent_never_initializes_cuda(tmp_path):
+    """The parent of a pool runs with torch's CUDA entry points trapped: none may be called."""
+    name = f"rel-cuda-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path / "s.toml", name, n_trials=2, steps=10)
+    script = textwrap.dedent(
+        f"""
+        import torch, torch.cuda
+        calls = []
+        def trap(name):
+            def f(*a, **k):
+                calls.append(name)
+                raise RuntimeError("the pool parent touched CUDA: " + name)
+            return f
+        for fn in ("_lazy_init", "init", "is_available", "device_count", "current_device",
+                   "set_device", "synchronize", "mem_get_info"):
+            setattr(torch.cuda, fn, trap(fn))
+        torch._C._cuda_getDeviceCount = trap("_cuda_getDeviceCount")
+        from bound_tuner.workers import run_workers
+        study = run_workers({str(spec)!r}, storage={PG_URL!r}, n_workers=2, progress=False,
+                            dashboard=False)
+        assert len(study.get_trials()) == 2, study.get_trials()
+        print("CALLS", calls, torch.cuda.is_initialized())
+        """
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        assert "CALLS [] False" in out.stdout, out.stdout
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@needs_pg
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_gpu_workers_train_on_the_gpu_they_see(tmp_path, monkeypatch):
+    from bound_tuner.workers import run_workers
+
+    monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(tmp_path / "art"))
+    name = f"rel-cuda-run-{uuid.uuid4().hex[:8]}"
+    spec = write_spec(tmp_path / "s.toml", name, n_trials=4, steps=50)
+    try:
+        study = run_workers(str(spec), storage=PG_URL, gpus=[0], trials_per_gpu=2, progress=False)
+        trials = study.get_trials()
+        assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+        idents = {t.user_attrs[WORKER_ATTR] for t in trials}
+        assert all(i.endswith("/cuda (GPU 0)") for i in idents), idents
+        import torch
+
+        assert not torch.cuda.is_initialized()
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
