@@ -118,7 +118,7 @@ def _print_summary(name: str, study) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import optuna
 
-    from .reporting import heldout_key, plot_study, rank_correlation, trials_json, trials_table
+    from .reporting import plot_study, selection_lines, trials_json, trials_table
     from .storage import make_storage
 
     store = make_storage(args.storage)
@@ -133,10 +133,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(trials, indent=2))
     else:
         print(trials_table(trials))
-        key = heldout_key(trials)
-        if key:
-            rho, n = rank_correlation(trials, key)
-            print(f"Spearman rank correlation(bound, {key}) = {rho:.3f} over {n} trials")
+        for line in selection_lines(trials):
+            print(line)
     if args.plot:
         rho = plot_study(trials, args.plot)
         msg = f"plot saved to {args.plot}"

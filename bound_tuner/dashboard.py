@@ -34,7 +34,8 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
-from .reporting import heldout_key, rank_correlation, trials_json
+from .bounds.report import TERM_LABELS
+from .reporting import heldout_key, rank_correlation, selection_stats, trials_json
 from .storage import StorageError, normalize_url, resolve_url
 
 if TYPE_CHECKING:
@@ -46,16 +47,6 @@ CHART_TERMS_VS_T = "bound-terms-vs-T"
 CHART_BOUND_VS_HELDOUT = "bound-vs-heldout"
 CHART_VAE_EPOCHS = "vae-terms-vs-epoch"
 
-# how each term appears in notes and charts: (symbol in a table, label of its contribution)
-TERM_LABELS: dict[str, tuple[str, str]] = {
-    "train_loss": ("L_train", "L_train"),
-    "encoder_mixture_kl": ("C_mix", "−C_mix"),
-    "prior_kl_sqrt": ("C_prior", "√2 R · C_prior"),
-    "generator_info": ("I_gen", "√2 R · √I_gen"),
-    "rec": ("REC", "REC"),
-    "kld": ("KLD", "(1+r) √KLD"),
-    "mi": ("MI", "(1+r) √(MI/m)"),
-}
 TERM_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#EECA3B")
 
 _log = logging.getLogger(__name__)
@@ -385,8 +376,9 @@ def bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
         return None
     rho, n = rank_correlation(trials, key)
     metric = key.split(".", 1)[1]
+    stats = selection_stats(trials, key)
     rho_text = (
-        f"Spearman ρ = {rho:.3f} (n={n})"
+        f"Spearman ρ = {rho:.3f} (n={n}), regret of the pick {100 * stats['regret']:.0f}%"
         if math.isfinite(rho)
         else f"Spearman ρ needs 3 trials (n={n})"
     )

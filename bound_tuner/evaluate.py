@@ -11,6 +11,7 @@ tensor functions.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from .bounds.diffusion import (
     DEFAULT_R,
     L_ESTIMATORS,
+    SPLIT_VARIANTS,
     assemble_diffusion_bound,
     check_variant,
     encoder_terms,
@@ -26,6 +28,8 @@ from .bounds.diffusion import (
     generator_info,
     girsanov_info,
     l_hat_from_norms,
+    path_kl,
+    split_info,
 )
 from .bounds.report import BoundReport
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
@@ -171,8 +175,9 @@ class BoundTerms:
     """The measured ingredients of every bound variant for one model (docs/theory.md section 2).
 
     ``dsm`` and ``nelbo`` are per-sample training losses (None when not measured), the rest are
-    numbers: L_hat, the uniform generator information I_gen, the Girsanov one I_gir, and the
-    encoder terms C_mix and C_prior (None when not needed). ``settings`` says how.
+    numbers: L_hat, the uniform generator information I_gen, the Girsanov one I_gir, the
+    encoder terms C_mix and C_prior (None when not needed) and the split term (None without
+    reference models). ``settings`` says how.
     """
 
     dsm: torch.Tensor | None
@@ -182,6 +187,7 @@ class BoundTerms:
     i_girsanov: float
     encoder: dict[str, float] | None
     settings: dict
+    split: float | None = None  # (1/m) sum_i sqrt(KL_i) against the half-trained references
 
 
 def bound_terms(
@@ -199,11 +205,18 @@ def bound_terms(
     t_min: float = 1e-3,
     seed: int = 0,
     encoder: dict[str, float] | None = None,
+    split_models: Sequence[nn.Module] = (),
+    fold_sizes: Sequence[int] = (),
 ) -> BoundTerms:
     """Run the model once for what ``variants`` need: the evaluation passes on fixed draws, one
-    set of generator paths (both generator terms come from them) and the encoder terms."""
+    set of generator paths (every generator term comes from them) and the encoder terms.
+
+    ``split_models`` are the two reference models of "elbo-split" (trained on the two halves of
+    x, of sizes ``fold_sizes``; ``bound_tuner.experiment.train_split_models``)."""
     for v in variants:
         check_variant(v)
+        if v in SPLIT_VARIANTS and len(split_models) != 2:
+            raise ValueError(f"variant {v!r} needs the two reference models; give split_models")
     T = schedule.check_T(T, t_min=t_min)
     if l_estimator not in L_ESTIMATORS:
         raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
@@ -227,8 +240,13 @@ def bound_terms(
         n_steps=n_steps,
         t_min=t_min,
         generator=torch.Generator().manual_seed(seed + 3),
+        references=(None, *split_models),
     )
     l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
+    split = None
+    if split_models:
+        kls = [path_kl(run.ref_sq_dev[1 + j], schedule, T=T, t_min=t_min) for j in range(2)]
+        split = split_info(kls, list(fold_sizes))
     if encoder is None and any(v != "elbo" for v in variants):
         encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
     settings = {
@@ -251,9 +269,10 @@ def bound_terms(
         nelbo=nelbo,
         l_hat=l_hat,
         i_uniform=generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min),
-        i_girsanov=girsanov_info(run.ref_sq_dev, schedule, T=T, m=m, t_min=t_min),
+        i_girsanov=girsanov_info(run.ref_sq_dev[0], schedule, T=T, m=m, t_min=t_min),
         encoder=encoder,
         settings=settings,
+        split=split,
     )
 
 
@@ -264,6 +283,10 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
     check_variant(variant)
     if variant == "paper":
         per_sample, mc_se, i_gen = terms.dsm, math.nan, terms.i_uniform
+    elif variant in SPLIT_VARIANTS:
+        if terms.split is None:
+            raise ValueError(f"variant {variant!r} needs terms measured with split_models")
+        per_sample, mc_se, i_gen = terms.nelbo.per_point, terms.nelbo.mc_se, terms.split
     else:
         per_sample, mc_se, i_gen = terms.nelbo.per_point, terms.nelbo.mc_se, terms.i_girsanov
     if per_sample is None:
@@ -281,6 +304,7 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
         "L_hat": terms.l_hat,
         "I_uniform": terms.i_uniform,
         "I_girsanov": terms.i_girsanov,
+        "C_split": math.nan if terms.split is None else terms.split,
         "train_mc_se": mc_se,
     }
     enc = terms.encoder or {}

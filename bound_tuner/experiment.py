@@ -7,12 +7,12 @@ This is the unit of work of every study: the Optuna objective, the T sweep and t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .bounds.diffusion import DEFAULT_VARIANT
+from .bounds.diffusion import DEFAULT_VARIANT, SPLIT_VARIANTS
 from .bounds.report import BoundReport
 from .evaluate import diffusion_bound, heldout_metrics
 from .models import build_score_model
@@ -93,6 +93,26 @@ def train_model(
     return model, schedule, losses
 
 
+def train_split_models(
+    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = "cpu"
+) -> tuple[list[nn.Module], list[int]]:
+    """The two reference models of the "elbo-split" bound (docs/theory.md eq. 2.8): the training
+    set is split in two halves by a permutation from cfg.seed, and a model with cfg's settings is
+    trained on each half (full batch stays full batch). Returns the models and the half sizes,
+    in the order (first half, second half)."""
+    m = train.shape[0]
+    if m < 4:
+        raise ValueError(f'the "elbo-split" bound needs at least 4 training points, got m={m}')
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed + 7))
+    halves = (perm[: m // 2], perm[m // 2 :])
+    models = []
+    for j, idx in enumerate(halves):
+        sub = replace(cfg, seed=cfg.seed + 1 + j, batch_size=min(cfg.batch_size, len(idx)))
+        model, _, _ = train_model(train[idx], sub, device=device)
+        models.append(model)
+    return models, [len(h) for h in halves]
+
+
 def run_diffusion(
     train: torch.Tensor,
     cfg: DiffusionConfig,
@@ -115,6 +135,9 @@ def run_diffusion(
         checkpoint_every=checkpoint_every,
         progress=progress,
     )
+    split_models, fold_sizes = [], []
+    if cfg.variant in SPLIT_VARIANTS:
+        split_models, fold_sizes = train_split_models(train, cfg, device=device)
     report = diffusion_bound(
         model,
         train,
@@ -129,6 +152,8 @@ def run_diffusion(
         train_draws=cfg.train_draws,
         t_min=cfg.t_min,
         seed=cfg.seed,
+        split_models=split_models,
+        fold_sizes=fold_sizes,
     )
     heldout: dict[str, float] = {}
     if validation:

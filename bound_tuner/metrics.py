@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import linalg, stats
+from scipy import stats
 from scipy.spatial import cKDTree
 
 
@@ -74,9 +74,10 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     y = b.reshape(b.shape[0], -1).double().cpu().numpy()
     mu = x.mean(0) - y.mean(0)
     ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    root = linalg.sqrtm(ca @ cb)
-    root = root.real if np.iscomplexobj(root) else root
-    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.trace(root))
+    # tr (C_a C_b)^(1/2) = sum of the square roots of the eigenvalues of C_a C_b, which are real
+    # and >= 0 for positive semi-definite C_a, C_b (rank-deficient ones included)
+    ev = np.clip(np.linalg.eigvals(ca @ cb).real, 0.0, None)
+    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(ev).sum())
 
 
 def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:

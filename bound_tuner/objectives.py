@@ -21,7 +21,7 @@ import optuna
 import torch
 from torch import nn
 
-from .bounds.diffusion import encoder_terms
+from .bounds.diffusion import SPLIT_VARIANTS, encoder_terms
 from .bounds.report import BoundReport
 from .bounds.vae import vae_bound
 from .data import DataSplit
@@ -118,14 +118,17 @@ class DiffusionObjective:
         def report_partial(step: int, model: nn.Module) -> None:
             if step >= cfg.steps:
                 return
-            if not enc and cfg.variant != "elbo":
+            # "elbo-split" trains its reference models at the end only: its checkpoints
+            # report the "elbo" bound of the model so far (README, pruning)
+            variant = "elbo" if cfg.variant in SPLIT_VARIANTS else cfg.variant
+            if not enc and variant in ("paper", "elbo-encoder"):
                 enc.update(encoder_terms(x, schedule, T=cfg.T, mc_samples=1, seed=cfg.seed))
             partial = diffusion_bound(
                 model,
                 x,
                 schedule,
                 T=cfg.T,
-                variant=cfg.variant,
+                variant=variant,
                 R=cfg.R,
                 l_estimator=cfg.l_estimator,
                 n_steps=min(100, cfg.n_steps),

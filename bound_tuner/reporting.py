@@ -12,9 +12,27 @@ import math
 from typing import Any
 
 import optuna
-from scipy.stats import spearmanr
 
-TERMS = ("train_loss", "encoder_mixture_kl", "prior_kl_sqrt", "generator_info")
+from .bounds.report import TERM_LABELS
+from .metrics import pick_rank, regret, spearman
+
+TERMS = (
+    "train_loss",
+    "train_nelbo",
+    "encoder_mixture_kl",
+    "prior_kl_sqrt",
+    "generator_info",
+    "split_info",
+)
+#: held-out metrics in order of preference as the ground truth (docs/theory.md section 4)
+HELDOUT_PREFERENCE = (
+    "heldout.sample_kl",
+    "heldout.test_kl",
+    "heldout.bits_per_dim",
+    "heldout.heldout_loss",
+    "heldout.neg_elbo",
+    "heldout.denoising_loss",
+)
 
 
 def _clean(v: Any) -> Any:
@@ -39,33 +57,68 @@ def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
     return out
 
 
+def heldout_keys(trials: list[dict]) -> list[str]:
+    """Every held-out metric recorded (standard errors left out), the preferred truth first."""
+    keys = {
+        k
+        for t in trials
+        for k in t["user_attrs"]
+        if k.startswith("heldout.") and not k.endswith("_se")
+    }
+    first = [k for k in HELDOUT_PREFERENCE if k in keys]
+    return first + sorted(keys - set(first))
+
+
 def heldout_key(trials: list[dict]) -> str | None:
-    """The held-out metric to compare with: test KL where there is one, else the first recorded."""
-    keys = sorted({k for t in trials for k in t["user_attrs"] if k.startswith("heldout.")})
-    for preferred in (
-        "heldout.test_kl",
-        "heldout.heldout_loss",
-        "heldout.bits_per_dim",
-        "heldout.denoising_loss",
-    ):
-        if preferred in keys:
-            return preferred
+    """The held-out metric to compare with: the k-NN sample KL where there is one (the ground
+    truth for low-dimensional data), else the paper's test KL, bits per dim, ..."""
+    keys = heldout_keys(trials)
     return keys[0] if keys else None
 
 
-def rank_correlation(trials: list[dict], key: str) -> tuple[float, int]:
-    """Spearman's rho between the bound and a held-out metric over complete trials, and n."""
-    pairs = [
+def _pairs(trials: list[dict], key: str) -> tuple[list[float], list[float]]:
+    done = [
         (t["value"], t["user_attrs"].get(key))
         for t in trials
         if t["state"] == "COMPLETE"
         and t["value"] is not None
         and t["user_attrs"].get(key) is not None
     ]
-    if len(pairs) < 3:
-        return math.nan, len(pairs)
-    a, b = zip(*pairs, strict=True)
-    return float(spearmanr(a, b).statistic), len(pairs)
+    return [a for a, _ in done], [b for _, b in done]
+
+
+def rank_correlation(trials: list[dict], key: str) -> tuple[float, int]:
+    """Spearman's rho between the bound and a held-out metric over complete trials, and n."""
+    values, truth = _pairs(trials, key)
+    return spearman(values, truth), len(values)
+
+
+def selection_stats(trials: list[dict], key: str) -> dict[str, float]:
+    """How well the objective selected against a held-out metric (lower is better): Spearman's
+    rho, the regret of the best trial by the objective, the rank of that trial, and n."""
+    values, truth = _pairs(trials, key)
+    if not values:
+        return {"spearman": math.nan, "regret": math.nan, "pick_rank": math.nan, "n": 0}
+    return {
+        "spearman": spearman(values, truth),
+        "regret": regret(values, truth),
+        "pick_rank": pick_rank(values, truth),
+        "n": len(values),
+    }
+
+
+def selection_lines(trials: list[dict]) -> list[str]:
+    """One line per held-out metric: Spearman's rho and the regret of the objective's pick."""
+    lines = []
+    for key in heldout_keys(trials):
+        st = selection_stats(trials, key)
+        if st["n"] == 0:
+            continue
+        lines.append(
+            f"{key}: Spearman rho(bound, metric) = {st['spearman']:.3f}, regret of the pick = "
+            f"{100 * st['regret']:.1f}%, the pick ranks {st['pick_rank']} of {st['n']}"
+        )
+    return lines
 
 
 VAE_TERMS = ("rec", "kld", "mi", "encoder_only_bound")
@@ -80,9 +133,9 @@ def trials_table(trials: list[dict]) -> str:
         firsts = ("beta", "lam", "latent")
         names = VAE_TERMS
     else:
-        cols = ["#", "state", "T", "schedule", "bound", "L_train", "C_mix", "C_prior", "I_gen"]
         firsts = ("T", "schedule")
-        names = TERMS
+        names = tuple(n for n in TERMS if any(f"bound.{n}" in t["user_attrs"] for t in trials))
+        cols = ["#", "state", "T", "schedule", "bound"] + [TERM_LABELS[n][0] for n in names]
     if key:
         cols.append(key.split(".", 1)[1])
     rows = [cols]
@@ -119,13 +172,10 @@ def plot_study(trials: list[dict], path: str) -> float | None:
     ax = axes[0, 0]
     done.sort(key=lambda t: t["user_attrs"]["bound.T"])
     Ts = [t["user_attrs"]["bound.T"] for t in done]
-    labels = {
-        "train_loss": "L_train",
-        "encoder_mixture_kl": "-C_mix",
-        "prior_kl_sqrt": "sqrt2 R C_prior",
-        "generator_info": "sqrt2 R sqrt(I_gen)",
-    }
-    for name, label in labels.items():
+    for name in TERMS:
+        if not any(f"bound.contribution.{name}" in t["user_attrs"] for t in done):
+            continue
+        label = TERM_LABELS[name][1]
         ax.plot(
             Ts,
             [t["user_attrs"].get(f"bound.contribution.{name}") for t in done],
@@ -148,7 +198,11 @@ def plot_study(trials: list[dict], path: str) -> float | None:
             ax2.annotate(f"T={t['user_attrs']['bound.T']:.2g}", (x, t["value"]), fontsize=7)
         ax2.set_xlabel(key)
         ax2.set_ylabel("bound")
-        ax2.set_title(f"bound against {key}: Spearman rho = {rho:.3f} (n={n})")
+        reg = selection_stats(trials, key)["regret"]
+        ax2.set_title(
+            f"bound against {key}: Spearman rho = {rho:.3f}, regret {100 * reg:.0f}% (n={n})",
+            fontsize=9,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,12 +4,14 @@
 
 on the uniform grid t_k = T - k h, h = (T - t_min)/N, k = 0..N-1. The score is queried at the
 time t_k of the state it is applied to. Along the way it records, per step and path, the score
-norm ||s_theta|| (for the paper's L_hat) and ||s_theta - s_ref||^2 against the data-free
-reference score (for the Girsanov generator term). Both stay on the model's device until the end.
+norm ||s_theta|| (for the paper's L_hat) and ||s_theta - s_ref||^2 against each reference score
+(for the Girsanov generator terms): the data-free reference -y, or reference models (trained on
+other data). Both stay on the model's device until the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,7 @@ class GeneratorRun:
 
     samples: torch.Tensor  # [n, ...] at t_min
     score_norms: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k)||
-    ref_sq_dev: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k) - s_ref(y_k)||^2
+    ref_sq_dev: torch.Tensor  # [R, N, n]: ||s_theta(y_k, t_k) - s_ref(y_k, t_k)||^2 per reference
     grid: torch.Tensor  # [N]: t_k
 
 
@@ -47,11 +49,13 @@ def generate(
     t_min: float = 1e-3,
     generator: torch.Generator | None = None,
     batch_size: int = 4096,
+    references: Sequence[nn.Module | None] = (None,),
 ) -> GeneratorRun:
     """Run n generator paths from pi = N(0, I) at T to t_min with N Euler-Maruyama steps.
 
     The paths run on the model's device; the noise is drawn from ``generator`` (CPU) so that
-    runs are reproducible across devices.
+    runs are reproducible across devices. ``references`` are the scores that ``ref_sq_dev``
+    compares s_theta with along the paths: None for the data-free -y, or eps-predicting models.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
@@ -65,15 +69,17 @@ def generate(
         b = min(batch_size, n - start)
         y = torch.randn((b, *shape), generator=generator).to(device)
         path_norms = torch.empty(n_steps, b, dtype=torch.float64, device=device)
-        path_devs = torch.empty(n_steps, b, dtype=torch.float64, device=device)
+        path_devs = torch.empty(len(references), n_steps, b, dtype=torch.float64, device=device)
         for k in range(n_steps):
             t = torch.full((b,), float(grid[k]), dtype=torch.float64, device=device)
             s = score(model, y, t, schedule)
             path_norms[k] = s.reshape(b, -1).norm(dim=1)
-            path_devs[k] = (s - reference_score(y)).reshape(b, -1).pow(2).sum(dim=1)
+            for r, ref in enumerate(references):
+                s_ref = reference_score(y) if ref is None else score(ref, y, t, schedule)
+                path_devs[r, k] = (s - s_ref).reshape(b, -1).pow(2).sum(dim=1)
             z = torch.randn((b, *shape), generator=generator).to(device)
             y = reverse_step(y, s, beta=betas[k], h=h, noise=z)
         out.append(y)
         norms.append(path_norms.cpu())
         devs.append(path_devs.cpu())
-    return GeneratorRun(torch.cat(out), torch.cat(norms, dim=1), torch.cat(devs, dim=1), grid)
+    return GeneratorRun(torch.cat(out), torch.cat(norms, dim=1), torch.cat(devs, dim=2), grid)

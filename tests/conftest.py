@@ -30,6 +30,7 @@ width = 16
 checkpoints = {checkpoints}
 
 [bound]
+variant = "paper"  # these tests check the paper's four terms
 R = 5.0
 N = 10
 n_paths = 8

@@ -5,6 +5,7 @@ from .diffusion import (
     DEFAULT_R,
     DEFAULT_VARIANT,
     L_ESTIMATORS,
+    SPLIT_VARIANTS,
     VARIANTS,
     assemble_diffusion_bound,
     beta_integral,
@@ -13,7 +14,9 @@ from .diffusion import (
     generator_info,
     girsanov_info,
     l_hat_from_norms,
+    path_kl,
     prior_kl_sqrt,
+    split_info,
 )
 from .mixture import mixture_kl, mixture_kl_broadcast
 from .report import BoundReport
@@ -23,6 +26,7 @@ __all__ = [
     "DEFAULT_R",
     "DEFAULT_VARIANT",
     "L_ESTIMATORS",
+    "SPLIT_VARIANTS",
     "VARIANTS",
     "assemble_diffusion_bound",
     "beta_integral",
@@ -32,6 +36,8 @@ __all__ = [
     "girsanov_info",
     "l_hat_from_norms",
     "mixture_kl",
+    "path_kl",
+    "split_info",
     "mixture_kl_broadcast",
     "prior_kl",
     "prior_kl_sqrt",

@@ -10,6 +10,13 @@ measured by Girsanov's theorem step by step against the data-free reference scor
 
   bound = NELBO_train + sqrt(2) R sqrt(I_gir),  I_gir = h sum_k beta(t_k) E||s_theta - s_ref||^2 / (2m)
 
+Variant "elbo-split" (docs/theory.md eq. 2.8) measures the generator's information about each
+training point against a model trained without it: the training set is split in two halves, a
+reference model is trained on each, and for the points of one half the Girsanov KL is taken
+between the model and the reference trained on the other half:
+
+  bound = NELBO_train + sqrt(2) R (1/m) sum_i sqrt(KL_i),  KL_i = 1/2 h sum_k beta(t_k) E||s_theta - s_ref(i)||^2
+
 Variant "elbo-encoder" adds the paper's encoder terms to "elbo": NELBO_train - C_mix +
 sqrt(2) R (C_prior + sqrt(I_gir)).
 
@@ -28,10 +35,17 @@ from .report import BoundReport
 
 L_ESTIMATORS = ("path-mean", "path-max")
 #: the bound variants of docs/theory.md; "paper" is the formula of arXiv 2506.00849 as published
-VARIANTS = ("paper", "elbo", "elbo-encoder")
-DEFAULT_VARIANT = "paper"
+VARIANTS = ("paper", "elbo", "elbo-split", "elbo-encoder")
+DEFAULT_VARIANT = "elbo"  # the best selector on benchmarks/bench_selection.py (README)
 #: R when the user gives none: the paper's Swiss-roll value for "paper", else the estimate
-DEFAULT_R: dict[str, float | None] = {"paper": 5.0, "elbo": None, "elbo-encoder": None}
+DEFAULT_R: dict[str, float | None] = {
+    "paper": 5.0,
+    "elbo": None,
+    "elbo-split": None,
+    "elbo-encoder": None,
+}
+#: variants that train reference models on the two halves of the training set
+SPLIT_VARIANTS = ("elbo-split",)
 
 
 def check_variant(variant: str) -> str:
@@ -66,13 +80,31 @@ def girsanov_info(
     ``ref_sq_dev`` [N, n] comes from the generator's paths (``GeneratorRun.ref_sq_dev``); its
     step-k mean estimates E||s_theta - s_ref||^2 under the generator's law, so the sum is
     Girsanov's KL between the generator's path law and the data-free reference's, over m.
-    It never exceeds the uniform form with L_k = max over paths at every step.
     """
+    return path_kl(ref_sq_dev, schedule, T=T, t_min=t_min) / m
+
+
+def path_kl(
+    ref_sq_dev: torch.Tensor, schedule: Schedule, *, T: float, t_min: float = 1e-3
+) -> float:
+    """Girsanov's KL between the generator's path law and a reference's (eq. 2.4 without 1/m):
+    1/2 h sum_k beta(t_k) mean_paths ||s_theta(y_k, t_k) - s_ref(y_k, t_k)||^2, from [N, n]."""
     n_steps = ref_sq_dev.shape[0]
     grid = time_grid(T, n_steps, t_min=t_min)
     h = (T - t_min) / n_steps
-    per_step = schedule.beta(grid).double() * ref_sq_dev.double().mean(dim=1)
-    return float(h * per_step.sum()) / (2 * m)
+    return 0.5 * h * float((schedule.beta(grid).double() * ref_sq_dev.double().mean(dim=1)).sum())
+
+
+def split_info(path_kls: list[float], fold_sizes: list[int]) -> float:
+    """(1/m) sum_i sqrt(KL_i) (eq. 2.8): the points of fold j are measured against the reference
+    trained on the other fold, whose path KL is ``path_kls[1 - j]`` (two folds)."""
+    if len(path_kls) != 2 or len(fold_sizes) != 2:
+        raise ValueError("split_info takes two folds and the path KL of each fold's reference")
+    m = sum(fold_sizes)
+    return (
+        fold_sizes[0] * math.sqrt(max(path_kls[1], 0.0))
+        + fold_sizes[1] * math.sqrt(max(path_kls[0], 0.0))
+    ) / m
 
 
 def l_hat_from_norms(norms: torch.Tensor, *, estimator: str = "path-mean") -> float:
@@ -119,13 +151,18 @@ def assemble_diffusion_bound(
     """Combine a variant's terms into the total and its signed contributions.
 
     ``train_loss`` is the variant's empirical term (the sigma^2-weighted denoising loss for
-    "paper", the negative ELBO for the others) and ``i_gen`` its generator information (I_gen or
-    I_gir). The encoder terms enter for "paper" and "elbo-encoder" only.
+    "paper", the negative ELBO for the others) and ``i_gen`` its generator information (I_gen,
+    I_gir, or for "elbo-split" the mean square root (1/m) sum_i sqrt(KL_i)). The encoder terms
+    enter for "paper" and "elbo-encoder" only.
     """
     check_variant(variant)
     k = math.sqrt(2.0) * R
     gen = k * math.sqrt(max(i_gen, 0.0))
-    if variant == "elbo":
+    if variant == "elbo-split":
+        # i_gen is (1/m) sum_i sqrt(KL_i) here: already a mean of square roots
+        terms = {"train_nelbo": train_loss, "split_info": i_gen}
+        contributions = {"train_nelbo": train_loss, "split_info": k * i_gen}
+    elif variant == "elbo":
         terms = {"train_nelbo": train_loss, "generator_info": i_gen}
         contributions = {"train_nelbo": train_loss, "generator_info": gen}
     else:

@@ -7,6 +7,19 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# how each term appears in tables, notes and charts: (symbol, label of its signed contribution)
+TERM_LABELS: dict[str, tuple[str, str]] = {
+    "train_loss": ("L_train", "L_train"),
+    "train_nelbo": ("NELBO_train", "NELBO_train"),
+    "encoder_mixture_kl": ("C_mix", "−C_mix"),
+    "prior_kl_sqrt": ("C_prior", "√2 R · C_prior"),
+    "generator_info": ("I_gen", "√2 R · √I_gen"),
+    "split_info": ("C_split", "√2 R · C_split"),
+    "rec": ("REC", "REC"),
+    "kld": ("KLD", "(1+r) √KLD"),
+    "mi": ("MI", "(1+r) √(MI/m)"),
+}
+
 
 @dataclass
 class BoundReport:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .mlp import ScoreMLP
 
 __all__ = ["ScoreMLP", "build_score_model", "model_device"]
@@ -18,8 +20,6 @@ def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: 
 
 def model_device(model) -> torch.device:
     """The device of a model's first parameter or buffer (the CPU for a model with neither)."""
-    import torch
-
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
