@@ -74,3 +74,14 @@ def test_sample_xt_moments():
     xt, _ = sample_xt(x0, t, s)
     assert float(xt.mean()) == pytest.approx(2 * float(s.alpha(0.3)), abs=0.01)
     assert float(xt.var()) == pytest.approx(float(s.sigma2(0.3)), abs=0.01)
+
+
+def test_log_snr_and_its_inverse_for_every_schedule():
+    t = torch.linspace(0.002, 0.95, 200, dtype=torch.float64)
+    for s in (get_schedule("linear"), get_schedule("cosine"), get_schedule("constant")):
+        lam = s.log_snr(t)
+        assert torch.all(lam[1:] < lam[:-1])  # log-SNR falls with t
+        a2, v = s.alpha(t) ** 2, s.sigma2(t)
+        assert torch.allclose(lam, torch.log(a2 / v), atol=1e-9)
+        assert torch.allclose(s.time_at_log_snr(lam), t, atol=1e-10)
+        assert torch.allclose(s.inverse_big_b(s.big_b(t)), t, atol=1e-10)
