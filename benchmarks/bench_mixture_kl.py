@@ -60,8 +60,12 @@ def main() -> None:
     p.add_argument("--d", type=int, default=784)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--broadcast-rows", type=int, default=1000,
-                   help="rows timed for the broadcast estimator when m exceeds it (0: all rows)")
+    p.add_argument(
+        "--broadcast-rows",
+        type=int,
+        default=1000,
+        help="rows timed for the broadcast estimator when m exceeds it (0: all rows)",
+    )
     p.add_argument("--row-chunk", type=int, default=8)
     p.add_argument("--skip-broadcast", action="store_true")
     args = p.parse_args()
@@ -71,22 +75,31 @@ def main() -> None:
     for m in args.m:
         # image-like means: 50 clusters in [0,1]^d plus spread, scaled by alpha_T
         centers = torch.rand((50, args.d), generator=g)
-        x = centers[torch.randint(50, (m,), generator=g)] + 0.2 * torch.randn((m, args.d), generator=g)
+        x = centers[torch.randint(50, (m,), generator=g)] + 0.2 * torch.randn(
+            (m, args.d), generator=g
+        )
         var = 0.97  # C_mix well inside (0, ln m): a test of agreement, not only of speed
         mu = (math.sqrt(1 - var) * x).to(args.device)
-        fast_t, fast_v = timed(lambda mu=mu, var=var: mixture_kl(mu, var, seed=1), args.device, args.repeats)
+        fast_t, fast_v = timed(
+            lambda mu=mu, var=var: mixture_kl(mu, var, seed=1), args.device, args.repeats
+        )
         line = f"m={m:>6} d={args.d}: mixture_kl {fast_t:8.3f} s (median of {args.repeats})"
         if not args.skip_broadcast:
             rows = m if args.broadcast_rows <= 0 else min(m, args.broadcast_rows)
             b_t, b_v = timed(
-                lambda mu=mu, var=var, rows=rows: broadcast_rows(mu, var, rows, row_chunk=args.row_chunk, seed=1),
-                args.device, 1,
+                lambda mu=mu, var=var, rows=rows: broadcast_rows(
+                    mu, var, rows, row_chunk=args.row_chunk, seed=1
+                ),
+                args.device,
+                1,
             )
             scaled = b_t * m / rows
             fast_rows = float(mixture_kl(mu, var, seed=1, per_point=True)[:rows].mean())
             tag = "" if rows == m else f" (scaled from {rows} rows)"
-            line += (f" | broadcast {scaled:9.2f} s{tag} | ratio {scaled / fast_t:7.1f}x"
-                     f" | |diff| on the same rows {abs(fast_rows - b_v):.2e} (value {fast_v:.4f})")
+            line += (
+                f" | broadcast {scaled:9.2f} s{tag} | ratio {scaled / fast_t:7.1f}x"
+                f" | |diff| on the same rows {abs(fast_rows - b_v):.2e} (value {fast_v:.4f})"
+            )
         print(line, flush=True)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from .bounds.diffusion import (
     DEFAULT_R,
     L_ESTIMATORS,
+    R_SOURCES,
     SPLIT_VARIANTS,
     assemble_diffusion_bound,
     check_variant,
@@ -29,6 +30,7 @@ from .bounds.diffusion import (
     girsanov_info,
     l_hat_from_norms,
     path_kl,
+    reference_R,
     split_info,
 )
 from .bounds.report import BoundReport
@@ -250,6 +252,7 @@ def bound_terms(
     if encoder is None and any(v != "elbo" for v in variants):
         encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
     settings = {
+        "R_data": reference_R(x),
         "T": T,
         "schedule": schedule.name,
         **{f"schedule.{k}": v for k, v in schedule.params().items()},
@@ -278,8 +281,9 @@ def bound_terms(
 
 def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = None) -> BoundReport:
     """The bound of one variant from measured terms. ``R`` is a number, ``"estimate"``
-    (``estimate_R`` on the per-sample values of the variant's empirical loss; settings say
-    R_source) or None for the variant's default (``DEFAULT_R``)."""
+    (``estimate_R`` on the per-sample values of the variant's empirical loss), ``"data"``
+    (``reference_R`` of the training data) or None for the variant's default (``DEFAULT_R``);
+    settings say which (R_source)."""
     check_variant(variant)
     if variant == "paper":
         per_sample, mc_se, i_gen = terms.dsm, math.nan, terms.i_uniform
@@ -294,12 +298,15 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
     R_est = estimate_R(per_sample)
     if R is None:
         R = DEFAULT_R[variant]
-    r_value = R_est if R is None or R == "estimate" else float(R)
+    if isinstance(R, str) and R not in R_SOURCES:
+        raise ValueError(f"R={R!r}: give a positive number or one of {', '.join(R_SOURCES)}")
+    sources = {"estimate": R_est, "data": terms.settings["R_data"]}
+    r_value = sources[R] if isinstance(R, str) else float(R)
     settings = {
         "variant": variant,
         **terms.settings,
         "R": r_value,
-        "R_source": "estimate" if R is None or R == "estimate" else "user",
+        "R_source": R if isinstance(R, str) else "user",
         "R_estimate": R_est,
         "L_hat": terms.l_hat,
         "I_uniform": terms.i_uniform,

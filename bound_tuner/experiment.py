@@ -37,7 +37,7 @@ class DiffusionConfig:
     t_min: float = 1e-3
     # bound settings
     variant: str = DEFAULT_VARIANT
-    R: float | str | None = None  # a number, "estimate", or None: the variant's default (DEFAULT_R)
+    R: float | str | None = None  # a number, "estimate", "data", or None: the variant's default
     l_estimator: str = "path-mean"
     n_steps: int = 500
     n_paths: int = 256

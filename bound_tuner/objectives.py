@@ -5,8 +5,8 @@ returns its total; every term goes to the trial's user attrs (``bound.*``), the 
 of validation mode to ``heldout.*`` (never to the value). At checkpoints it reports a cheap
 partial bound so pruners work. A NaN or infinite loss fails the trial with ``fail_reason``.
 
-``VAEObjective`` does the same for a VAE with the bound of bound-spec.md 2, trained with the
-bound-regularizer of section 3; it reports the bound after every epoch and keeps the per-epoch
+``VAEObjective`` does the same for a VAE with the bound of docs/theory.md section 5, trained with the
+bound-regularizer of section 6; it reports the bound after every epoch and keeps the per-epoch
 terms in the user attr ``epoch_terms``.
 """
 
@@ -38,7 +38,7 @@ TrialHook = Callable[[optuna.Trial, Any], None]
 
 
 class DiffusionObjective:
-    """Objective for ``study.optimize``: the diffusion bound of bound-spec.md 1.3 for one trial.
+    """Objective for ``study.optimize``: the diffusion bound of docs/theory.md section 2 for one trial.
 
     Args:
         data: the training set (and test set for validation mode), loaded once per worker.
@@ -157,7 +157,7 @@ _TEST_EXTRAS = ("heldout_loss", "test_neg_elbo", "test_rec", "test_kld", "test_s
 
 @dataclass
 class VAEConfig:
-    """One VAE trial's settings (bound-spec.md 2 and 3); the search space overrides them.
+    """One VAE trial's settings (docs/theory.md sections 5 and 6); the search space overrides them.
 
     ``lam`` weighs the bound-regularizer of ``bound_tuner.vae_training`` (0: plain training),
     ``r`` is the bound's r, ``mc_samples`` the draws of z per point in each bound evaluation.
@@ -198,10 +198,10 @@ class VAEResult:
 
 
 class VAEObjective:
-    """Objective for ``study.optimize``: the VAE bound of bound-spec.md 2 for one trial.
+    """Objective for ``study.optimize``: the VAE bound of docs/theory.md section 5 for one trial.
 
     Each trial samples beta, lam, latent, lr (and epochs, batch_size, arch where the search space
-    has them), trains the VAE on REC + beta KLD + lam S (bound-spec.md 3, ``train_vae``) and
+    has them), trains the VAE on REC + beta KLD + lam S (docs/theory.md section 6, ``train_vae``) and
     returns the bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on all m training points.
 
     After every epoch it evaluates the bound on the training set (on ``bound_subset`` points

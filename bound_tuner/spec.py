@@ -8,7 +8,7 @@ created. The schema (every section optional except [study].name):
              (+ binarize, pad_to_32 for image sets)
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
-  [bound]    variant, R (number or "estimate"), L_estimator, N, k, n_paths, train_draws,
+  [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, VARIANTS
+from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, R_SOURCES, VARIANTS
 from .data import DATASETS
 from .sde import SCHEDULES
 
@@ -287,8 +287,8 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
             raise SpecError(f"{where}: training.{key} = {spec.training[key]} is too small")
     spec.bound = _check_section("bound", raw.get("bound", {}), where)
     r = spec.bound.get("R", 1.0)
-    if isinstance(r, str) and r != "estimate":
-        raise SpecError(f'{where}: bound.R = {r!r}; give a positive number or "estimate"')
+    if isinstance(r, str) and r not in R_SOURCES:
+        raise SpecError(f'{where}: bound.R = {r!r}; give a positive number, "estimate" or "data"')
     if not isinstance(r, str) and not (math.isfinite(r) and r > 0):
         raise SpecError(f"{where}: bound.R = {r} must be positive")
     variant = spec.bound.get("variant", DEFAULT_VARIANT)

@@ -81,7 +81,7 @@ def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
     known = {f.name for f in fields(DiffusionConfig)}
     kw: dict[str, Any] = {k: v for k, v in tr.items() if k in known}
     if "R" in bd:
-        kw["R"] = bd["R"] if bd["R"] == "estimate" else float(bd["R"])
+        kw["R"] = bd["R"] if isinstance(bd["R"], str) else float(bd["R"])
     kw["l_estimator"] = bd.get("L_estimator", "path-mean")
     if "variant" in bd:
         kw["variant"] = bd["variant"]

@@ -1,11 +1,11 @@
-"""Training of score networks by the sigma^2-weighted denoising loss (bound-spec.md 1.2, 3).
+"""Training of score networks by the sigma^2-weighted denoising loss (docs/theory.md sections 1.2 and 6).
 
   l(theta; x) = E_{t ~ U(t_min, T), eps} 1/2 || sigma_t s_theta(alpha_t x + sigma_t eps, t) + eps ||^2
 
 With an eps-predicting network (s = -eps_theta / sigma_t) the integrand is 1/2 ||eps - eps_theta||^2,
 summed over data dimensions (nats per sample).
 
-Bound-regularized training (bound-spec.md 3) adds lambda times a differentiable surrogate of the
+Bound-regularized training (docs/theory.md section 6) adds lambda times a differentiable surrogate of the
 generator term I_gen = L^2 int beta / (2m): the same Girsanov integral with the worst-case score
 norm L^2 replaced by the mean squared score along the training marginals,
 

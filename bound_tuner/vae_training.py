@@ -1,4 +1,4 @@
-"""Training of VAEs, plain or bound-regularized (bound-spec.md 2 and 3).
+"""Training of VAEs, plain or bound-regularized (docs/theory.md sections 5 and 6).
 
 Per mini-batch B of the m training points, with one z ~ q(z|x) per point:
 
@@ -7,8 +7,8 @@ Per mini-batch B of the m training points, with one z ~ q(z|x) per point:
 
 where KLD_B and MI_B are the batch means of the per-point KL to the prior and of
 ln p_theta(x|z) - ln p_theta0(x|z) (the same z, theta_0 the frozen decoder at initialization).
-S is the bound's complexity part, (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) of bound-spec.md 2,
-estimated on the batch: bound-spec.md 3 asks to train directly on these terms. Each square root
+S is the bound's complexity part, (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) of docs/theory.md section 5,
+estimated on the batch: docs/theory.md section 6 asks to train directly on these terms. Each square root
 is taken as sqrt(u + f) - sqrt(f) with f = 1e-6, which lowers it by at most sqrt(f) = 1e-3 and
 keeps the gradient finite where u = 0 (MI is exactly 0 at initialization). MI is clamped at 0 because
 a batch estimate can come out negative; the clamp then passes no gradient. ``lam = 0`` is plain

@@ -122,13 +122,22 @@ def test_every_variant_from_one_model_run():
     )
     reports = {v: variant_report(terms, variant=v) for v in VARIANTS}
     assert reports["paper"].settings["R"] == 5.0  # the paper's R unless told otherwise
+    r_data = 0.5 * (x.double() ** 2).sum(1)
+    assert terms.settings["R_data"] == pytest.approx(float(r_data.max() - r_data.min()) / 2)
     for v in ("elbo", "elbo-split", "elbo-encoder"):
-        assert reports[v].settings["R_source"] == "estimate"
+        assert reports[v].settings["R_source"] == "data"
+        assert reports[v].settings["R"] == terms.settings["R_data"]
         assert reports[v].terms["train_nelbo"] == pytest.approx(terms.nelbo.mean)
     assert terms.split > 0 and terms.i_girsanov > 0
     assert reports["elbo-split"].total == pytest.approx(
         terms.nelbo.mean + math.sqrt(2) * reports["elbo-split"].settings["R"] * terms.split
     )
+    est = variant_report(terms, variant="elbo", R="estimate").settings
+    assert est["R"] == pytest.approx(
+        float(terms.nelbo.per_point.max() - terms.nelbo.per_point.min()) / 2
+    )
+    with pytest.raises(ValueError, match="positive number"):
+        variant_report(terms, variant="elbo", R="guess")
     with pytest.raises(ValueError, match="split_models"):
         bound_terms(model, x, schedule, T=0.5, variants=("elbo-split",), n_steps=5, n_paths=4)
 

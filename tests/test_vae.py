@@ -1,4 +1,4 @@
-"""VAE models, the VAE bound (bound-spec.md 2) and bound-regularized training (section 3)."""
+"""VAE models, the VAE bound (docs/theory.md section 5) and bound-regularized training (section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VAEObjective end to end (bound-spec.md 2 and 3): tiny studies on synthetic binary images."""
+"""VAEObjective end to end (docs/theory.md sections 5 and 6): tiny studies on synthetic binary images."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_vae_study_end_to_end_with_validation(binary_images, vae_spec, tmp_path)
         assert rows[-1]["heldout_loss"] == pytest.approx(ua["heldout.heldout_loss"])
         assert ua["config"]["epochs"] == 3 and ua["config"]["bound_subset"] is None
     by_lam = {t.params["lam"]: t for t in trials}
-    # bound-spec.md 3: lam > 0 lowers the complexity terms it trains on
+    # docs/theory.md section 6: lam > 0 lowers the complexity terms it trains on
     assert _complexity(by_lam[20.0]) < _complexity(by_lam[0.0])
     # the dashboard hook got a note and a samples image for each trial
     assert len(list((tmp_path / "v_artifacts").iterdir())) == 2

@@ -5,6 +5,7 @@ from .diffusion import (
     DEFAULT_R,
     DEFAULT_VARIANT,
     L_ESTIMATORS,
+    R_SOURCES,
     SPLIT_VARIANTS,
     VARIANTS,
     assemble_diffusion_bound,
@@ -16,6 +17,7 @@ from .diffusion import (
     l_hat_from_norms,
     path_kl,
     prior_kl_sqrt,
+    reference_R,
     split_info,
 )
 from .mixture import mixture_kl, mixture_kl_broadcast
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_R",
     "DEFAULT_VARIANT",
     "L_ESTIMATORS",
+    "R_SOURCES",
     "SPLIT_VARIANTS",
     "VARIANTS",
     "assemble_diffusion_bound",
@@ -41,4 +44,5 @@ __all__ = [
     "mixture_kl_broadcast",
     "prior_kl",
     "prior_kl_sqrt",
+    "reference_R",
 ]

@@ -37,12 +37,14 @@ L_ESTIMATORS = ("path-mean", "path-max")
 #: the bound variants of docs/theory.md; "paper" is the formula of arXiv 2506.00849 as published
 VARIANTS = ("paper", "elbo", "elbo-split", "elbo-encoder")
 DEFAULT_VARIANT = "elbo"  # the best selector on benchmarks/bench_selection.py (README)
-#: R when the user gives none: the paper's Swiss-roll value for "paper", else the estimate
-DEFAULT_R: dict[str, float | None] = {
+#: the ways to set R besides a number (docs/theory.md section 3)
+R_SOURCES = ("estimate", "data")
+#: R when the user gives none: the paper's Swiss-roll value for "paper", else the data's scale
+DEFAULT_R: dict[str, float | str] = {
     "paper": 5.0,
-    "elbo": None,
-    "elbo-split": None,
-    "elbo-encoder": None,
+    "elbo": "data",
+    "elbo-split": "data",
+    "elbo-encoder": "data",
 }
 #: variants that train reference models on the two halves of the training set
 SPLIT_VARIANTS = ("elbo-split",)
@@ -120,9 +122,19 @@ def estimate_R(per_sample_losses: torch.Tensor) -> float:
     """An estimate of the sub-Gaussian scale R: half the range of the per-sample losses.
 
     A variable in [a, b] is (b-a)/2 sub-Gaussian (Hoeffding's lemma); the range is taken from the
-    training losses, so this is an estimate, not a guarantee (docs/theory.md, section 3.3).
+    training losses, so this is an estimate, not a guarantee (docs/theory.md, section 3).
     """
     v = per_sample_losses.double()
+    return float((v.max() - v.min()) / 2)
+
+
+def reference_R(x: torch.Tensor) -> float:
+    """R from the data alone: half the range over the training points of the per-sample negative
+    log-likelihood of the data-free model N(0, I), ||x||^2/2 + const (docs/theory.md section 3).
+
+    Hoeffding's scale of that model's loss on the sample; the same for every trial on the same
+    data, so it adds no trial-to-trial noise to a ranking."""
+    v = 0.5 * x.reshape(x.shape[0], -1).double().pow(2).sum(dim=1)
     return float((v.max() - v.min()) / 2)
 
 

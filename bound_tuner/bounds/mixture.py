@@ -1,4 +1,4 @@
-"""C_mix: the mean KL from each encoded point to the encoded training set (bound-spec.md 1.3).
+"""C_mix: the mean KL from each encoded point to the encoded training set (docs/theory.md section 2).
 
   C_mix = (1/m) sum_i KL( N(mu_i, v I) || (1/m) sum_j N(mu_j, v I) )
 
@@ -55,7 +55,7 @@ def mixture_kl(
     seed: int | None = 0,
     per_point: bool = False,
 ) -> float | torch.Tensor:
-    """Return C_mix (a float) for the mixture of N(means_i, var I); bound-spec.md 1.3.
+    """Return C_mix (a float) for the mixture of N(means_i, var I); docs/theory.md section 2.
 
     ``means`` is [m, d] (alpha_T x), ``var`` is sigma_T^2. ``generator`` (or ``seed``) fixes the
     Monte Carlo draws; the noise is drawn on the CPU for the same numbers on every device.

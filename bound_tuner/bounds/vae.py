@@ -1,4 +1,4 @@
-"""The VAE bound of bound-spec.md 2, as pure tensor functions.
+"""The VAE bound of docs/theory.md section 5, as pure tensor functions.
 
 With encoder q(z|x) = N(mu(x), diag s^2(x)), decoder p_theta(x|z) (Bernoulli logits), prior
 N(0, I) and the frozen initial decoder theta_0, in nats per sample summed over pixels:
@@ -34,7 +34,7 @@ __all__ = [
 
 
 class VAETerms(NamedTuple):
-    """Averages over the m points, nats per sample (bound-spec.md 2). ``mi`` is nan without theta_0."""
+    """Averages over the m points, nats per sample (docs/theory.md section 5). ``mi`` is nan without theta_0."""
 
     rec: float
     kld: float
@@ -63,7 +63,7 @@ def vae_batch_terms(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-point REC, KLD and MI estimates [b] for one batch (differentiable; bound-spec.md 2).
+    """Per-point REC, KLD and MI estimates [b] for one batch (differentiable; docs/theory.md section 5).
 
     ``model`` needs ``encode(x) -> (mu, logvar)`` and ``decode(z) -> logits``. The ``mc_samples``
     draws of z per point are shared by ln p_theta and ln p_theta0, so MI is exactly 0 when the
@@ -100,7 +100,7 @@ def vae_terms(
     batch_size: int = 1024,
     generator: torch.Generator | None = None,
 ) -> VAETerms:
-    """REC, KLD and MI over all points of ``x`` (bound-spec.md 2), in eval mode without gradients.
+    """REC, KLD and MI over all points of ``x`` (docs/theory.md section 5), in eval mode without gradients.
 
     Sums are kept in float64. MI is nan when ``decoder0`` is None.
     """
@@ -141,7 +141,7 @@ def vae_bound(
 ) -> BoundReport:
     """The VAE bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on the m training points.
 
-    bound-spec.md 2. ``decoder0`` is the frozen decoder at initialization (``initial_decoder()``
+    docs/theory.md section 5. ``decoder0`` is the frozen decoder at initialization (``initial_decoder()``
     of the models in ``bound_tuner.models.vae``). The estimate of MI can come out slightly
     negative by chance (a difference of two Monte Carlo averages); ``terms["mi"]`` keeps the raw
     estimate and the bound uses sqrt(max(MI, 0) / m). ``extras`` holds the encoder-only bound

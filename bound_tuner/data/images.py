@@ -13,7 +13,7 @@ Where the files come from, in order:
   training digits and 1,000 test digits.
 
 Pixels are float32 in [0, 1], shape [n, 1, 28, 28] ([n, 1, 32, 32] with ``pad_to_32``,
-[n, 784] or [n, 1024] with ``flatten``). Binarization (bound-spec.md 2 uses binarized images with
+[n, 784] or [n, 1024] with ``flatten``). Binarization (docs/theory.md section 5 uses binarized images with
 a Bernoulli likelihood): ``"fixed"`` draws x ~ Bernoulli(pixel) once, the training images from
 ``seed`` and the test images from a fixed seed; ``"dynamic"`` keeps the grey values, sets
 ``info["dynamic_binarize"] = True`` and leaves the resampling to training (``binarize_batch``

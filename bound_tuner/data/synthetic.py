@@ -18,7 +18,7 @@ def swiss_roll(m: int, *, seed: int = 0, noise: float = 0.5) -> torch.Tensor:
 def gaussian(
     m: int, *, d: int = 2, mean: float = 0.0, std: float = 2.0, seed: int = 0
 ) -> torch.Tensor:
-    """X ~ N(mean, std^2 I_d): the data of the closed-form checks in bound-spec.md 1.3."""
+    """X ~ N(mean, std^2 I_d): the data of the closed-form checks in docs/theory.md section 2."""
     if m < 1 or d < 1:
         raise ValueError(f"m={m} and d={d} must be positive")
     rng = np.random.default_rng(seed)

@@ -1,8 +1,8 @@
-"""A small UNet for 28x28 images: the epsilon-predicting score network of bound-spec.md 1.2.
+"""A small UNet for 28x28 images: the epsilon-predicting score network of docs/theory.md section 1.2.
 
 Resolutions 28 -> 14 -> 7 and back, one residual block per level on the way down and up and
 one in the middle, GroupNorm + SiLU, and a sinusoidal embedding of the absolute diffusion time t
-(a float in (0, ~2]; schedules are functions of absolute time, bound-spec.md 1.1). With
+(a float in (0, ~2]; schedules are functions of absolute time, docs/theory.md section 1.1). With
 ``base=32`` it has about 1.03M parameters. The score is s_theta(y, t) = -eps_theta(y, t) / sigma_t.
 """
 

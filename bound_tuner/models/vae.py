@@ -1,4 +1,4 @@
-"""VAEs with a Bernoulli likelihood for binarized images (bound-spec.md 2).
+"""VAEs with a Bernoulli likelihood for binarized images (docs/theory.md section 5).
 
 Encoder q_phi(z|x) = N(mu(x), diag exp(logvar(x))), decoder p_theta(x|z) = Bernoulli(sigmoid(logits)),
 prior N(0, I). Each model records its decoder's weights when it is built: ``initial_decoder()``
