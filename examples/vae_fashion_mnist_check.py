@@ -1,4 +1,4 @@
-"""Check the paper's VAE claim (bound-spec.md 2) on binarized Fashion-MNIST.
+"""Check the paper's VAE claim (docs/theory.md section 5) on binarized Fashion-MNIST.
 
 Trains the paper's MLP VAE (784 -> 512 -> 256 -> 16, mirrored decoder, Bernoulli likelihood;
 Adam 1e-3, batch 64) on all 60,000 training images with fixed binarization, and after every epoch

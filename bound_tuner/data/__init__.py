@@ -17,6 +17,7 @@ from .validate import validate_points
 __all__ = [
     "DataSplit",
     "DATASETS",
+    "IMAGE_SETS",
     "load_dataset",
     "swiss_roll",
     "gaussian",
