@@ -189,3 +189,25 @@ def test_selection_statistics():
     assert pick_rank([1.0, 3.0, 2.0, 4.0], truth) == 3
     assert spearman([3.0, 1.0, 2.0, 4.0], truth) == pytest.approx(1.0)
     assert spearman([4.0, 1.0], [1.0, 2.0]) != spearman([4.0, 1.0], [1.0, 2.0])  # nan below 3
+
+
+def test_spec_bound_variant_R_and_validation_test_size():
+    from bound_tuner.spec import SpecError, parse_spec
+    from bound_tuner.study import diffusion_base_config
+
+    raw = {
+        "study": {"name": "s", "validation": True},
+        "search": {"T": 0.5},
+        "bound": {"variant": "elbo-split"},
+    }
+    spec = parse_spec(raw)
+    assert spec.data["test_size"] == 10_000  # enough fresh points for the k-NN sample KL
+    cfg = diffusion_base_config(spec)
+    assert cfg.variant == "elbo-split" and cfg.R is None  # None: the variant's default, "data"
+    assert parse_spec({**raw, "study": {"name": "s"}}).data["test_size"] == 1000
+    assert diffusion_base_config(parse_spec({**raw, "bound": {"R": "data"}})).R == "data"
+    assert diffusion_base_config(parse_spec({**raw, "bound": {"R": 2}})).R == 2.0
+    with pytest.raises(SpecError, match="bound.variant"):
+        parse_spec({**raw, "bound": {"variant": "best"}})
+    with pytest.raises(SpecError, match="bound.R"):
+        parse_spec({**raw, "bound": {"R": "guess"}})
