@@ -191,11 +191,6 @@ def run_task(task: Task) -> dict:
         split_models=split_models,
         fold_sizes=fold_sizes,
     )
-    scores = {v: variant_report(terms, variant=v).total for v in VARIANTS}
-    for v in ("elbo", "elbo-split"):
-        scores[f"{v}, R estimated"] = variant_report(terms, variant=v, R="estimate").total
-    scores["train NELBO"] = terms.nelbo.mean
-    scores["train DSM"] = float(terms.dsm.mean())
     reports = {v: variant_report(terms, variant=v) for v in VARIANTS}
     held = heldout_metrics(
         model,
@@ -211,9 +206,9 @@ def run_task(task: Task) -> dict:
         "case": task.case,
         "group": task.group,
         "config": {k: task.cfg[k] for k in ("T", "schedule", "schedule_params", "lam", "lr")},
-        "scores": scores,
+        "data": task.data,
+        "data_seed": task.data_seed,
         "terms": {v: r.contributions for v, r in reports.items()},
-        "R_estimate": reports["elbo"].settings["R_estimate"],
         "train_nelbo_mc_se": terms.nelbo.mc_se,
         "raw": {
             "train_nelbo": terms.nelbo.mean,
@@ -231,6 +226,59 @@ def run_task(task: Task) -> dict:
         "heldout": held,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def scores_from_raw(raw: dict) -> dict[str, float]:
+    """Every score of SCORES from a model's measured terms, through the library's own
+    ``assemble_diffusion_bound`` (so a saved run can be re-scored with --rescore)."""
+    from bound_tuner.bounds import assemble_diffusion_bound
+
+    def bound(variant: str, R: float) -> float:
+        if variant == "paper":
+            loss, info = raw["train_dsm"], raw["I_uniform"]
+        else:
+            loss = raw["train_nelbo"]
+            info = raw["C_split"] if variant == "elbo-split" else raw["I_girsanov"]
+        return assemble_diffusion_bound(
+            variant=variant,
+            train_loss=loss,
+            i_gen=info,
+            R=R,
+            c_mix=raw["C_mix"],
+            c_prior=raw["C_prior"],
+        ).total
+
+    return {
+        "paper": bound("paper", 5.0),
+        "elbo": bound("elbo", raw["R_data"]),
+        "elbo-split": bound("elbo-split", raw["R_data"]),
+        "elbo-encoder": bound("elbo-encoder", raw["R_data"]),
+        "elbo, R estimated": bound("elbo", raw["R_nelbo"]),
+        "elbo-split, R estimated": bound("elbo-split", raw["R_nelbo"]),
+        "train NELBO": raw["train_nelbo"],
+        "train DSM": raw["train_dsm"],
+    }
+
+
+def _fill_R_data(rows: list[dict]) -> None:
+    """Rows saved before R_data was recorded: compute it from the data of the row's problem."""
+    from bound_tuner.bounds import reference_R
+    from bound_tuner.data import load_dataset
+    from bound_tuner.data.preprocess import to_symmetric
+
+    for r in rows:
+        if r["raw"].get("R_data") is not None:
+            continue
+        name = r.get("data") or (
+            "fashion_mnist"
+            if r["case"] == "e"
+            else r["group"].split("/")[1]
+            if r["case"] == "d"
+            else "swiss_roll"
+        )
+        seed = r.get("data_seed", int(r["group"].split("seed")[-1].split("+")[0]))
+        x = load_dataset(name, m=r["raw"]["m"], seed=seed, test_size=2).train
+        r["raw"]["R_data"] = reference_R(to_symmetric(x) if name == "fashion_mnist" else x)
 
 
 def truths_of(case: str) -> tuple[str, ...]:
@@ -251,7 +299,7 @@ def summarize(rows: list[dict]) -> str:
                 regs, rhos, ranks = [], [], []
                 for g in groups:
                     rs = [r for r in rows if r["group"] == g]
-                    sc = [r["scores"][score] for r in rs]
+                    sc = [scores_from_raw(r["raw"])[score] for r in rs]
                     tr = [r["heldout"][truth] for r in rs]
                     regs.append(regret(sc, tr))
                     rhos.append(spearman(sc, tr))
@@ -260,6 +308,30 @@ def summarize(rows: list[dict]) -> str:
                     f"| {score} | {100 * statistics.fmean(regs):.0f}% | "
                     f"{statistics.fmean(rhos):+.2f} | {' '.join(ranks)} |"
                 )
+    return "\n".join(out)
+
+
+def compact_table(rows: list[dict]) -> str:
+    """One markdown table: a row per score, a column per case (first truth of the case), each
+    cell mean regret / mean Spearman."""
+    from bound_tuner.metrics import regret, spearman
+
+    cases = sorted({r["case"] for r in rows})
+    head = ["score"] + [f"{CASE_TITLES[c]} ({truths_of(c)[0]})" for c in cases]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for score in SCORES:
+        cells = [score]
+        for case in cases:
+            truth = truths_of(case)[0]
+            regs, rhos = [], []
+            for g in sorted({r["group"] for r in rows if r["case"] == case}):
+                rs = [r for r in rows if r["group"] == g]
+                sc = [scores_from_raw(r["raw"])[score] for r in rs]
+                tr = [r["heldout"][truth] for r in rs]
+                regs.append(regret(sc, tr))
+                rhos.append(spearman(sc, tr))
+            cells.append(f"{100 * statistics.fmean(regs):.0f}% / {statistics.fmean(rhos):+.2f}")
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -273,7 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     ap.add_argument("--out", help="write every row (scores, terms, held-out metrics) as JSON")
+    ap.add_argument("--rescore", metavar="JSON", help="print the tables of a saved --out file")
     args = ap.parse_args(argv)
+    if args.rescore:
+        with open(args.rescore) as f:
+            rows = json.load(f)
+        _fill_R_data(rows)
+        print(compact_table(rows))
+        print(summarize(rows))
+        return 0
     from bound_tuner.data.images import find_fashion_mnist
 
     try:
@@ -308,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("BENCH_THREADS", str(os.cpu_count() or 1))
         keep(run_task(replace(t)))
     print(f"{len(rows)} models in {time.perf_counter() - t0:.0f} s with {args.jobs} processes")
+    print(compact_table(rows))
     print(summarize(rows))
     return 0
 
