@@ -43,6 +43,8 @@ from .training import denoising_terms
 
 #: data of at most this many dimensions get the k-NN sample KL (docs/theory.md, section 4)
 SAMPLE_KL_MAX_DIM = 10
+#: generator samples and steps of the held-out metrics when none are given: (points, images)
+HELDOUT_DEFAULTS = {"points": (10_000, 1000), "images": (256, 100)}
 
 
 @torch.no_grad()
@@ -348,8 +350,8 @@ def heldout_metrics(
     *,
     T: float,
     test: torch.Tensor,
-    n_generated: int = 10_000,
-    n_steps: int = 1000,
+    n_generated: int | None = None,
+    n_steps: int | None = None,
     bandwidth: float = 0.1,
     t_min: float = 1e-3,
     seed: int = 0,
@@ -358,8 +360,8 @@ def heldout_metrics(
 
     Any data: the held-out negative ELBO per point (``neg_elbo``, with ``neg_elbo_se``) and the
     held-out denoising loss. Data of at most SAMPLE_KL_MAX_DIM dimensions: ``sample_kl``, the
-    k-NN estimate of KL(data || generated) from ``n_generated`` generator samples against all
-    test points (the ground truth for selection, with ``sample_kl_se``), and for 2-D data the
+    k-NN estimate of KL(data || generated) from ``n_generated`` generator samples (N =
+    ``n_steps``; defaults in HELDOUT_DEFAULTS) against all test points (the ground truth for selection, with ``sample_kl_se``), and for 2-D data the
     paper's kernel-density ``test_kl`` (first half of the test points as the reference density,
     the second half as evaluation points, 1000 of each at most). Images: ``bits_per_dim`` (with
     ``bits_per_dim_se``) and ``pixel_fd``, the Frechet distance between generated and test
@@ -367,6 +369,9 @@ def heldout_metrics(
     """
     images = test.dim() == 4
     draws = 8 if images else 64  # a UNet pass per draw and point: fewer draws for images
+    default_n, default_steps = HELDOUT_DEFAULTS["images" if images else "points"]
+    n_generated = default_n if n_generated is None else n_generated
+    n_steps = default_steps if n_steps is None else n_steps
     out: dict[str, float] = {
         "denoising_loss": float(
             denoising_loss_pass(

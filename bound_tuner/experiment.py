@@ -44,8 +44,8 @@ class DiffusionConfig:
     mc_samples: int = 1
     train_draws: int = 64
     # held-out metrics (validation mode only)
-    heldout_n_generated: int = 10_000
-    heldout_n_steps: int = 1000
+    heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
+    heldout_n_steps: int | None = None
     seed: int = 0
 
     def to_dict(self) -> dict:
