@@ -23,6 +23,8 @@ _LAZY = {
     "load_spec": "bound_tuner.spec",
     "create_study_from_spec": "bound_tuner.study",
     "run_study": "bound_tuner.study",
+    "load_model": "bound_tuner.artifacts",
+    "prepare_for": "bound_tuner.data",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

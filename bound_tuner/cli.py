@@ -4,6 +4,8 @@
   bound-tuner worker SPEC --storage URL [--device DEV]
   bound-tuner report --study NAME [--storage URL] [--format table|json] [--plot FILE.png]
   bound-tuner dashboard [--storage URL] [--host 127.0.0.1] [--port 8080] [--artifacts DIR]
+  bound-tuner export --study NAME [--storage URL] [--trial N|best] --out FILE.pt
+  bound-tuner sample --study NAME [--storage URL] [--trial N|best] --n K --out FILE.npy|FILE.png
 
 A user error (spec, data, storage) prints one line and exits with status 2; nothing is written.
 """
@@ -17,11 +19,12 @@ import signal
 import sys
 import threading
 
+from .artifacts import ArtifactError
 from .spec import SpecError
 from .storage import StorageError, scrub
 from .workers import TrialError, WorkerConfigError, WorkerError, install_sigterm_handler
 
-USER_ERRORS = (SpecError, StorageError, WorkerConfigError)
+USER_ERRORS = (SpecError, StorageError, WorkerConfigError, ArtifactError)
 RUN_ERRORS = (WorkerError, TrialError)
 INTERRUPTED_MESSAGE = (
     "bound-tuner: interrupted; the running trials were marked interrupted and are retried "
@@ -177,6 +180,85 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trial(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a trial number (0, 1, ...) or best")
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return n
+
+
+def _load(args: argparse.Namespace):
+    from .artifacts import load_model
+    from .workers import check_device
+
+    check_device(args.device)
+    return load_model(
+        args.study,
+        args.trial,
+        storage=args.storage,
+        artifacts=args.artifacts,
+        device=args.device,
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifacts import export_model
+
+    if not args.out.endswith(".pt"):
+        raise ArtifactError(f"--out {args.out}: the weights file must end in .pt")
+    tm = _load(args)
+    meta = export_model(tm, args.out, study_name=args.study)
+    print(f"trial {tm.trial} (bound {tm.value:.4f}): weights in {args.out}, config in {meta}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .artifacts import save_samples
+
+    if not args.out.lower().endswith((".npy", ".png")):
+        raise ArtifactError(f"--out {args.out}: write samples to a .npy file (or .png for images)")
+    tm = _load(args)
+    if args.out.lower().endswith(".png") and not tm.is_image:
+        raise ArtifactError(
+            f"--out {args.out}: a .png grid needs image data, and this model makes points; "
+            "write .npy instead"
+        )
+    x = tm.sample(args.n, seed=args.seed, n_steps=args.steps)
+    save_samples(x, args.out, image=tm.is_image)
+    print(f"{args.n} samples of trial {tm.trial} (seed {args.seed}) in {args.out}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help=_storage_help())
+    p.add_argument(
+        "--trial", type=_trial, default="best", help="trial number, or best (the default)"
+    )
+    p.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help="artifact folder holding the weights (default: the one the trial was saved to, "
+        "else as for dashboard)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device to load the model on (cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bound-tuner",
@@ -245,6 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
         "a SQLite file, else ./bound_tuner_artifacts)",
     )
     d.set_defaults(func=cmd_dashboard)
+
+    e = sub.add_parser("export", help="write a trial's trained weights (.pt) and config (.json)")
+    _model_args(e)
+    e.add_argument("--out", required=True, metavar="FILE.pt", help="weights file to write")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("sample", help="draw samples from a trial's trained model")
+    _model_args(s)
+    s.add_argument("--n", type=_positive, required=True, metavar="K", help="number of samples")
+    s.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help=".npy (any data; images as pixels in [0, 1]) or .png (an 8-wide grid, images)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator's noise (0)")
+    s.add_argument(
+        "--steps", type=_positive, metavar="N", help="generator steps (default: the bound's N)"
+    )
+    s.set_defaults(func=cmd_sample)
     return p
 
 

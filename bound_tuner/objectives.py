@@ -24,14 +24,14 @@ from torch import nn
 from .bounds.diffusion import SPLIT_VARIANTS, encoder_terms
 from .bounds.report import BoundReport
 from .bounds.vae import vae_bound
-from .data import DataSplit
+from .data import DataSplit, prepare_for
 from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, run_diffusion
 from .models.vae import MLPVAE, ConvVAE
 from .sde import get_schedule
 from .seeding import derive_seed, seed_everything
 from .space import sample_diffusion_params, suggest
-from .spec import SpecError, StudySpec, parse_search
+from .spec import DEFAULT_KEEP_MODELS, Param, SpecError, StudySpec, parse_search
 from .vae_training import train_vae
 
 TrialHook = Callable[[optuna.Trial, Any], None]
@@ -50,6 +50,13 @@ class DiffusionObjective:
         study_seed: per-trial seeds derive from it and the trial number.
         device: torch device of the trial.
         on_result: optional hook ``(trial, DiffusionResult)`` after a trial's bound (artifacts).
+        artifact_store: an Optuna artifact store; every complete trial among the best
+            ``keep_models`` uploads its weights there (``bound_tuner.artifacts``). None: none.
+        keep_models: how many of the best trials keep their weights (None: all).
+
+    ``data`` are prepared for diffusion first (``bound_tuner.data.prepare_for``: images in
+    [0, 1] become pixel bin centres in [-1, 1]). Settings the search space leaves out come from
+    ``base``, the schedule and its parameters included.
     """
 
     def __init__(
@@ -63,10 +70,23 @@ class DiffusionObjective:
         study_seed: int = 0,
         device: str | torch.device = "cpu",
         on_result: TrialHook | None = None,
+        artifact_store: Any | None = None,
+        keep_models: int | None = DEFAULT_KEEP_MODELS,
     ) -> None:
-        self.data = data
+        self.data = prepare_for(data, "diffusion")
         self.search = parse_search(search, model="diffusion")
         self.base = base or DiffusionConfig()
+        self.keeper = None
+        if artifact_store is not None:
+            from .artifacts import ModelKeeper
+
+            self.keeper = ModelKeeper(
+                artifact_store,
+                kind="diffusion",
+                build={"shape": list(self.data.train.shape[1:])},
+                data=self.data.info,
+                keep=keep_models,
+            )
         self.validation = validation
         self.checkpoints = checkpoints
         self.study_seed = study_seed
@@ -74,7 +94,12 @@ class DiffusionObjective:
         self.on_result = on_result
 
     def config_for(self, trial: optuna.Trial) -> DiffusionConfig:
-        params = sample_diffusion_params(trial, self.search)
+        search = self.search
+        if "schedule" not in search:  # the base schedule, with its parameters
+            search = {**search, "schedule": Param("schedule", str, fixed=self.base.schedule)}
+        params = sample_diffusion_params(trial, search)
+        if "schedule" not in self.search:
+            params["schedule_params"] = {**self.base.schedule_params, **params["schedule_params"]}
         return replace(self.base, **params, seed=derive_seed(self.study_seed, trial.number))
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -105,6 +130,8 @@ class DiffusionObjective:
             return math.nan
         if self.on_result is not None:
             self.on_result(trial, res)
+        if self.keeper is not None:
+            self.keeper(trial, res.model, report.total)
         return report.total
 
     def _checkpoint(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
@@ -231,6 +258,11 @@ class VAEObjective:
         hidden: hidden widths of the MLP encoder (mirrored in the decoder).
         conv_width: channels of the first convolution of the conv VAE.
         eval_batch_size: points per batch in the bound evaluations.
+        artifact_store: an Optuna artifact store; every complete trial among the best
+            ``keep_models`` uploads its weights there (``bound_tuner.artifacts``). None: none.
+        keep_models: how many of the best trials keep their weights (None: all).
+
+    ``data`` are prepared for a VAE first (``bound_tuner.data.prepare_for``: images flattened).
     """
 
     def __init__(
@@ -248,7 +280,10 @@ class VAEObjective:
         hidden: tuple[int, ...] = (512, 256),
         conv_width: int = 32,
         eval_batch_size: int = 1024,
+        artifact_store: Any | None = None,
+        keep_models: int | None = DEFAULT_KEEP_MODELS,
     ) -> None:
+        data = prepare_for(data, "vae")
         self.data = data
         self.search = parse_search(search, model="vae")
         self.base = base or VAEConfig()
@@ -273,6 +308,22 @@ class VAEObjective:
             g = torch.Generator().manual_seed(study_seed)
             idx = torch.randperm(self.m, generator=g)[: self.bound_subset].sort().values
             self.epoch_x = data.train[idx]
+        self.keeper = None
+        if artifact_store is not None:
+            from .artifacts import ModelKeeper
+
+            self.keeper = ModelKeeper(
+                artifact_store,
+                kind="vae",
+                build={
+                    "shape": [self.input_dim],
+                    "input_dim": self.input_dim,
+                    "hidden": list(self.hidden),
+                    "conv_width": self.conv_width,
+                },
+                data=data.info,
+                keep=keep_models,
+            )
 
     @classmethod
     def from_spec(
@@ -282,6 +333,7 @@ class VAEObjective:
         *,
         device: str | torch.device = "cpu",
         on_result: TrialHook | None = None,
+        artifact_store: Any | None = None,
     ) -> VAEObjective:
         """The objective of a VAE study spec: [search], fixed values from [training] (epochs,
         batch_size, lr) and [bound] (r, mc_samples, bound_subset)."""
@@ -298,6 +350,8 @@ class VAEObjective:
                 study_seed=spec.seed,
                 device=device,
                 on_result=on_result,
+                artifact_store=artifact_store,
+                keep_models=spec.keep_models,
             )
         except SpecError as e:
             raise SpecError(f"{spec.path}: {e}") from None
@@ -410,6 +464,8 @@ class VAEObjective:
             return math.nan
         if self.on_result is not None:
             self.on_result(trial, VAEResult(report, heldout, model, history, rows))
+        if self.keeper is not None:
+            self.keeper(trial, model, report.total)
         return report.total
 
     def _epoch_row(self, epoch: int, rep: BoundReport, r: float) -> dict[str, float]:

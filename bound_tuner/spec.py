@@ -3,9 +3,12 @@
 Every problem raises SpecError with one line naming the field and the mend, before any study is
 created. The schema (every section optional except [study].name):
 
-  [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed
+  [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed, keep_models (the
+             best trials whose trained weights are kept: a number, default 5, or "all")
   [data]     name, m (an integer; "all" for every image of an image set), seed, test_size
-             (+ binarize, pad_to_32 for image sets)
+             (+ binarize, pad_to_32 for image sets), or for a user's own data path (a .npy,
+             .npz, .csv or .pt file or a folder of images, relative to the spec file), m
+             (default "all"), seed, test_fraction (default 0.2), image_size, fit, binarize
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
@@ -30,9 +33,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, R_SOURCES, VARIANTS
 from .data import DATASETS, IMAGE_SETS
-from .sde import SCHEDULES
+
+# the bound and schedule names live beside torch code; they are imported where a spec is checked,
+# so that `bound-tuner --help` and `report` never load torch
 
 
 class SpecError(ValueError):
@@ -64,12 +68,23 @@ VAE_PARAMS: dict[str, type] = {
     "arch": str,
 }
 SECTIONS = {
-    "study": {"name": str, "model": str, "n_trials": int, "validation": bool, "seed": int},
+    "study": {
+        "name": str,
+        "model": str,
+        "n_trials": int,
+        "validation": bool,
+        "seed": int,
+        "keep_models": (int, str),
+    },
     "data": {
         "name": str,
+        "path": str,
         "m": (int, str),
         "seed": int,
         "test_size": int,
+        "test_fraction": float,
+        "image_size": (int, list),
+        "fit": str,
         "binarize": str,
         "pad_to_32": bool,
     },
@@ -112,6 +127,10 @@ SCHEDULE_PARAMS = {
 }
 
 
+# complete trials whose trained weights are kept as artifacts (the best ones by the bound)
+DEFAULT_KEEP_MODELS = 5
+
+
 @dataclass
 class Param:
     """One search-space entry: fixed, a numeric range, or a list of choices (grid)."""
@@ -145,6 +164,7 @@ class StudySpec:
     n_trials: int = 20
     validation: bool = False
     seed: int = 0
+    keep_models: int | None = DEFAULT_KEEP_MODELS  # None: every complete trial keeps its model
     data: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Param] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -162,14 +182,20 @@ def _type_ok(value: Any, expected) -> bool:
             return True
         if k is int and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if k in (str, bool) and isinstance(value, k):
+        if k in (str, bool, list) and isinstance(value, k):
             return True
     return False
 
 
 def _tname(expected) -> str:
     kinds = expected if isinstance(expected, tuple) else (expected,)
-    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    names = {
+        float: "a number",
+        int: "an integer",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+    }
     return " or ".join(names[k] for k in kinds)
 
 
@@ -236,8 +262,82 @@ def _parse_param(name: str, raw: Any, kind: type, where: str) -> Param:
     return Param(name, kind, low=low, high=high, log=log, step=step)
 
 
-def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
-    """Check a spec given as a dict (as tomllib returns it) and build a StudySpec."""
+def _check_data(spec: StudySpec, where: str, base: Path | None) -> None:
+    """[data]: a built-in set by name, or the user's own file or image folder by path."""
+    from .data.files import FITS
+
+    d = spec.data
+    if "path" in d:
+        if "name" in d:
+            raise SpecError(
+                f"{where}: [data] has both name and path; give name for a built-in set or path "
+                "for your own file, not both"
+            )
+        if not d["path"].strip():
+            raise SpecError(f"{where}: data.path is empty; give the file or image folder")
+        p = Path(d["path"]).expanduser()
+        if not p.is_absolute() and base is not None:
+            p = base / p  # relative to the spec file
+        d["path"] = str(p)
+        d["name"] = "file"
+        for key in ("test_size", "pad_to_32"):
+            if key in d:
+                raise SpecError(
+                    f"{where}: data.{key} applies to the built-in sets; for your own file use "
+                    + ("test_fraction" if key == "test_size" else "image_size and fit")
+                )
+        d.setdefault("m", "all")
+    else:
+        for key in ("test_fraction", "image_size", "fit"):
+            if key in d:
+                raise SpecError(
+                    f"{where}: data.{key} applies to your own data (data.path), not to the "
+                    "built-in sets; remove it"
+                )
+        dname = d.setdefault("name", "swiss_roll")
+        if dname not in DATASETS:
+            raise SpecError(
+                f"{where}: data.name = {dname!r} is an unknown data set; choose one of "
+                f"{', '.join(sorted(DATASETS))}, or give data.path for your own file"
+            )
+        d.setdefault("m", 200)
+    if isinstance(d["m"], str):
+        if d["m"] != "all":
+            raise SpecError(
+                f'{where}: data.m = {d["m"]!r} must be an integer or "all" '
+                "(every training point of a file or image set)"
+            )
+    elif d["m"] < 2:
+        raise SpecError(f"{where}: data.m = {d['m']} must be at least 2")
+    tf = d.get("test_fraction")
+    if tf is not None and not (math.isfinite(tf) and 0 <= tf < 1):
+        raise SpecError(
+            f"{where}: data.test_fraction = {tf} must be in [0, 1) (0: every point trains)"
+        )
+    if "image_size" in d:
+        size = d["image_size"]
+        sizes = size if isinstance(size, list) else [size]
+        if not (
+            len(sizes) in (1, 2)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+        ):
+            raise SpecError(
+                f"{where}: data.image_size = {size!r} must be a positive integer or [height, width]"
+            )
+    if "fit" in d:
+        if d["fit"] not in FITS:
+            raise SpecError(f"{where}: data.fit = {d['fit']!r}; choose one of {', '.join(FITS)}")
+        if "image_size" not in d:
+            raise SpecError(f"{where}: data.fit needs data.image_size, the size to fit images to")
+
+
+def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> StudySpec:
+    """Check a spec given as a dict (as tomllib returns it) and build a StudySpec.
+
+    ``base`` is the folder that a relative data.path is read from (the spec file's folder).
+    """
+    from .bounds.diffusion import DEFAULT_VARIANT, L_ESTIMATORS, R_SOURCES, VARIANTS
+
     for section in raw:
         if section not in SECTIONS and section != "search":
             raise SpecError(
@@ -256,27 +356,26 @@ def parse_spec(raw: dict, *, where: str = "spec") -> StudySpec:
         raise SpecError(f"{where}: study.n_trials = {spec.n_trials} must be at least 1")
     spec.validation = study.get("validation", False)
     spec.seed = study.get("seed", 0)
+    keep = study.get("keep_models", DEFAULT_KEEP_MODELS)
+    if isinstance(keep, str):
+        if keep != "all":
+            raise SpecError(
+                f'{where}: study.keep_models = {keep!r}; give a number of trials or "all"'
+            )
+        spec.keep_models = None
+    elif keep < 0:
+        raise SpecError(f"{where}: study.keep_models = {keep} must be at least 0 (0: none)")
+    else:
+        spec.keep_models = keep
 
     spec.data = _check_section("data", raw.get("data", {}), where)
-    dname = spec.data.setdefault("name", "swiss_roll")
-    if dname not in DATASETS:
-        raise SpecError(
-            f"{where}: data.name = {dname!r} is an unknown data set; "
-            f"choose one of {', '.join(sorted(DATASETS))}"
-        )
-    spec.data.setdefault("m", 200)
-    if isinstance(spec.data["m"], str):
-        if spec.data["m"] != "all":
-            raise SpecError(
-                f'{where}: data.m = {spec.data["m"]!r} must be an integer or "all" '
-                "(every training image of an image set)"
-            )
-    elif spec.data["m"] < 2:
-        raise SpecError(f"{where}: data.m = {spec.data['m']} must be at least 2")
+    _check_data(spec, where, base)
+    dname = spec.data["name"]
     spec.data.setdefault("seed", spec.seed)
-    # a validating study on synthetic data draws enough fresh points for the k-NN sample KL
-    synthetic_validation = spec.validation and dname not in IMAGE_SETS
-    spec.data.setdefault("test_size", 10_000 if synthetic_validation else 1000)
+    if dname != "file":
+        # a validating study on synthetic data draws enough fresh points for the k-NN sample KL
+        synthetic_validation = spec.validation and dname not in IMAGE_SETS
+        spec.data.setdefault("test_size", 10_000 if synthetic_validation else 1000)
 
     if isinstance(raw.get("training"), dict) and "device" in raw["training"]:
         raise SpecError(
@@ -414,6 +513,8 @@ def _check_values(spec: StudySpec, where: str) -> None:
             if name in _POSITIVE and value <= 0:
                 raise SpecError(f"{where}: {name} = {value} must be positive")
     for key in _IMAGE_ONLY:
+        if key == "binarize" and spec.data["name"] == "file":
+            continue  # binarize applies to the images of a user's folder too
         if key in spec.data and spec.data["name"] not in IMAGE_SETS:
             raise SpecError(
                 f"{where}: data.{key} applies to the image sets ({', '.join(IMAGE_SETS)}), not "
@@ -442,6 +543,8 @@ def _check_values(spec: StudySpec, where: str) -> None:
 
 
 def _check_diffusion_space(spec: StudySpec, where: str) -> None:
+    from .sde import SCHEDULES
+
     s = spec.search
     if "T" not in s:
         raise SpecError(f"{where}: search.T is missing; add e.g. T = {{ low = 0.1, high = 1.8 }}")
@@ -521,4 +624,4 @@ def load_spec(path: str | Path) -> StudySpec:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML ({e}); fix the syntax") from None
-    return parse_spec(raw, where=str(p))
+    return parse_spec(raw, where=str(p), base=p.resolve().parent)

@@ -14,7 +14,6 @@ from typing import Any
 import optuna
 
 from .data import DataSplit, load_dataset
-from .data.preprocess import to_symmetric
 from .experiment import DiffusionConfig
 from .space import grid_space
 from .spec import SpecError, StudySpec
@@ -56,22 +55,20 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def load_data(spec: StudySpec) -> DataSplit:
-    """The spec's data set; a problem with it becomes a SpecError naming [data]."""
+    """The spec's data set, prepared for its model (``bound_tuner.data.prepare_for``: the same
+    data a Python user gets from ``load_dataset(..., model=...)``); a problem with it becomes a
+    SpecError naming [data]."""
     d = dict(spec.data)
     name = d.pop("name")
     try:
-        split = load_dataset(name, **d)
+        split = load_dataset(name, **d, model=spec.model)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SpecError(f"{spec.path}: [data] {e}") from None
-    if spec.model == "diffusion" and split.train.dim() == 4:
-        # images for diffusion: bin centres in [-1, 1] (bound_tuner.data.preprocess)
-        split.train, split.test = to_symmetric(split.train), to_symmetric(split.test)
-        split.info["preprocess"] = "symmetric [-1, 1], bin centres"
-    if spec.model == "vae" and split.train.dim() == 4:
-        # images for a VAE: flattened, [n, 784] ([n, 1024] with pad_to_32), binarized per [data]
-        split.train = split.train.reshape(split.train.shape[0], -1)
-        split.test = split.test.reshape(split.test.shape[0], -1)
-        split.info["flatten"] = True
+    if spec.validation and split.test.shape[0] == 0:
+        raise SpecError(
+            f"{spec.path}: [data] validation needs held-out points, but test_fraction = 0 "
+            "keeps none; raise data.test_fraction or set study.validation = false"
+        )
     return split
 
 
@@ -99,10 +96,22 @@ def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
 
 
 def build_objective(
-    spec: StudySpec, data: DataSplit | None = None, *, device: str = "cpu", on_result=None
+    spec: StudySpec,
+    data: DataSplit | None = None,
+    *,
+    device: str = "cpu",
+    on_result=None,
+    artifact_store=None,
 ):
-    """The objective of a spec's model, on its data (loaded here unless given)."""
+    """The objective of a spec's model, on its data (loaded here unless given).
+
+    Trained weights go to ``artifact_store`` (the best ``[study] keep_models`` trials); by
+    default to the store of the dashboard hook ``on_result`` when it has one, as in every
+    ``bound-tuner run``, ``worker`` and ``run_study``.
+    """
     data = data if data is not None else load_data(spec)
+    if artifact_store is None:
+        artifact_store = getattr(on_result, "artifact_store", None)
     if spec.model == "diffusion":
         from .objectives import DiffusionObjective
 
@@ -115,10 +124,14 @@ def build_objective(
             study_seed=spec.seed,
             device=device,
             on_result=on_result,
+            artifact_store=artifact_store,
+            keep_models=spec.keep_models,
         )
     from .objectives import VAEObjective
 
-    return VAEObjective.from_spec(spec, data, device=device, on_result=on_result)
+    return VAEObjective.from_spec(
+        spec, data, device=device, on_result=on_result, artifact_store=artifact_store
+    )
 
 
 def open_study(

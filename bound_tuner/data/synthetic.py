@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import make_swiss_roll
 
 
 def swiss_roll(m: int, *, seed: int = 0, noise: float = 0.5) -> torch.Tensor:
     """The paper's 2-D Swiss roll: make_swiss_roll(noise=0.5), columns 0 and 2, divided by 5."""
     if m < 1:
         raise ValueError(f"m={m} must be a positive number of points")
+    from sklearn.datasets import make_swiss_roll
+
     x, _ = make_swiss_roll(n_samples=m, noise=noise, random_state=seed)
     return torch.from_numpy(x[:, [0, 2]] / 5.0).float()
 

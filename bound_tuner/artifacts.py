@@ -1,0 +1,507 @@
+"""Trained models as Optuna artifacts: kept per trial, loaded, exported and sampled.
+
+Every complete trial of a study uploads one file, ``model_trial<N>.pt``, to the study's artifact
+store (the folder beside the database, ``bound_tuner.dashboard.artifact_dir_for``, or one the
+user names). It is a dict of tensors and plain values that ``torch.load(..., weights_only=True)``
+reads: ``state_dict`` (the weights), ``kind`` ("diffusion" or "vae"), ``config`` (the trial's
+DiffusionConfig or VAEConfig as a dict), ``build`` (what rebuilds the network: the data shape, and
+for a VAE its architecture) and ``data`` (how the data were prepared). The trial's user attrs
+``model.artifact_id``, ``model.sha256`` and ``model.store`` say which file it is, its digest
+and the folder it went to.
+
+A study keeps the weights of its best ``keep_models`` trials by the bound (``[study]
+keep_models``, default 5; "all" keeps every one): a new trial's weights are uploaded only if it
+ranks among them, and the weights of a trial pushed out are deleted from the store.
+
+``load_model(study, trial="best")`` rebuilds a trial's model, ready for sampling with its own
+schedule, T, t_min and generator step count. Weights are read only with ``weights_only=True``
+and only after their SHA-256 digest matches the one the trial recorded, so a file that was
+changed, truncated or replaced raises ``ArtifactError`` (one line) instead of being unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .sde import Schedule
+
+__all__ = [
+    "ArtifactError",
+    "ModelKeeper",
+    "TrainedModel",
+    "export_model",
+    "find_trial",
+    "load_model",
+    "save_samples",
+]
+
+FORMAT = 1
+ATTR_ID = "model.artifact_id"
+ATTR_SHA = "model.sha256"
+ATTR_STORE = "model.store"
+
+
+class ArtifactError(ValueError):
+    """A trial without kept weights, or a weights file that is missing, changed or unreadable."""
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _exists(store: Any, artifact_id: str) -> bool:
+    try:
+        reader = store.open_reader(artifact_id)
+    except Exception:
+        return False
+    reader.close()
+    return True
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+class ModelKeeper:
+    """Uploads a finished trial's weights and keeps those of the best ``keep`` trials only.
+
+    Called by the objectives after a trial's bound, with the trial, its model and its value.
+
+    Args:
+        artifact_store: an Optuna artifact store (``bound_tuner.dashboard.artifact_store_for``).
+        kind: "diffusion" or "vae".
+        build: what rebuilds the network besides the trial's config (data shape, architecture).
+        data: how the data were prepared (the split's info), kept for sampling.
+        keep: how many of the best trials keep their weights (None: all; 0: none).
+    """
+
+    def __init__(
+        self,
+        artifact_store: Any,
+        *,
+        kind: str,
+        build: dict[str, Any],
+        data: dict[str, Any] | None = None,
+        keep: int | None = 5,
+    ) -> None:
+        if keep is not None and keep < 0:
+            raise ValueError(f"keep={keep} must be at least 0 (or None: every trial)")
+        self.artifact_store = artifact_store
+        self.kind = kind
+        self.build = dict(build)
+        self.data = {k: v for k, v in (data or {}).items() if _plain(v)}
+        self.keep = keep
+
+    def __call__(self, trial: optuna.Trial, model: nn.Module, value: float) -> str | None:
+        if self.keep == 0 or not math.isfinite(value):
+            return None
+        if self.keep is None:
+            return self._upload(trial, model)
+        # the kept trials and this one, best first (ties: the earlier trial)
+        ranked = sorted(
+            [(t.value, t.number, t) for t in self._kept_trials(trial)]
+            + [(value, trial.number, None)],
+            key=lambda r: (r[0], r[1]),
+        )
+        if all(r[2] is not None for r in ranked[: self.keep]):
+            return None  # not among the best: nothing to upload
+        artifact_id = self._upload(trial, model)
+        for _, _, t in ranked[self.keep :]:
+            try:
+                self.artifact_store.remove(t.user_attrs[ATTR_ID])
+            except Exception:  # already gone (another process, a manual cleanup)
+                pass
+        return artifact_id
+
+    def _kept_trials(self, trial: optuna.Trial) -> list[FrozenTrial]:
+        """Complete trials of the study whose weights are still in the store, best first."""
+        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        out = [
+            t
+            for t in done
+            if ATTR_ID in t.user_attrs
+            and t.value is not None
+            and math.isfinite(t.value)
+            and _exists(self.artifact_store, t.user_attrs[ATTR_ID])
+        ]
+        return out
+
+    def _upload(self, trial: optuna.Trial, model: nn.Module) -> str:
+        import torch
+        from optuna.artifacts import upload_artifact
+
+        payload = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "config": dict(trial.user_attrs.get("config", {})),
+            "build": self.build,
+            "data": self.data,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"model_trial{trial.number}.pt"
+            torch.save(payload, path)
+            digest = _sha256(path)
+            artifact_id = upload_artifact(
+                artifact_store=self.artifact_store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+        trial.set_user_attr(ATTR_ID, artifact_id)
+        trial.set_user_attr(ATTR_SHA, digest)
+        base = getattr(self.artifact_store, "path", None) or getattr(
+            self.artifact_store, "_base_path", None
+        )
+        if base is not None:
+            trial.set_user_attr(ATTR_STORE, str(Path(base).resolve()))
+        return artifact_id
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class TrainedModel:
+    """A trial's trained model, rebuilt from its artifact and ready for sampling.
+
+    ``schedule``, ``T``, ``t_min`` and ``n_steps`` are the trial's generator (diffusion; None for
+    a VAE); ``shape`` is the shape of one sample as the model makes it.
+    """
+
+    model: nn.Module
+    kind: str
+    config: dict[str, Any]
+    shape: tuple[int, ...]
+    trial: int
+    value: float | None
+    data: dict[str, Any] = field(default_factory=dict)
+    schedule: Schedule | None = None
+    T: float | None = None
+    t_min: float | None = None
+    n_steps: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.image_shape) == 3
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        if len(self.shape) == 3:
+            return self.shape
+        return tuple(self.data.get("image_shape", ()))
+
+    def sample(
+        self, n: int, *, seed: int = 0, n_steps: int | None = None, raw: bool = False
+    ) -> torch.Tensor:
+        """n samples drawn with a generator seeded by ``seed`` (the same seed, the same samples).
+
+        Diffusion: the trial's Euler-Maruyama generator from T to t_min in ``n_steps`` (default:
+        the bound's N). VAE: Bernoulli means decoded from z ~ N(0, I). Images come back as pixels
+        in [0, 1] ([n, C, H, W]), unless ``raw`` (the model's own scale, [-1, 1] for diffusion).
+        """
+        import torch
+
+        if n < 1:
+            raise ValueError(f"n={n} must be at least 1")
+        gen = torch.Generator().manual_seed(seed)
+        if self.kind == "diffusion":
+            from .sampling import generate
+
+            x = generate(
+                self.model,
+                self.schedule,
+                T=self.T,
+                n=n,
+                shape=self.shape,
+                n_steps=n_steps or self.n_steps,
+                t_min=self.t_min,
+                generator=gen,
+            ).samples.cpu()
+            if not raw and self.data.get("preprocess", "").startswith("symmetric"):
+                x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+            return x
+        p = next(self.model.parameters())
+        z = torch.randn(n, int(self.model.latent), generator=gen).to(p.device)
+        with torch.no_grad():
+            x = torch.sigmoid(self.model.decode(z)).cpu()
+        if not raw and self.is_image:
+            x = x.reshape(n, *self.image_shape)
+        return x
+
+
+def _storage_of(study: Any, storage: str | None):
+    from .storage import make_storage
+
+    if isinstance(study, optuna.Study):
+        return study, None
+    from .storage import StorageError, resolve_url
+
+    url = resolve_url(storage)
+    store = make_storage(url)
+    names = [s.study_name for s in store.get_all_studies()]
+    if study not in names:
+        raise StorageError(
+            f"no study named {study!r} in this storage; studies: {', '.join(names) or 'none'}"
+        )
+    return optuna.load_study(study_name=study, storage=store), url
+
+
+def find_trial(study: optuna.Study, trial: int | str = "best") -> FrozenTrial:
+    """The study's best complete trial, or the trial numbered ``trial``."""
+    if trial == "best":
+        from .study import best_trial_or_none
+
+        best = best_trial_or_none(study)
+        if best is None:
+            raise ArtifactError(
+                f"study {study.study_name!r} has no complete trial yet; run it first"
+            )
+        return best
+    try:
+        number = int(trial)
+    except (TypeError, ValueError):
+        raise ArtifactError(f"trial {trial!r}: give a trial number or 'best'") from None
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number:
+            if t.state != TrialState.COMPLETE:
+                raise ArtifactError(
+                    f"trial {number} of study {study.study_name!r} is {t.state.name}, not "
+                    "COMPLETE; only complete trials have a model"
+                )
+            return t
+    raise ArtifactError(
+        f"study {study.study_name!r} has no trial {number}; it has trials 0 to "
+        f"{len(study.trials) - 1}"
+    )
+
+
+def _kept_numbers(study: optuna.Study, store: Any) -> list[int]:
+    return [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if ATTR_ID in t.user_attrs and _exists(store, t.user_attrs[ATTR_ID])
+    ]
+
+
+def _artifact_store(t: FrozenTrial, url: str | None, artifacts: str | os.PathLike | None):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from .dashboard import ARTIFACTS_ENV, artifact_dir_for
+
+    if artifacts is not None:
+        path = Path(artifacts).expanduser()
+    elif url is not None or os.environ.get(ARTIFACTS_ENV) or ATTR_STORE not in t.user_attrs:
+        path = artifact_dir_for(url)
+    else:
+        path = Path(t.user_attrs[ATTR_STORE])
+    return FileSystemArtifactStore(path), path
+
+
+def read_weights(path: str | Path, *, expected_sha256: str | None, what: str) -> dict:
+    """The checked payload of a weights file (see the module docstring)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if expected_sha256 is not None and _sha256(path) != expected_sha256:
+        raise ArtifactError(
+            f"{what} does not match the digest the trial recorded (changed, truncated or "
+            "replaced); it is not loaded. Re-run the trial to get its model again"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        msg = " ".join(str(e).split())[:160]
+        raise ArtifactError(
+            f"{what} is not a readable weights file ({type(e).__name__}: {msg})"
+        ) from None
+    keys = ("format", "kind", "config", "build", "state_dict")
+    if not isinstance(payload, dict) or any(k not in payload for k in keys):
+        raise ArtifactError(f"{what} is not a bound-tuner model file (it lacks {', '.join(keys)})")
+    if payload["format"] != FORMAT or payload["kind"] not in ("diffusion", "vae"):
+        raise ArtifactError(
+            f"{what} has format {payload['format']!r} / kind {payload['kind']!r}; this version "
+            f"reads format {FORMAT} diffusion or vae models"
+        )
+    return payload
+
+
+def build_model(payload: dict) -> nn.Module:
+    """The network of a payload, with its weights loaded (strictly)."""
+    kind, cfg, build = payload["kind"], payload["config"], payload["build"]
+    if kind == "diffusion":
+        from .models import build_score_model
+
+        model = build_score_model(
+            tuple(build["shape"]), width=int(cfg["width"]), layers=int(cfg["layers"])
+        )
+    else:
+        from .models.vae import MLPVAE, ConvVAE
+
+        if cfg.get("arch", "mlp") == "conv":
+            model = ConvVAE(latent=int(cfg["latent"]), width=int(build["conv_width"]))
+        else:
+            model = MLPVAE(
+                input_dim=int(build["input_dim"]),
+                hidden=tuple(build["hidden"]),
+                latent=int(cfg["latent"]),
+            )
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = " ".join(str(e).split())[:160]
+        raise ArtifactError(
+            f"the weights do not fit the model their config describes ({first})"
+        ) from None
+    return model.eval()
+
+
+def load_model(
+    study: optuna.Study | str,
+    trial: int | str = "best",
+    *,
+    storage: str | None = None,
+    artifacts: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> TrainedModel:
+    """A trial's trained model, its generator settings and config, from the artifact store.
+
+    ``study`` is an ``optuna.Study`` or a study name in ``storage`` (default: $BOUND_TUNER_STORAGE
+    or sqlite:///bound_tuner.db); ``trial`` a trial number or "best". The weights come from
+    ``artifacts`` if given, else from the folder the trial recorded (or, for a study name, the
+    folder beside its database).
+    """
+    study, url = _storage_of(study, storage)
+    t = find_trial(study, trial)
+    store, path = _artifact_store(t, url, artifacts)
+    if ATTR_ID not in t.user_attrs or not _exists(store, t.user_attrs[ATTR_ID]):
+        kept = _kept_numbers(study, store)
+        why = (
+            "its weights were not kept (the study keeps the best [study] keep_models trials)"
+            if ATTR_ID in t.user_attrs or kept
+            else f"no weights in {path}"
+        )
+        raise ArtifactError(
+            f"trial {t.number} of study {study.study_name!r} has no model: {why}; trials with "
+            f"weights: {', '.join(map(str, kept)) or 'none'} (give --artifacts DIR if they are "
+            "elsewhere)"
+        )
+    from optuna.artifacts import download_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model.pt"
+        download_artifact(
+            artifact_store=store, file_path=str(local), artifact_id=t.user_attrs[ATTR_ID]
+        )
+        payload = read_weights(
+            local,
+            expected_sha256=t.user_attrs.get(ATTR_SHA),
+            what=f"the weights of trial {t.number} ({path / t.user_attrs[ATTR_ID]})",
+        )
+    model = build_model(payload).to(device)
+    cfg = payload["config"]
+    out = TrainedModel(
+        model=model,
+        kind=payload["kind"],
+        config=cfg,
+        shape=tuple(payload["build"]["shape"]),
+        trial=t.number,
+        value=t.value,
+        data=dict(payload.get("data", {})),
+    )
+    if out.kind == "diffusion":
+        from .sde import get_schedule
+
+        out.schedule = get_schedule(cfg["schedule"], **cfg.get("schedule_params", {}))
+        out.T, out.t_min, out.n_steps = float(cfg["T"]), float(cfg["t_min"]), int(cfg["n_steps"])
+    return out
+
+
+# ----------------------------------------------------------------------------- files out
+
+
+def _atomic(out: Path, write) -> None:
+    """Write ``out`` through a temporary file in its folder: all of it or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_model(tm: TrainedModel, out: str | Path, *, study_name: str | None = None) -> Path:
+    """Write the state dict to ``out`` (.pt) and the config beside it (``out`` with .json)."""
+    import json
+
+    import torch
+
+    out = Path(out)
+    if out.suffix != ".pt":
+        raise ArtifactError(f"--out {out}: the weights file must end in .pt")
+    sd = {k: v.detach().cpu() for k, v in tm.model.state_dict().items()}
+    meta = {
+        "study": study_name,
+        "trial": tm.trial,
+        "bound": tm.value,
+        "kind": tm.kind,
+        "config": tm.config,
+        "shape": list(tm.shape),
+        "data": tm.data,
+        "weights": out.name,
+    }
+    _atomic(out, lambda p: torch.save(sd, p))
+    _atomic(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out.with_suffix(".json")
+
+
+def save_samples(x: torch.Tensor, out: str | Path, *, image: bool) -> None:
+    """Samples to ``out``: .npy for any data, .png (an 8-wide grid) for images in [0, 1]."""
+    import numpy as np
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
+        _atomic(out, lambda p: np.save(p, x.numpy()))
+    elif suffix == ".png":
+        if not image:
+            raise ArtifactError(
+                f"--out {out}: a .png grid needs image data, and this model makes points; "
+                "write .npy instead"
+            )
+        from torchvision.utils import save_image
+
+        _atomic(out, lambda p: save_image(x, str(p), nrow=8, padding=2, format="png"))
+    else:
+        raise ArtifactError(f"--out {out}: write samples to a .npy file (or .png for images)")
