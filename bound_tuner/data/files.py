@@ -206,12 +206,18 @@ def read_image_folder(
     )
     if not files:
         raise DataFileError(f"{folder} is a folder without PNG or JPEG images; give {_FORMATS}")
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision marks its image decoders as deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_image, read_file
 
     images = []
     for p in files:
         try:
-            img = decode_image(read_file(str(p)), mode=ImageReadMode.UNCHANGED)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                img = decode_image(read_file(str(p)), mode=ImageReadMode.UNCHANGED)
         except Exception as e:
             raise DataFileError(
                 f"{p} is not a readable image ({_one_line(e)}); replace or remove it"
