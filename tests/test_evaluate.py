@@ -211,3 +211,26 @@ def test_spec_bound_variant_R_and_validation_test_size():
         parse_spec({**raw, "bound": {"variant": "best"}})
     with pytest.raises(SpecError, match="bound.R"):
         parse_spec({**raw, "bound": {"R": "guess"}})
+
+
+def test_report_selection_lines_for_every_heldout_metric():
+    from bound_tuner.reporting import heldout_key, selection_lines, selection_stats
+
+    def trial(n, value, kl, nelbo, state="COMPLETE"):
+        attrs = {"heldout.sample_kl": kl, "heldout.sample_kl_se": 0.01, "heldout.neg_elbo": nelbo}
+        return {"number": n, "state": state, "value": value, "user_attrs": attrs}
+
+    trials = [
+        trial(0, 3.0, 0.5, 2.0),
+        trial(1, 1.0, 0.4, 3.0),
+        trial(2, 2.0, 0.2, 1.0),
+        trial(3, None, 9.9, 9.9, state="PRUNED"),
+    ]
+    assert heldout_key(trials) == "heldout.sample_kl"  # the ground truth first, no s.e. keys
+    st = selection_stats(trials, "heldout.sample_kl")
+    assert st["n"] == 3 and st["pick_rank"] == 2
+    assert st["regret"] == pytest.approx(0.4 / 0.2 - 1)
+    assert st["spearman"] == pytest.approx(0.5)
+    lines = selection_lines(trials)
+    assert len(lines) == 2 and lines[0].startswith("heldout.sample_kl:")
+    assert "regret of the pick = 100.0%" in lines[0] and "ranks 2 of 3" in lines[0]
