@@ -74,8 +74,8 @@ class DiffusionObjective:
         keep_models: int | None = DEFAULT_KEEP_MODELS,
     ) -> None:
         self.data = prepare_for(data, "diffusion")
-        self.search = parse_search(search, model="diffusion")
         self.base = base or DiffusionConfig()
+        self.search = parse_search(search, model="diffusion", schedule=self.base.schedule)
         self.keeper = None
         if artifact_store is not None:
             from .artifacts import ModelKeeper

@@ -542,14 +542,15 @@ def _check_values(spec: StudySpec, where: str) -> None:
             raise SpecError(f"{where}: {name} must be positive")
 
 
-def _check_diffusion_space(spec: StudySpec, where: str) -> None:
+def _check_diffusion_space(spec: StudySpec, where: str, *, schedule: str = "linear") -> None:
+    """The diffusion search space; ``schedule`` is the one used when it leaves the schedule out."""
     from .sde import SCHEDULES
 
     s = spec.search
     if "T" not in s:
         raise SpecError(f"{where}: search.T is missing; add e.g. T = {{ low = 0.1, high = 1.8 }}")
     sched = s.get("schedule")
-    names = sched.values() if sched is not None else ["linear"]
+    names = sched.values() if sched is not None else [schedule]
     for n in names:
         if n not in SCHEDULES:
             raise SpecError(
@@ -584,11 +585,14 @@ def _check_diffusion_space(spec: StudySpec, where: str) -> None:
         raise SpecError(f"{where}: search.lr must be positive")
 
 
-def parse_search(search: dict[str, Any], *, model: str = "diffusion") -> dict[str, Param]:
+def parse_search(
+    search: dict[str, Any], *, model: str = "diffusion", schedule: str = "linear"
+) -> dict[str, Param]:
     """A search space from Python values, for use without a spec file.
 
     Each entry is a Param, a fixed value, a ``(low, high)`` tuple (a range; ``(low, high, "log")``
-    for a log range), a list (choices), or a table as in a spec's [search].
+    for a log range), a list (choices), or a table as in a spec's [search]. ``schedule`` is the
+    diffusion schedule of trials when the space leaves it out.
     """
     allowed = DIFFUSION_PARAMS if model == "diffusion" else VAE_PARAMS
     out: dict[str, Param] = {}
@@ -611,7 +615,7 @@ def parse_search(search: dict[str, Any], *, model: str = "diffusion") -> dict[st
             value = {"choices": value}
         out[name] = _parse_param(name, value, allowed[name], "search")
     if model == "diffusion":
-        _check_diffusion_space(StudySpec(name="search", search=out), "search")
+        _check_diffusion_space(StudySpec(name="search", search=out), "search", schedule=schedule)
     return out
 
 
