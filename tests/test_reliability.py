@@ -144,15 +144,34 @@ def test_a_study_on_a_password_url_stores_and_prints_no_password(tmp_path, capsy
 
 # ------------------------------------------------------------------------------- 4. bad input
 
-WRONG_TYPE = {int: "seven", float: "high", str: 7, bool: "yes", (int, str): 2.5, (float, str): True}
+WRONG_TYPE = {
+    int: "seven",
+    float: "high",
+    str: 7,
+    bool: "yes",
+    (int, str): 2.5,
+    (float, str): True,
+    (int, list): "big",
+}
 # a value of the right type that cannot work, for every key of the schema
 WRONG_VALUE = {
-    "study": {"name": " ", "model": "gan", "n_trials": 0, "validation": None, "seed": -1},
+    "study": {
+        "name": " ",
+        "model": "gan",
+        "n_trials": 0,
+        "validation": None,
+        "seed": -1,
+        "keep_models": -1,
+    },
     "data": {
         "name": "cifar",
+        "path": "",  # a path beside the spec's name
         "m": 1,
         "seed": -3,
         "test_size": 0,
+        "test_fraction": 1.5,  # an own-data option on swiss_roll
+        "image_size": 0,
+        "fit": "stretch",
         "binarize": "fixed",  # an image option on swiss_roll
         "pad_to_32": True,  # an image option on swiss_roll
     },
