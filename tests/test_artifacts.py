@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+import uuid
 
 import numpy as np
 import optuna
@@ -264,3 +266,24 @@ def test_objective_keeps_base_schedule():
     obj = DiffusionObjective(data, search={"T": 0.5, "cosine_s": [0.05]}, base=base)
     cfg = obj.config_for(optuna.create_study().ask())
     assert cfg.schedule == "cosine" and cfg.schedule_params == {"s": 0.05}
+
+
+PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+
+
+@pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
+def test_postgres_study_with_named_artifact_folder(tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).normal(size=(30, 2)).astype(np.float32))
+    art = tmp_path / "shared_artifacts"
+    monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(art))
+    name = f"own-{uuid.uuid4().hex[:8]}"
+    spec = load_spec(_spec(tmp_path, name=name, keep=1))
+    try:
+        study = run_study(spec, storage=PG_URL, progress=False, n_trials=2)
+        best = min(study.trials, key=lambda t: t.value)
+        assert _weights_files(art) == 1
+        out = tmp_path / "pg.pt"
+        assert main(["export", "--study", name, "--storage", PG_URL, "--out", str(out)]) == 0
+        assert json.loads(out.with_suffix(".json").read_text())["trial"] == best.number
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
