@@ -5,7 +5,7 @@
 It writes a small data set of 2-D points to DIR/points.npy (replace it with yours: any .npy of
 shape [n, d], an .npz, a .csv or a folder of images), a spec that reads it, runs the study
 (a SQLite database and its artifact folder in DIR), then loads the best trial's model and writes
-1,000 samples to DIR/samples.npy. About a minute on 2 CPU cores.
+1,000 samples to DIR/samples.npy. About two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
