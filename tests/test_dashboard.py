@@ -128,7 +128,12 @@ def test_finished_study_has_notes_and_sample_images(finished):
         assert f"| **bound** | | **{t.value:.4f}** |" in note
         assert "test_kl = " in note  # held-out metrics of validation mode
         metas = get_all_artifact_meta(t, storage=study._storage)
-        assert [m.filename for m in metas] == [f"samples_trial{t.number}.png"]
+        # the samples image, and the trained weights (3 trials, fewer than keep_models)
+        assert sorted(m.filename for m in metas) == [
+            f"model_trial{t.number}.pt",
+            f"samples_trial{t.number}.png",
+        ]
+        metas = [m for m in metas if m.filename.endswith(".png")]
         assert metas[0].mimetype == "image/png"
         png = folder / "dash_artifacts" / metas[0].artifact_id
         assert png.read_bytes().startswith(PNG_MAGIC)
@@ -359,8 +364,12 @@ def test_served_api_has_charts_notes_and_artifacts(finished, dashboard_server):
     }
     trial = detail["trials"][0]
     assert "contribution to the bound" in trial["note"]["body"]
-    (artifact,) = trial["artifacts"]
-    assert artifact["filename"] == f"samples_trial{trial['number']}.png"
+    # the samples image, and the trial's trained weights
+    (artifact,) = [a for a in trial["artifacts"] if a["filename"].endswith(".png")]
+    assert sorted(a["filename"] for a in trial["artifacts"]) == [
+        f"model_trial{trial['number']}.pt",
+        f"samples_trial{trial['number']}.png",
+    ]
     path = f"/artifacts/{study._study_id}/{trial['trial_id']}/{artifact['artifact_id']}"
     with urlopen(dashboard_server + path, timeout=30) as r:
         assert r.read().startswith(PNG_MAGIC)
