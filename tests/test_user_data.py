@@ -314,3 +314,12 @@ def test_help_does_not_import_torch():
     torch_loaded, sklearn_loaded, seconds = out.stdout.strip().splitlines()[-1].split()
     assert (torch_loaded, sklearn_loaded) == ("False", "False"), out.stderr
     assert float(seconds) < 2.0
+
+
+def test_images_scaled_by_hand_are_not_scaled_again():
+    from bound_tuner.data.preprocess import to_symmetric
+
+    split = load_dataset("tensors", train=torch.rand(6, 1, 4, 4), test_fraction=0)
+    assert split.info["pixels"] == "[0, 1]"
+    split.train = to_symmetric(split.train)  # as a script may do before the objective
+    assert torch.equal(prepare_for(split, "diffusion").train, split.train)

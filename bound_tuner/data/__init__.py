@@ -203,8 +203,9 @@ def prepare_for(split: DataSplit, model: str) -> DataSplit:
                 f"images of {H}x{W} pixels do not fit the UNet (sides divisible by 4); set "
                 f"data.image_size = {H - H % 4 or 4} (load_dataset(..., image_size=...))"
             )
-        pixels = info.get("pixels") == "[0, 1]" or (
-            "pixels" not in info
+        # pixels in [0, 1] as loaded (data scaled by hand already have values below 0)
+        pixels = (
+            info.get("pixels", "[0, 1]") == "[0, 1]"
             and _in_unit_range(train)
             and (test.numel() == 0 or _in_unit_range(test))
         )
