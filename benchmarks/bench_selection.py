@@ -286,7 +286,7 @@ def truths_of(case: str) -> tuple[str, ...]:
 
 
 def summarize(rows: list[dict]) -> str:
-    from bound_tuner.metrics import pick_rank, regret, spearman
+    from bound_tuner.selection import pick_rank, regret, spearman
 
     out = []
     for case in sorted({r["case"] for r in rows}):
@@ -314,7 +314,7 @@ def summarize(rows: list[dict]) -> str:
 def compact_table(rows: list[dict]) -> str:
     """One markdown table: a row per score, a column per case (first truth of the case), each
     cell mean regret / mean Spearman."""
-    from bound_tuner.metrics import regret, spearman
+    from bound_tuner.selection import regret, spearman
 
     cases = sorted({r["case"] for r in rows})
     head = ["score"] + [f"{CASE_TITLES[c]} ({truths_of(c)[0]})" for c in cases]

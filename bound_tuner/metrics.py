@@ -1,18 +1,15 @@
-"""Held-out and selection statistics as pure functions (docs/theory.md, section 4).
+"""Held-out estimators as pure functions (docs/theory.md, section 4).
 
-Sample-based divergences between data and generated points, and the numbers that say how well a
-score selects models: Spearman's rank correlation and the regret of its pick against a ground
-truth. Nothing here runs a model (``bound_tuner.evaluate`` does).
+Sample-based divergences between data and generated points. Nothing here runs a model
+(``bound_tuner.evaluate`` does); the selection statistics are in ``bound_tuner.selection``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 from scipy.spatial import cKDTree
 
 
@@ -78,26 +75,3 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     # and >= 0 for positive semi-definite C_a, C_b (rank-deficient ones included)
     ev = np.clip(np.linalg.eigvals(ca @ cb).real, 0.0, None)
     return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(ev).sum())
-
-
-def spearman(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """Spearman's rank correlation between a score and the ground truth (nan if undefined)."""
-    if len(scores) < 3:
-        return math.nan
-    rho = stats.spearmanr(scores, truth).statistic
-    return float(rho)
-
-
-def regret(scores: Sequence[float], truth: Sequence[float]) -> float:
-    """truth(pick) / truth(best) - 1, pick = argmin score, best = min truth (both lower is better).
-
-    Undefined (nan) when the best truth is not positive."""
-    pick = int(np.argmin(scores))
-    best = float(np.min(truth))
-    return float(truth[pick]) / best - 1.0 if best > 0 else math.nan
-
-
-def pick_rank(scores: Sequence[float], truth: Sequence[float]) -> int:
-    """The rank (1 = best) of the score's pick among the candidates by the ground truth."""
-    pick = int(np.argmin(scores))
-    return int(1 + sum(float(t) < float(truth[pick]) for t in truth))

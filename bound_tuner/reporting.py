@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 
 from .bounds.report import TERM_LABELS
-from .metrics import pick_rank, regret, spearman
+from .selection import pick_rank, regret, spearman
 
 TERMS = (
     "train_loss",

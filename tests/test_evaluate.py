@@ -16,10 +16,11 @@ from bound_tuner.bounds import (
 from bound_tuner.data import swiss_roll
 from bound_tuner.evaluate import bound_terms, variant_report
 from bound_tuner.experiment import DiffusionConfig, run_diffusion
-from bound_tuner.metrics import frechet_distance, knn_kl, pick_rank, regret, spearman
+from bound_tuner.metrics import frechet_distance, knn_kl
 from bound_tuner.models import ScoreMLP
 from bound_tuner.sampling import generate
 from bound_tuner.sde import get_schedule
+from bound_tuner.selection import pick_rank, regret, spearman
 
 LIN = get_schedule("linear")
 
@@ -234,3 +235,32 @@ def test_report_selection_lines_for_every_heldout_metric():
     lines = selection_lines(trials)
     assert len(lines) == 2 and lines[0].startswith("heldout.sample_kl:")
     assert "regret of the pick = 100.0%" in lines[0] and "ranks 2 of 3" in lines[0]
+
+
+def test_report_does_not_import_torch_or_sklearn(tmp_path):
+    import subprocess
+    import sys
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/r.db"
+    study = optuna.create_study(study_name="r", storage=url)
+    for i, (value, kl) in enumerate([(2.0, 0.3), (1.0, 0.2), (3.0, 0.5)]):
+        t = study.ask()
+        for key, v in {
+            "bound.T": 0.1 * (i + 1),
+            "bound.train_nelbo": value,
+            "bound.contribution.train_nelbo": value,
+            "heldout.sample_kl": kl,
+        }.items():
+            t.set_user_attr(key, v)
+        study.tell(t, value)
+    code = (
+        "import sys\nfrom bound_tuner.cli import main\n"
+        f"main(['report', '--study', 'r', '--storage', '{url}'])\n"
+        "print('torch' in sys.modules, 'sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "False False", out.stderr
+    assert any("Spearman rho(bound, metric) = 1.000" in line for line in lines)

@@ -1,48 +1,41 @@
-"""The bounds as pure tensor functions (no Optuna, no model runs here; see bound_tuner.evaluate)."""
+"""The bounds as pure tensor functions (no Optuna, no model runs here; see bound_tuner.evaluate).
 
-from ..sde import prior_kl
-from .diffusion import (
-    DEFAULT_R,
-    DEFAULT_VARIANT,
-    L_ESTIMATORS,
-    R_SOURCES,
-    SPLIT_VARIANTS,
-    VARIANTS,
-    assemble_diffusion_bound,
-    beta_integral,
-    encoder_terms,
-    estimate_R,
-    generator_info,
-    girsanov_info,
-    l_hat_from_norms,
-    path_kl,
-    prior_kl_sqrt,
-    reference_R,
-    split_info,
-)
-from .mixture import mixture_kl, mixture_kl_broadcast
-from .report import BoundReport
+Names are imported lazily, so that ``bound_tuner.bounds.report`` loads without torch.
+"""
 
-__all__ = [
-    "BoundReport",
-    "DEFAULT_R",
-    "DEFAULT_VARIANT",
-    "L_ESTIMATORS",
-    "R_SOURCES",
-    "SPLIT_VARIANTS",
-    "VARIANTS",
-    "assemble_diffusion_bound",
-    "beta_integral",
-    "encoder_terms",
-    "estimate_R",
-    "generator_info",
-    "girsanov_info",
-    "l_hat_from_norms",
-    "mixture_kl",
-    "path_kl",
-    "split_info",
-    "mixture_kl_broadcast",
-    "prior_kl",
-    "prior_kl_sqrt",
-    "reference_R",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BoundReport": "bound_tuner.bounds.report",
+    "DEFAULT_R": "bound_tuner.bounds.diffusion",
+    "DEFAULT_VARIANT": "bound_tuner.bounds.diffusion",
+    "L_ESTIMATORS": "bound_tuner.bounds.diffusion",
+    "R_SOURCES": "bound_tuner.bounds.diffusion",
+    "SPLIT_VARIANTS": "bound_tuner.bounds.diffusion",
+    "VARIANTS": "bound_tuner.bounds.diffusion",
+    "assemble_diffusion_bound": "bound_tuner.bounds.diffusion",
+    "beta_integral": "bound_tuner.bounds.diffusion",
+    "encoder_terms": "bound_tuner.bounds.diffusion",
+    "estimate_R": "bound_tuner.bounds.diffusion",
+    "generator_info": "bound_tuner.bounds.diffusion",
+    "girsanov_info": "bound_tuner.bounds.diffusion",
+    "l_hat_from_norms": "bound_tuner.bounds.diffusion",
+    "mixture_kl": "bound_tuner.bounds.mixture",
+    "mixture_kl_broadcast": "bound_tuner.bounds.mixture",
+    "path_kl": "bound_tuner.bounds.diffusion",
+    "prior_kl": "bound_tuner.sde",
+    "prior_kl_sqrt": "bound_tuner.bounds.diffusion",
+    "reference_R": "bound_tuner.bounds.diffusion",
+    "split_info": "bound_tuner.bounds.diffusion",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bound_tuner.bounds' has no attribute {name!r}")
