@@ -400,7 +400,7 @@ def bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
     )
     spread = min(xs) > 0 and max(xs) / min(xs) > 30  # a log axis keeps small values apart
     fig.update_layout(
-        title={"text": f"Bound against held-out {metric}: {rho_text}"},
+        title={"text": f"Bound against held-out {metric}<br>{rho_text}"},
         xaxis={"title": {"text": f"held-out {metric}"}, "type": "log" if spread else "linear"},
         yaxis_title="generalization bound",
     )

@@ -166,7 +166,7 @@ def test_heldout_chart_has_spearman_rho_in_title(finished):
     reg = selection_stats(trials, "heldout.sample_kl")["regret"]
     assert n == 3 and reg >= 0
     assert fig["layout"]["title"]["text"] == (
-        f"Bound against held-out sample_kl: Spearman ρ = {rho:.3f} (n=3), "
+        f"Bound against held-out sample_kl<br>Spearman ρ = {rho:.3f} (n=3), "
         f"regret of the pick {100 * reg:.0f}%"
     )
     ys = sorted(fig["data"][0]["y"])
