@@ -42,7 +42,7 @@ class DiffusionConfig:
     n_steps: int = 500
     n_paths: int = 256
     mc_samples: int = 1
-    train_draws: int = 256  # draws per training point of the evaluation pass (NELBO or DSM)
+    train_draws: int = 64  # draws per training point of the evaluation pass (NELBO or DSM)
     # held-out metrics (validation mode only)
     heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
     heldout_n_steps: int | None = None
