@@ -106,8 +106,9 @@ def build_objective(
     """The objective of a spec's model, on its data (loaded here unless given).
 
     Trained weights go to ``artifact_store`` (the best ``[study] keep_models`` trials); by
-    default to the store of the dashboard hook ``on_result`` when it has one, as in every
-    ``bound-tuner run``, ``worker`` and ``run_study``.
+    default to the store of the dashboard hook ``on_result`` when it has one. ``bound-tuner run``,
+    ``worker`` and ``run_study`` always give one (the store beside the database), with or
+    without the dashboard.
     """
     data = data if data is not None else load_data(spec)
     if artifact_store is None:

@@ -478,12 +478,18 @@ def run_worker(
     check_device(device)
     if data is None:
         data = load_data(spec)  # bad data fails before the study exists
-    on_result, extra = None, []
+    on_result, extra, store = None, [], None
     if dashboard:
         from .dashboard import dashboard_hooks
 
         on_result, extra = dashboard_hooks(url, reference=data.train, charts=dashboard_charts)
-    objective = build_objective(spec, data, device=device, on_result=on_result)
+    else:  # no notes or charts, but the trained weights are still kept beside the database
+        from .dashboard import artifact_store_for
+
+        store = artifact_store_for(url)
+    objective = build_objective(
+        spec, data, device=device, on_result=on_result, artifact_store=store
+    )
     seeded = dataclasses.replace(
         spec, sampler={**spec.sampler, "seed": _sampler_seed(spec, worker_index)}
     )

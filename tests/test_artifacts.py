@@ -287,3 +287,18 @@ def test_postgres_study_with_named_artifact_folder(tmp_path, monkeypatch):
         assert json.loads(out.with_suffix(".json").read_text())["trial"] == best.number
     finally:
         optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def test_weights_are_kept_without_the_dashboard(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(40, 2)).astype("float32"))
+    url = f"sqlite:///{tmp_path}/nodash.db"
+    study = run_study(
+        load_spec(_spec(tmp_path, name="nodash", keep=1)),
+        storage=url,
+        progress=False,
+        dashboard=False,
+    )
+    art = tmp_path / "nodash_artifacts"
+    assert _weights_files(art) == 1  # the best trial's weights, and no sample images
+    assert sum(1 for _ in art.iterdir()) == 1
+    assert load_model(study, "best").trial == study.best_trial.number
