@@ -244,11 +244,13 @@ def test_artifact_folder_follows_the_storage(tmp_path, monkeypatch):
     assert len(list((tmp_path / "elsewhere").iterdir())) == 1
 
 
-def test_run_study_without_dashboard_writes_none(tmp_path):
+def test_run_study_without_dashboard_writes_no_charts_notes_or_images(tmp_path):
     url, study = _run_tiny(tmp_path, validation=False, n_trials=1, dashboard=False)
     assert _charts(study) == {}
     assert get_note(optuna.Trial(study, study.trials[0]._trial_id)) == ""
-    assert not (tmp_path / "dash_artifacts").exists()
+    # only the trained weights are kept (a torch zip archive), no sample images
+    files = list((tmp_path / "dash_artifacts").iterdir())
+    assert len(files) == 1 and files[0].read_bytes()[:2] == b"PK"
 
 
 def test_images_become_a_grid_and_points_a_scatter(tmp_path):
