@@ -156,22 +156,16 @@ def run_task(task: Task) -> dict:
     import torch
 
     from bound_tuner.bounds import VARIANTS
-    from bound_tuner.data import load_dataset
+    from bound_tuner.data import load_dataset, prepare_for
     from bound_tuner.evaluate import bound_terms, heldout_metrics, variant_report
     from bound_tuner.experiment import DiffusionConfig, train_model, train_split_models
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     device = "cuda" if torch.cuda.is_available() and task.data == "fashion_mnist" else "cpu"
     key = (task.data, task.m, task.data_seed, task.test_size)
-    if key not in _DATA:
-        if task.data == "fashion_mnist":
-            from bound_tuner.data.preprocess import to_symmetric
-
-            split = load_dataset(task.data, m=task.m, seed=task.data_seed, test_size=task.test_size)
-            split.train, split.test = to_symmetric(split.train), to_symmetric(split.test)
-        else:
-            split = load_dataset(task.data, m=task.m, seed=task.data_seed, test_size=task.test_size)
-        _DATA[key] = split
+    if key not in _DATA:  # the data as the objectives see them (images in [-1, 1])
+        split = load_dataset(task.data, m=task.m, seed=task.data_seed, test_size=task.test_size)
+        _DATA[key] = prepare_for(split, "diffusion")
     split = _DATA[key]
     cfg = DiffusionConfig(**task.cfg)
     t0 = time.perf_counter()
@@ -263,8 +257,7 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
 def _fill_R_data(rows: list[dict]) -> None:
     """Rows saved before R_data was recorded: compute it from the data of the row's problem."""
     from bound_tuner.bounds import reference_R
-    from bound_tuner.data import load_dataset
-    from bound_tuner.data.preprocess import to_symmetric
+    from bound_tuner.data import load_dataset, prepare_for
 
     for r in rows:
         if r["raw"].get("R_data") is not None:
@@ -277,8 +270,8 @@ def _fill_R_data(rows: list[dict]) -> None:
             else "swiss_roll"
         )
         seed = r.get("data_seed", int(r["group"].split("seed")[-1].split("+")[0]))
-        x = load_dataset(name, m=r["raw"]["m"], seed=seed, test_size=2).train
-        r["raw"]["R_data"] = reference_R(to_symmetric(x) if name == "fashion_mnist" else x)
+        split = load_dataset(name, m=r["raw"]["m"], seed=seed, test_size=2)
+        r["raw"]["R_data"] = reference_R(prepare_for(split, "diffusion").train)
 
 
 def truths_of(case: str) -> tuple[str, ...]:

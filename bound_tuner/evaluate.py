@@ -19,6 +19,7 @@ from torch import nn
 
 from .bounds.diffusion import (
     DEFAULT_R,
+    ENCODER_VARIANTS,
     L_ESTIMATORS,
     R_SOURCES,
     SPLIT_VARIANTS,
@@ -251,7 +252,7 @@ def bound_terms(
     if split_models:
         kls = [path_kl(run.ref_sq_dev[1 + j], schedule, T=T, t_min=t_min) for j in range(2)]
         split = split_info(kls, list(fold_sizes))
-    if encoder is None and any(v != "elbo" for v in variants):
+    if encoder is None and any(v in ENCODER_VARIANTS for v in variants):
         encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
     settings = {
         "R_data": reference_R(x),
@@ -287,16 +288,14 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
     (``reference_R`` of the training data) or None for the variant's default (``DEFAULT_R``);
     settings say which (R_source)."""
     check_variant(variant)
+    needed = terms.dsm if variant == "paper" else terms.nelbo
+    if needed is None or (variant in SPLIT_VARIANTS and terms.split is None):
+        raise ValueError(f"the terms were measured without what variant {variant!r} needs")
     if variant == "paper":
         per_sample, mc_se, i_gen = terms.dsm, math.nan, terms.i_uniform
-    elif variant in SPLIT_VARIANTS:
-        if terms.split is None:
-            raise ValueError(f"variant {variant!r} needs terms measured with split_models")
-        per_sample, mc_se, i_gen = terms.nelbo.per_point, terms.nelbo.mc_se, terms.split
     else:
-        per_sample, mc_se, i_gen = terms.nelbo.per_point, terms.nelbo.mc_se, terms.i_girsanov
-    if per_sample is None:
-        raise ValueError(f"the terms were measured without what variant {variant!r} needs")
+        per_sample, mc_se = terms.nelbo.per_point, terms.nelbo.mc_se
+        i_gen = terms.split if variant in SPLIT_VARIANTS else terms.i_girsanov
     R_est = estimate_R(per_sample)
     if R is None:
         R = DEFAULT_R[variant]

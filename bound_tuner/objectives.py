@@ -21,7 +21,7 @@ import optuna
 import torch
 from torch import nn
 
-from .bounds.diffusion import SPLIT_VARIANTS, encoder_terms
+from .bounds.diffusion import ENCODER_VARIANTS, SPLIT_VARIANTS, encoder_terms
 from .bounds.report import BoundReport
 from .bounds.vae import vae_bound
 from .data import DataSplit, prepare_for
@@ -148,7 +148,7 @@ class DiffusionObjective:
             # "elbo-split" trains its reference models at the end only: its checkpoints
             # report the "elbo" bound of the model so far (README, pruning)
             variant = "elbo" if cfg.variant in SPLIT_VARIANTS else cfg.variant
-            if not enc and variant in ("paper", "elbo-encoder"):
+            if not enc and variant in ENCODER_VARIANTS:
                 enc.update(encoder_terms(x, schedule, T=cfg.T, mc_samples=1, seed=cfg.seed))
             partial = diffusion_bound(
                 model,

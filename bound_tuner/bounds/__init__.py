@@ -12,6 +12,7 @@ _LAZY = {
     "BoundReport": "bound_tuner.bounds.report",
     "DEFAULT_R": "bound_tuner.bounds.diffusion",
     "DEFAULT_VARIANT": "bound_tuner.bounds.diffusion",
+    "ENCODER_VARIANTS": "bound_tuner.bounds.diffusion",
     "L_ESTIMATORS": "bound_tuner.bounds.diffusion",
     "R_SOURCES": "bound_tuner.bounds.diffusion",
     "SPLIT_VARIANTS": "bound_tuner.bounds.diffusion",
@@ -30,6 +31,7 @@ _LAZY = {
     "prior_kl_sqrt": "bound_tuner.bounds.diffusion",
     "reference_R": "bound_tuner.bounds.diffusion",
     "split_info": "bound_tuner.bounds.diffusion",
+    "step_weights": "bound_tuner.bounds.diffusion",
 }
 
 __all__ = sorted(_LAZY)

@@ -48,6 +48,8 @@ DEFAULT_R: dict[str, float | str] = {
 }
 #: variants that train reference models on the two halves of the training set
 SPLIT_VARIANTS = ("elbo-split",)
+#: variants with the paper's encoder terms C_mix and C_prior
+ENCODER_VARIANTS = ("paper", "elbo-encoder")
 
 
 def check_variant(variant: str) -> str:
@@ -61,10 +63,17 @@ def prior_kl_sqrt(x: torch.Tensor, *, alpha: float, sigma2: float) -> float:
     return float(prior_kl(x, alpha=alpha, sigma2=sigma2).clamp(min=0).sqrt().mean())
 
 
+def step_weights(
+    schedule: Schedule, *, T: float, n_steps: int, t_min: float = 1e-3
+) -> torch.Tensor:
+    """h beta(t_k) on the generator's grid t_k (float64): the weights of every per-step sum."""
+    grid = time_grid(T, n_steps, t_min=t_min)
+    return schedule.beta(grid).double() * ((T - t_min) / n_steps)
+
+
 def beta_integral(schedule: Schedule, *, T: float, n_steps: int, t_min: float = 1e-3) -> float:
     """h sum_k beta(t_k) on the generator's grid: the Riemann sum of int_{t_min}^T beta = B(T)-B(t_min)."""
-    grid = time_grid(T, n_steps, t_min=t_min)
-    return float(schedule.beta(grid).sum()) * (T - t_min) / n_steps
+    return float(step_weights(schedule, T=T, n_steps=n_steps, t_min=t_min).sum())
 
 
 def generator_info(
@@ -91,10 +100,8 @@ def path_kl(
 ) -> float:
     """Girsanov's KL between the generator's path law and a reference's (eq. 2.4 without 1/m):
     1/2 h sum_k beta(t_k) mean_paths ||s_theta(y_k, t_k) - s_ref(y_k, t_k)||^2, from [N, n]."""
-    n_steps = ref_sq_dev.shape[0]
-    grid = time_grid(T, n_steps, t_min=t_min)
-    h = (T - t_min) / n_steps
-    return 0.5 * h * float((schedule.beta(grid).double() * ref_sq_dev.double().mean(dim=1)).sum())
+    w = step_weights(schedule, T=T, n_steps=ref_sq_dev.shape[0], t_min=t_min)
+    return 0.5 * float((w * ref_sq_dev.double().mean(dim=1)).sum())
 
 
 def split_info(path_kls: list[float], fold_sizes: list[int]) -> float:
@@ -134,8 +141,7 @@ def reference_R(x: torch.Tensor) -> float:
 
     Hoeffding's scale of that model's loss on the sample; the same for every trial on the same
     data, so it adds no trial-to-trial noise to a ranking."""
-    v = 0.5 * x.reshape(x.shape[0], -1).double().pow(2).sum(dim=1)
-    return float((v.max() - v.min()) / 2)
+    return estimate_R(0.5 * x.reshape(x.shape[0], -1).double().pow(2).sum(dim=1))
 
 
 def encoder_terms(
@@ -165,7 +171,7 @@ def assemble_diffusion_bound(
     ``train_loss`` is the variant's empirical term (the sigma^2-weighted denoising loss for
     "paper", the negative ELBO for the others) and ``i_gen`` its generator information (I_gen,
     I_gir, or for "elbo-split" the mean square root (1/m) sum_i sqrt(KL_i)). The encoder terms
-    enter for "paper" and "elbo-encoder" only.
+    enter for ENCODER_VARIANTS only.
     """
     check_variant(variant)
     k = math.sqrt(2.0) * R
