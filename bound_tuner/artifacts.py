@@ -230,7 +230,6 @@ class TrainedModel:
 
         if n < 1:
             raise ValueError(f"n={n} must be at least 1")
-        gen = torch.Generator().manual_seed(seed)
         if self.kind == "diffusion":
             from .sampling import generate
 
@@ -242,13 +241,16 @@ class TrainedModel:
                 shape=self.shape,
                 n_steps=n_steps or self.n_steps,
                 t_min=self.t_min,
-                generator=gen,
+                seed=seed,
             ).samples.cpu()
             if not raw and self.data.get("preprocess", "").startswith("symmetric"):
                 x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
             return x
         p = next(self.model.parameters())
-        z = torch.randn(n, int(self.model.latent), generator=gen).to(p.device)
+        from .device import generator_for
+
+        gen = generator_for(p.device, seed)
+        z = torch.randn(n, int(self.model.latent), generator=gen, device=p.device)
         with torch.no_grad():
             x = torch.sigmoid(self.model.decode(z)).cpu()
         if not raw and self.is_image:

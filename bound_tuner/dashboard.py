@@ -190,7 +190,6 @@ def save_samples_png(
 def _diffusion_samples(
     result: Any, *, n: int, n_steps: int, shape: tuple[int, ...], seed: int
 ) -> torch.Tensor:
-    import torch
 
     from .sampling import generate
     from .sde import get_schedule
@@ -198,7 +197,6 @@ def _diffusion_samples(
     st = result.report.settings
     params = {k.split(".", 1)[1]: v for k, v in st.items() if k.startswith("schedule.")}
     schedule = get_schedule(st["schedule"], **params)
-    gen = torch.Generator().manual_seed(seed)
     run = generate(
         result.model,
         schedule,
@@ -207,7 +205,7 @@ def _diffusion_samples(
         shape=shape,
         n_steps=n_steps,
         t_min=float(st.get("t_min", 1e-3)),
-        generator=gen,
+        seed=seed,
     )
     return run.samples
 

@@ -36,6 +36,7 @@ from .bounds.diffusion import (
 )
 from .bounds.report import BoundReport
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
+from .device import generator_for
 from .metrics import frechet_distance, kde_kl, knn_kl
 from .models import model_device
 from .sampling import generate
@@ -63,8 +64,8 @@ def denoising_loss_pass(
     """Per-sample sigma^2-weighted denoising loss [m] (float64, CPU): ``draws`` (t, eps) pairs each,
     t ~ U(t_min, T), on the model's device. The fixed seed gives every model the same draws."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     x = x.to(model_device(model))
+    g = generator_for(x.device, seed)
     m = x.shape[0]
     total = torch.zeros(m, dtype=torch.float64, device=x.device)
     for _ in range(draws):
@@ -131,14 +132,13 @@ def negative_elbo(
     a0, s0 = float(schedule.alpha(t_min)), float(schedule.sigma2(t_min))
     decoder = 0.5 * d * math.log(2 * math.pi * math.e * s0 / a0**2)
     prior = prior_kl(y, alpha=float(schedule.alpha(T)), sigma2=float(schedule.sigma2(T)))
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(dev, seed)
     s1 = torch.zeros(n, dtype=torch.float64, device=dev)
     s2 = torch.zeros(n, dtype=torch.float64, device=dev)
     for j in range(draws):
-        u = (j + torch.rand(n, generator=g, dtype=torch.float64)) / draws
-        eps = torch.randn(y.shape, generator=g, dtype=y.dtype)
-        t = schedule.time_at_log_snr(lam_hi - width * u).clamp(t_min, T).to(dev)
-        eps = eps.to(dev)
+        u = (j + torch.rand(n, generator=g, dtype=torch.float64, device=dev)) / draws
+        eps = torch.randn(y.shape, generator=g, dtype=y.dtype, device=dev)
+        t = schedule.time_at_log_snr(lam_hi - width * u).clamp(t_min, T)
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             xt, _ = sample_xt(y[sl], t[sl], schedule, noise=eps[sl])
@@ -166,7 +166,8 @@ def bits_per_dim(
     Uniformly dequantized y bounds the discrete likelihood: -log2 P(k) <= (-ELBO(y) -
     d ln(2/256)) / ln 2, averaged over the images (data.preprocess).
     """
-    g = torch.Generator().manual_seed(seed)
+    y = y.to(model_device(model))
+    g = generator_for(y.device, seed)
     d = y[0].numel()
     est = negative_elbo(
         model, dequantize(y, generator=g), schedule, T=T, t_min=t_min, draws=draws, seed=seed + 1
@@ -244,7 +245,7 @@ def bound_terms(
         shape=tuple(x.shape[1:]),
         n_steps=n_steps,
         t_min=t_min,
-        generator=torch.Generator().manual_seed(seed + 3),
+        seed=seed + 3,
         references=(None, *split_models),
     )
     l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
@@ -397,7 +398,7 @@ def heldout_metrics(
         shape=tuple(test.shape[1:]),
         n_steps=n_steps,
         t_min=t_min,
-        generator=torch.Generator().manual_seed(seed + 12),
+        seed=seed + 12,
     )
     gen = run.samples.cpu()
     test = test.cpu()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .device import generator_for
 from .models import model_device
 from .sde import Schedule, reference_score, reverse_step, time_grid
 
@@ -29,7 +30,8 @@ def score(model: nn.Module, y: torch.Tensor, t: torch.Tensor, schedule: Schedule
 
 @dataclass
 class GeneratorRun:
-    """Samples at t_min and the per-step statistics of the paths (CPU, float64)."""
+    """Samples at t_min (on the model's device) and the per-step statistics of the paths (CPU,
+    float64)."""
 
     samples: torch.Tensor  # [n, ...] at t_min
     score_norms: torch.Tensor  # [N, n]: ||s_theta(y_k, t_k)||
@@ -47,27 +49,28 @@ def generate(
     shape: tuple[int, ...],
     n_steps: int = 1000,
     t_min: float = 1e-3,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     batch_size: int = 4096,
     references: Sequence[nn.Module | None] = (None,),
 ) -> GeneratorRun:
     """Run n generator paths from pi = N(0, I) at T to t_min with N Euler-Maruyama steps.
 
-    The paths run on the model's device; the noise is drawn from ``generator`` (CPU) so that
-    runs are reproducible across devices. ``references`` are the scores that ``ref_sq_dev``
+    The paths run on the model's device, with their noise drawn there from ``seed`` (the same
+    seed gives the same paths on the same device). ``references`` are the scores that ``ref_sq_dev``
     compares s_theta with along the paths: None for the data-free -y, or eps-predicting models.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
     model.eval()
     device = model_device(model)
+    generator = generator_for(device, seed)
     grid = time_grid(T, n_steps, t_min=t_min)
     h = (T - t_min) / n_steps
     betas = schedule.beta(grid).tolist()
     out, norms, devs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        y = torch.randn((b, *shape), generator=generator).to(device)
+        y = torch.randn((b, *shape), generator=generator, device=device)
         path_norms = torch.empty(n_steps, b, dtype=torch.float64, device=device)
         path_devs = torch.empty(len(references), n_steps, b, dtype=torch.float64, device=device)
         for k in range(n_steps):
@@ -77,7 +80,7 @@ def generate(
             for r, ref in enumerate(references):
                 s_ref = reference_score(y) if ref is None else score(ref, y, t, schedule)
                 path_devs[r, k] = (s - s_ref).reshape(b, -1).pow(2).sum(dim=1)
-            z = torch.randn((b, *shape), generator=generator).to(device)
+            z = torch.randn((b, *shape), generator=generator, device=device)
             y = reverse_step(y, s, beta=betas[k], h=h, noise=z)
         out.append(y)
         norms.append(path_norms.cpu())

@@ -16,18 +16,41 @@ estimated on each mini-batch with the draws of the denoising loss. lambda = 0 is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import generator_for
+from .models import model_device
 from .sde import Schedule, sample_xt
 
 
-def draw_times(n: int, T: float, t_min: float, generator: torch.Generator | None) -> torch.Tensor:
-    """n times t ~ U(t_min, T) in float64."""
-    return t_min + (T - t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+def draw_times(
+    n: int | tuple[int, ...], T: float, t_min: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Times t ~ U(t_min, T) in float64 of shape n, on the generator's device."""
+    dev = generator.device if generator is not None else None
+    return t_min + (T - t_min) * torch.rand(n, generator=generator, dtype=torch.float64, device=dev)
+
+
+def denoising_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: Schedule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample denoising loss [b] and per-sample beta(t)||s||^2 [b] for given draws (t, eps)."""
+    xt, _ = sample_xt(x, t, schedule, noise=eps)
+    eps_hat = model(xt, t.to(x.dtype))
+    loss = 0.5 * (eps_hat - eps).pow(2).reshape(x.shape[0], -1).sum(dim=1)
+    sigma2 = schedule.sigma2(t).to(x.dtype)
+    beta = schedule.beta(t).to(x.dtype)
+    sq_score = eps_hat.pow(2).reshape(x.shape[0], -1).sum(dim=1) / sigma2
+    return loss, beta * sq_score
 
 
 def denoising_terms(
@@ -39,17 +62,71 @@ def denoising_terms(
     t_min: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample denoising loss [b] and per-sample beta(t)||s||^2 [b], one draw of (t, eps) each."""
+    """``denoising_loss`` with one draw of (t, eps) per sample from ``generator`` (on x's device)."""
     t = draw_times(x.shape[0], T, t_min, generator)
-    eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-    t_dev = t.to(x.device)
-    xt, _ = sample_xt(x, t_dev, schedule, noise=eps)
-    eps_hat = model(xt, t_dev.to(x.dtype))
-    loss = 0.5 * (eps_hat - eps).pow(2).reshape(x.shape[0], -1).sum(dim=1)
-    sigma2 = schedule.sigma2(t_dev).to(x.dtype)
-    beta = schedule.beta(t_dev).to(x.dtype)
-    sq_score = eps_hat.pow(2).reshape(x.shape[0], -1).sum(dim=1) / sigma2
-    return loss, beta * sq_score
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return denoising_loss(model, x, t.to(x.device), eps, schedule)
+
+
+# elements of noise drawn at once: training draws the (index, t, eps) of many steps per call
+NOISE_CHUNK_ELEMS = 1 << 21
+MAX_CHUNK_STEPS = 64
+
+
+class StepDraws:
+    """The random numbers of training, drawn on the generator's device in chunks of steps:
+    mini-batch indices [b], times t ~ U(t_min, T) [b] (float64) and noise eps [b, ...] per step.
+
+    The chunk length depends only on (steps, batch, data shape), so a model trained alone and the
+    same model trained in a pack (``bound_tuner.pack``) see the same numbers from the same seed.
+    """
+
+    def __init__(
+        self,
+        *,
+        m: int,
+        batch: int,
+        shape: tuple[int, ...],
+        steps: int,
+        T: float,
+        t_min: float,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        numel = batch * max(1, math.prod(shape))
+        self.chunk = max(1, min(steps, MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS // numel))
+        self.m, self.batch, self.shape, self.steps = m, batch, shape, steps
+        self.T, self.t_min, self.g, self.dtype = T, t_min, generator, dtype
+        self.start = -1
+        self.idx = self.t = self.eps = None
+
+    def draw_chunk(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The draws of the chunk that starts at ``step``: idx [c, b], t [c, b], eps [c, b, ...]."""
+        c = min(self.chunk, self.steps - step)
+        dev = self.g.device
+        idx = torch.randint(self.m, (c, self.batch), generator=self.g, device=dev)
+        t = draw_times((c, self.batch), self.T, self.t_min, self.g)
+        eps = torch.randn(
+            (c, self.batch, *self.shape), generator=self.g, dtype=self.dtype, device=dev
+        )
+        return idx, t, eps
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(idx, t, eps) of one step; steps must be asked for in order."""
+        if self.start < 0 or step >= self.start + self.chunk:
+            self.start = step
+            self.idx, self.t, self.eps = self.draw_chunk(step)
+        k = step - self.start
+        return self.idx[k], self.t[k], self.eps[k]
+
+
+def check_finite(history: torch.Tensor, upto: int) -> None:
+    """Raise FloatingPointError naming the first step whose loss is NaN or infinite (one host
+    sync: training calls it at checkpoints and at the end, not every step)."""
+    bad = ~torch.isfinite(history[:upto])
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0, 0])
+        raise FloatingPointError(f"training loss became {float(history[step])} at step {step}")
 
 
 def generator_surrogate(
@@ -78,35 +155,53 @@ def train_score_model(
 ) -> list[float]:
     """Train ``model`` on x by Adam on the denoising loss (+ lam * S(theta)); returns the losses.
 
+    Runs on x's device (the model must be there) with random numbers drawn there from ``seed``;
+    losses stay on the device and come back at checkpoints and at the end, never every step.
     ``callback(step, model)`` runs every ``callback_every`` steps (for pruning checkpoints); it may
-    raise to stop training. A NaN or infinite loss raises FloatingPointError.
+    raise to stop training. A NaN or infinite loss raises FloatingPointError at the next
+    checkpoint or at the end.
     """
     schedule.check_T(T, t_min=t_min)
     if lam < 0:
         raise ValueError(f"lam={lam} must be >= 0")
-    g = torch.Generator().manual_seed(seed)
+    if model_device(model) != x.device:
+        raise ValueError(
+            f"the model is on {model_device(model)} but the data on {x.device}; move both to one"
+        )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     m = x.shape[0]
-    history: list[float] = []
+    b = min(batch_size, m)
+    draws = StepDraws(
+        m=m,
+        batch=b,
+        shape=tuple(x.shape[1:]),
+        steps=steps,
+        T=T,
+        t_min=t_min,
+        generator=generator_for(x.device, seed),
+        dtype=x.dtype,
+    )
+    history = torch.empty(steps, dtype=x.dtype, device=x.device)
+    every_bar = max(1, steps // 20)
     bar = tqdm(range(steps), desc=f"train T={T:g}", disable=not progress, leave=False)
+    model.train()
     for step in bar:
-        model.train()
-        idx = torch.randint(m, (min(batch_size, m),), generator=g).to(x.device)
-        loss, wsq = denoising_terms(model, x[idx], schedule, T=T, t_min=t_min, generator=g)
+        idx, t, eps = draws(step)
+        loss, wsq = denoising_loss(model, x[idx], t, eps, schedule)
         total = loss.mean()
         if lam > 0:
             total = total + lam * generator_surrogate(wsq, T=T, m=m, t_min=t_min)
-        value = float(total.detach())
-        if value != value or value in (float("inf"), float("-inf")):
-            raise FloatingPointError(f"training loss became {value} at step {step}")
+        history[step] = total.detach()
         opt.zero_grad(set_to_none=True)
         total.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        history.append(value)
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{value:.3f}")
+        if progress and step % every_bar == 0:
+            bar.set_postfix(loss=f"{float(history[step]):.3f}")
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
+            check_finite(history, step + 1)
             callback(step + 1, model)
-    return history
+            model.train()
+    check_finite(history, steps)
+    return history.tolist()

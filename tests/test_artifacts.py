@@ -33,9 +33,8 @@ TINY = DiffusionConfig(
 
 def _samples_of(model, cfg: DiffusionConfig, shape, seed: int = 0, n: int = 6) -> torch.Tensor:
     sched = get_schedule(cfg.schedule, **cfg.schedule_params)
-    gen = torch.Generator().manual_seed(seed)
     run = generate(
-        model, sched, T=cfg.T, n=n, shape=shape, n_steps=cfg.n_steps, t_min=cfg.t_min, generator=gen
+        model, sched, T=cfg.T, n=n, shape=shape, n_steps=cfg.n_steps, t_min=cfg.t_min, seed=seed
     )
     return run.samples
 

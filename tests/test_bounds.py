@@ -210,7 +210,13 @@ def test_l_hat_exact_for_linear_score():
     s2, T, N = 0.25, 1.5, 1000
     model = _OracleGaussianEps(LIN, s2)
     run = generate(
-        model, LIN, T=T, n=5000, shape=(2,), n_steps=N, generator=torch.Generator().manual_seed(0)
+        model,
+        LIN,
+        T=T,
+        n=5000,
+        shape=(2,),
+        n_steps=N,
+        seed=0,
     )
     h = (T - 1e-3) / N
     t_last = T - (N - 1) * h

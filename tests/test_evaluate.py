@@ -50,7 +50,7 @@ def test_girsanov_term_matches_its_integral_for_the_oracle_score():
         n=4000,
         shape=(d,),
         n_steps=N,
-        generator=torch.Generator().manual_seed(0),
+        seed=0,
     )
     t = torch.linspace(1e-3, T, 200_001, dtype=torch.float64)
     a2 = LIN.alpha(t) ** 2
@@ -72,7 +72,7 @@ def test_path_kl_is_zero_against_the_model_itself_and_split_info_weights_the_fol
         shape=(2,),
         n_steps=20,
         references=(model, None),
-        generator=torch.Generator().manual_seed(1),
+        seed=1,
     )
     assert path_kl(run.ref_sq_dev[0], LIN, T=0.5) == 0.0
     assert path_kl(run.ref_sq_dev[1], LIN, T=0.5) > 0

@@ -9,7 +9,12 @@ from bound_tuner.experiment import DiffusionConfig, run_diffusion
 from bound_tuner.models import ScoreMLP
 from bound_tuner.sde import get_schedule
 from bound_tuner.seeding import derive_seed, seed_everything
-from bound_tuner.training import denoising_terms, train_score_model
+from bound_tuner.training import (
+    MAX_CHUNK_STEPS,
+    NOISE_CHUNK_ELEMS,
+    denoising_terms,
+    train_score_model,
+)
 
 LIN = get_schedule("linear")
 
@@ -40,14 +45,19 @@ def test_evaluation_pass_is_deterministic_and_per_sample():
 
 
 def _plain_dsm_training(model, x, *, T, steps, batch_size, lr, seed):
-    """An independent loop: Adam on 1/2||eps_theta(x_t, t) - eps||^2, t ~ U(1e-3, T), clipped at 1."""
+    """An independent loop: Adam on 1/2||eps_theta(x_t, t) - eps||^2, t ~ U(1e-3, T), clipped at 1,
+    with the random numbers drawn as the library draws them (chunks of steps, one generator)."""
     g = torch.Generator().manual_seed(seed)
+    chunk = min(steps, MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS // (batch_size * 2))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     out = []
-    for _ in range(steps):
-        idx = torch.randint(x.shape[0], (batch_size,), generator=g)
-        t = 1e-3 + (T - 1e-3) * torch.rand(batch_size, generator=g, dtype=torch.float64)
-        eps = torch.randn((batch_size, 2), generator=g)
+    for step in range(steps):
+        if step % chunk == 0:
+            c = min(chunk, steps - step)
+            idxs = torch.randint(x.shape[0], (c, batch_size), generator=g)
+            ts = 1e-3 + (T - 1e-3) * torch.rand((c, batch_size), generator=g, dtype=torch.float64)
+            epss = torch.randn((c, batch_size, 2), generator=g)
+        idx, t, eps = idxs[step % chunk], ts[step % chunk], epss[step % chunk]
         a = LIN.alpha(t).float()[:, None]
         xt = a * x[idx] + (1 - a * a).sqrt() * eps
         loss = (0.5 * (model(xt, t.float()) - eps).pow(2).sum(1)).mean()

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..device import generator_for
+
 _CPU_CHUNK_ELEMS = 1 << 24  # rows * m per chunk: 64 MiB of float32 logits
 _CUDA_CHUNK_ELEMS = 1 << 28
 _EXP_FLOOR = -80.0
@@ -41,8 +43,14 @@ def _check_means(means: torch.Tensor, var: float) -> tuple[torch.Tensor, float]:
 def _draw_noise(
     shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device, dtype
 ) -> torch.Tensor:
-    # drawn on the CPU so that a seed gives the same numbers on every device
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    # drawn where they are used: a generator on another device is a caller's mistake
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the means on {device}; "
+            "give a seed, or a generator on the means' device"
+        )
+    # float32 draws for every dtype, so that a seed gives both estimators the same eps
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=device).to(dtype)
 
 
 def mixture_kl(
@@ -58,7 +66,8 @@ def mixture_kl(
     """Return C_mix (a float) for the mixture of N(means_i, var I); docs/theory.md section 2.
 
     ``means`` is [m, d] (alpha_T x), ``var`` is sigma_T^2. ``generator`` (or ``seed``) fixes the
-    Monte Carlo draws; the noise is drawn on the CPU for the same numbers on every device.
+    Monte Carlo draws; the noise is drawn on the means' device (a seed gives the same numbers on
+    the same device).
     With ``per_point=True`` the [m] float64 tensor of KL_i estimates is returned instead.
     Each sample's value is at most ln m; the mean is floored at 0 (a negative mean can only be
     Monte Carlo noise), so the result lies in [0, ln m]; it is 0 for m = 1.
@@ -69,7 +78,7 @@ def mixture_kl(
     m, d = means.shape
     device = means.device
     if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator_for(device, seed)
     dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
     # distances are translation invariant: centring shrinks the norms and the cancellation error
     mu = means.to(dtype)
@@ -129,7 +138,7 @@ def mixture_kl_broadcast(
     means, var = _check_means(means, var)
     m, d = means.shape
     if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator_for(means.device, seed)
     mu = means.double()
     sd = math.sqrt(var)
     total = 0.0

@@ -28,5 +28,5 @@ def to_symmetric(x01: torch.Tensor) -> torch.Tensor:
 
 def dequantize(y: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bin centres in [-1, 1] -> a uniform draw within each bin (for likelihoods)."""
-    u = torch.rand(y.shape, generator=generator).to(y.device, y.dtype) - 0.5
+    u = torch.rand(y.shape, generator=generator, dtype=y.dtype, device=y.device) - 0.5
     return y + BIN_WIDTH * u

@@ -1,0 +1,68 @@
+"""Where trials run: the device a user names ("auto" by default), the float32 matmul precision on
+CUDA, and random number generators that live on the device of the tensors they feed.
+
+Every other module takes its device from its model or data (``bound_tuner.models.model_device``,
+``tensor.device``); only the entry points (CLI, ``run_study``, objectives) resolve a device name.
+
+Reproducibility: a seed gives the same numbers on the same device and PyTorch version. CUDA and
+the CPU draw from different generators (Philox on CUDA, Mersenne Twister on the CPU), so the same
+seed gives a different, equally valid, trial on each; with TF32 on, CUDA matmuls round their inputs
+to 10 mantissa bits, which moves losses in the fourth significant digit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AUTO = "auto"
+DEFAULT_DEVICE = AUTO
+
+
+class DeviceError(ValueError):
+    """A device this process cannot use; its message is one line with the mend."""
+
+
+def resolve_device(device: str | torch.device | None = AUTO) -> torch.device:
+    """The torch device for a name: "auto" (or None) is CUDA when present, else the CPU.
+
+    Raises DeviceError for a name that is not a device, a device type other than cpu/cuda, or a
+    CUDA device this process cannot see."""
+    if device is None or (isinstance(device, str) and device == AUTO):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(
+            f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:0"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {device!r}: bound-tuner trains on cpu or cuda; use auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device} but this machine shows no CUDA GPU to this process "
+                "(check the driver and CUDA_VISIBLE_DEVICES); use --device auto or cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return dev
+
+
+def set_tf32(enabled: bool = True) -> None:
+    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (or not).
+
+    On by default for CUDA trials (``[training] tf32``): the models here are small and trained
+    with noisy gradients, where TF32's 10-bit mantissa inputs change nothing that a seed does not.
+    No effect on the CPU."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def generator_for(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``: random numbers drawn with it are made on
+    the device they are used on (no CPU draw and copy)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
