@@ -392,7 +392,7 @@ def load_model(
     *,
     storage: str | None = None,
     artifacts: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> TrainedModel:
     """A trial's trained model, its generator settings and config, from the artifact store.
 
@@ -428,7 +428,9 @@ def load_model(
             expected_sha256=t.user_attrs.get(ATTR_SHA),
             what=f"the weights of trial {t.number} ({path / t.user_attrs[ATTR_ID]})",
         )
-    model = build_model(payload).to(device)
+    from .device import resolve_device
+
+    model = build_model(payload).to(resolve_device(device))
     cfg = payload["config"]
     out = TrainedModel(
         model=model,

@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if pool:
         from .workers import parse_gpus, run_workers
 
-        if args.gpus is None and args.device != "cpu":
+        if args.gpus is None and args.device not in ("cpu", "auto"):
             raise WorkerConfigError(
                 f"--device {args.device} with --workers: give --gpus 0,1,... instead"
             )
@@ -256,7 +256,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="artifact folder holding the weights (default: the one the trial was saved to, "
         "else as for dashboard)",
     )
-    p.add_argument("--device", default="cpu", help="torch device to load the model on (cpu)")
+    p.add_argument(
+        "--device", default="auto", help="torch device to load the model on (auto: CUDA if present)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--n-trials", type=int, help="finished trials to reach in all (default: the spec's)"
     )
-    r.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
+    r.add_argument(
+        "--device",
+        default="auto",
+        help="torch device for the trials: auto (CUDA when present, else cpu; the default), "
+        "cpu, cuda, cuda:1; a pool of --workers without --gpus runs on the CPU",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument(
         "--workers", type=int, metavar="K", help="run K worker processes on the CPU (PostgreSQL)"
@@ -297,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--n-trials", type=int, help="finished trials of the whole study (default: the spec's)"
     )
-    w.add_argument("--device", default="cpu", help="torch device for the trials (default cpu)")
+    w.add_argument(
+        "--device",
+        default="auto",
+        help="torch device for the trials: auto (CUDA when present, else cpu; the default)",
+    )
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.add_argument(
         "--charts",

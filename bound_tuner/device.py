@@ -16,6 +16,7 @@ import torch
 
 AUTO = "auto"
 DEFAULT_DEVICE = AUTO
+DEFAULT_TF32 = True  # TF32 matmuls and convolutions for float32 on CUDA
 
 
 class DeviceError(ValueError):

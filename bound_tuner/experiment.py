@@ -14,6 +14,7 @@ from torch import nn
 
 from .bounds.diffusion import DEFAULT_VARIANT, SPLIT_VARIANTS
 from .bounds.report import BoundReport
+from .device import DEFAULT_DEVICE, DEFAULT_TF32, resolve_device, set_tf32
 from .evaluate import diffusion_bound, heldout_metrics
 from .models import build_score_model
 from .sde import Schedule, get_schedule
@@ -47,6 +48,7 @@ class DiffusionConfig:
     heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
     heldout_n_steps: int | None = None
     seed: int = 0
+    tf32: bool = DEFAULT_TF32  # TF32 matmuls on CUDA
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +66,20 @@ def train_model(
     train: torch.Tensor,
     cfg: DiffusionConfig,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = DEFAULT_DEVICE,
     checkpoint: Callable[[int, nn.Module], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = False,
 ) -> tuple[nn.Module, Schedule, list[float]]:
-    """Build and train cfg's score model on ``train``; returns (model, schedule, losses)."""
+    """Build and train cfg's score model on ``train``; returns (model, schedule, losses).
+
+    ``device`` "auto" is CUDA when present, else the CPU; on CUDA, cfg.tf32 sets the float32
+    matmul precision (``bound_tuner.device.set_tf32``)."""
     schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
     schedule.check_T(cfg.T, t_min=cfg.t_min)
+    device = resolve_device(device)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
     seed_everything(cfg.seed)
     x = train.to(device)
     model = build_score_model(tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers).to(device)
@@ -94,7 +102,7 @@ def train_model(
 
 
 def train_split_models(
-    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = "cpu"
+    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = DEFAULT_DEVICE
 ) -> tuple[list[nn.Module], list[int]]:
     """The two reference models of the "elbo-split" bound (docs/theory.md eq. 2.8): the training
     set is split in two halves by a permutation from cfg.seed, and a model with cfg's settings is
@@ -119,7 +127,7 @@ def run_diffusion(
     *,
     test: torch.Tensor | None = None,
     validation: bool = False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = DEFAULT_DEVICE,
     checkpoint: Callable[[int, nn.Module], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = False,

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 
 from .data import DataSplit, load_dataset
+from .device import DEFAULT_TF32, resolve_device, set_tf32
 from .experiment import DiffusionConfig
 from .space import grid_space
 from .spec import SpecError, StudySpec
@@ -99,7 +100,7 @@ def build_objective(
     spec: StudySpec,
     data: DataSplit | None = None,
     *,
-    device: str = "cpu",
+    device: str = "auto",
     on_result=None,
     artifact_store=None,
 ):
@@ -111,6 +112,8 @@ def build_objective(
     without the dashboard.
     """
     data = data if data is not None else load_data(spec)
+    if resolve_device(device).type == "cuda":
+        set_tf32(spec.training.get("tf32", DEFAULT_TF32))
     if artifact_store is None:
         artifact_store = getattr(on_result, "artifact_store", None)
     if spec.model == "diffusion":
@@ -171,7 +174,7 @@ def run_study(
     *,
     storage: str | None = None,
     n_trials: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
     callbacks: list | None = None,
     data: DataSplit | None = None,
