@@ -21,9 +21,9 @@ import optuna
 import torch
 from torch import nn
 
-from .bounds.diffusion import ENCODER_VARIANTS, SPLIT_VARIANTS, encoder_terms
+from .bounds.diffusion import ENCODER_VARIANTS, R_SOURCES, SPLIT_VARIANTS, encoder_terms
 from .bounds.report import BoundReport
-from .bounds.vae import vae_bound
+from .bounds.vae import assemble_vae_bound, reference_vae_R, vae_bound
 from .data import DataSplit, prepare_for
 from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, run_diffusion
@@ -187,7 +187,10 @@ class VAEConfig:
     """One VAE trial's settings (docs/theory.md sections 5 and 6); the search space overrides them.
 
     ``lam`` weighs the bound-regularizer of ``bound_tuner.vae_training`` (0: plain training),
-    ``r`` is the bound's r, ``mc_samples`` the draws of z per point in each bound evaluation.
+    ``R`` the bound's sub-Gaussian scale (docs/theory.md section 5.1: a number, "data" or
+    "estimate"; None: the paper's form with ``r``, R = (1 + r)/sqrt(2)), ``r`` the paper's r (also
+    the regularizer's weight 1 + r), ``mc_samples`` the draws of z per point in each bound
+    evaluation.
     """
 
     beta: float = 1.0
@@ -198,6 +201,7 @@ class VAEConfig:
     batch_size: int = 64
     arch: str = "mlp"
     r: float = 1.0
+    R: float | str | None = None
     mc_samples: int = 1
     seed: int = 0
 
@@ -300,6 +304,8 @@ class VAEObjective:
         self.m = int(data.train.shape[0])
         self.input_dim = int(data.train[0].numel())
         self._check_space()
+        # R = "data" from all m training points, once: the same for every trial (section 5.1)
+        self.data_R = reference_vae_R(data.train) if self.base.R == "data" else None
         if bound_subset is not None and bound_subset < 1:
             raise SpecError(f"bound_subset={bound_subset} must be at least 1 (or None: all m)")
         self.bound_subset = None if bound_subset is None or bound_subset >= self.m else bound_subset
@@ -336,10 +342,10 @@ class VAEObjective:
         artifact_store: Any | None = None,
     ) -> VAEObjective:
         """The objective of a VAE study spec: [search], fixed values from [training] (epochs,
-        batch_size, lr) and [bound] (r, mc_samples, bound_subset)."""
+        batch_size, lr) and [bound] (R or r, mc_samples, bound_subset)."""
         tr, bd = spec.training, spec.bound
         kw: dict[str, Any] = {k: tr[k] for k in ("epochs", "batch_size", "lr") if k in tr}
-        kw.update({k: bd[k] for k in ("r", "mc_samples") if k in bd})
+        kw.update({k: bd[k] for k in ("r", "R", "mc_samples") if k in bd})
         try:
             return cls(
                 data,
@@ -374,6 +380,10 @@ class VAEObjective:
                 raise SpecError(f"search.{name} must be {need} (got {values(name)})")
         if b.r < 0 or not math.isfinite(b.r):
             raise SpecError(f"bound.r = {b.r} must be a finite number >= 0")
+        if isinstance(b.R, str) and b.R not in R_SOURCES:
+            raise SpecError(f'bound.R = {b.R!r}; give a positive number, "estimate" or "data"')
+        if b.R is not None and not isinstance(b.R, str) and not (math.isfinite(b.R) and b.R > 0):
+            raise SpecError(f'bound.R = {b.R} must be positive (or "estimate" or "data")')
         for arch in values("arch"):
             if arch not in VAE_ARCHS:
                 raise SpecError(f"search.arch has unknown {arch!r}; choose from {VAE_ARCHS}")
@@ -410,6 +420,8 @@ class VAEObjective:
                 decoder0=decoder0,
                 test_x=test,
                 r=cfg.r,
+                R=cfg.R,
+                data_R=self.data_R if cfg.R == "data" else None,
                 mc_samples=cfg.mc_samples,
                 seed=cfg.seed,
                 batch_size=self.eval_batch_size,
@@ -417,7 +429,7 @@ class VAEObjective:
 
         def on_epoch(epoch: int, model: nn.Module) -> None:
             rep = bound_on(self.epoch_x, model)
-            row = self._epoch_row(epoch, rep, cfg.r)
+            row = self._epoch_row(epoch, rep)
             rows.append(row)
             trial.set_user_attr("epoch_terms", rows)
             if not math.isfinite(row["total"]):
@@ -468,13 +480,13 @@ class VAEObjective:
             self.keeper(trial, model, report.total)
         return report.total
 
-    def _epoch_row(self, epoch: int, rep: BoundReport, r: float) -> dict[str, float]:
+    def _epoch_row(self, epoch: int, rep: BoundReport) -> dict[str, float]:
         """One entry of ``epoch_terms``; the MI term divides by the full m (see bound_subset)."""
         rec, kld, mi = rep.terms["rec"], rep.terms["kld"], rep.terms["mi"]
-        c_mi = (1.0 + r) * math.sqrt(max(mi, 0.0) / self.m)
+        total, _, _ = assemble_vae_bound(rec, kld, mi, m=self.m, R=rep.settings["R"])
         row = {
             "epoch": epoch,
-            "total": rec + rep.contributions["kld"] + c_mi,
+            "total": total,
             "rec": rec,
             "kld": kld,
             "mi": mi,

@@ -13,7 +13,7 @@ created. The schema (every section optional except [study].name):
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
-             (VAE: r, mc_samples, bound_subset)
+             (VAE: R or the paper's r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
              n_warmup_steps
@@ -527,6 +527,10 @@ def _check_values(spec: StudySpec, where: str) -> None:
         )
     if "r" in spec.bound and spec.bound["r"] < 0:
         raise SpecError(f"{where}: bound.r = {spec.bound['r']} must be at least 0")
+    if spec.model == "vae" and "r" in spec.bound and "R" in spec.bound:
+        raise SpecError(
+            f"{where}: give bound.R or bound.r, not both (the paper's r is R = (1 + r)/sqrt(2))"
+        )
     t_min = spec.training.get("t_min")
     if t_min is not None and t_min >= 1:
         raise SpecError(f"{where}: training.t_min = {t_min} must be below 1 (e.g. 1e-3)")

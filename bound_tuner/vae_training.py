@@ -70,7 +70,8 @@ def train_vae(
     ``callback(epoch, model)`` runs after each epoch (epoch counts from 1); it may evaluate the
     bound or raise to stop (an Optuna pruner, for example), and the exception propagates.
     Returns one dict per epoch with the batch means of loss, rec, kld, mi (nan when lam = 0) and
-    surrogate. Raises FloatingPointError when the loss stops being finite.
+    surrogate. Raises FloatingPointError at the end of the first epoch whose loss was not finite
+    at some step (checked on the device, one host sync per epoch), naming the first such step.
     """
     if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or lam < 0 or r < 0:
         raise ValueError(
@@ -96,7 +97,11 @@ def train_vae(
     for epoch in bar:
         model.train()
         perm = torch.randperm(m, generator=g).to(device)
-        sums = torch.zeros(5, dtype=torch.float64)
+        # accumulated on the device: no host sync per step; checked once per epoch
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        first_bad_loss = torch.zeros((), dtype=torch.float64, device=device)
         n_batches = 0
         for step, start in enumerate(range(0, m, batch_size)):
             xb = x_all[perm[start : start + batch_size]]
@@ -108,22 +113,28 @@ def train_vae(
             if mi is not None:
                 surrogate = complexity_surrogate(kld, mi, m=m, r=r)
                 loss = loss + lam * surrogate
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"VAE loss is {loss.item()} at epoch {epoch}, step {step}; lower lr={lr} "
-                    f"or lam={lam}"
-                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
-                mi_mean = mi.mean() if mi is not None else torch.tensor(math.nan)
+                bad = ~torch.isfinite(loss)
+                is_first = bad & (first_bad < 0)
+                first_bad = torch.where(is_first, step, first_bad)
+                first_bad_loss = torch.where(is_first, loss.double(), first_bad_loss)
+                bad_steps += bad.long()
+                mi_mean = mi.mean() if mi is not None else torch.full((), math.nan)
                 vals = torch.stack(
                     [loss, rec.mean(), kld.mean(), mi_mean.to(loss.device), surrogate]
                 )
-            sums += vals.double().cpu()
+                sums += vals.double()
             n_batches += 1
-        means = (sums / max(n_batches, 1)).tolist()
+        if int(bad_steps) > 0:  # one host sync per epoch
+            raise FloatingPointError(
+                f"VAE loss is {float(first_bad_loss)} at epoch {epoch}, step {int(first_bad)} "
+                f"({int(bad_steps)} of {n_batches} steps non-finite); lower lr={lr} or lam={lam}, "
+                "or check the data for NaN"
+            )
+        means = (sums / max(n_batches, 1)).cpu().tolist()
         row = dict(zip(("loss", "rec", "kld", "mi", "surrogate"), means, strict=True))
         row["epoch"] = float(epoch)
         history.append(row)

@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 
-from bound_tuner.bounds.vae import gaussian_kl, neg_log_bernoulli, vae_bound, vae_terms
+from bound_tuner.bounds.vae import (
+    assemble_vae_bound,
+    gaussian_kl,
+    neg_log_bernoulli,
+    r_to_R,
+    reference_vae_R,
+    vae_batch_terms,
+    vae_bound,
+    vae_terms,
+)
 from bound_tuner.models.vae import MLPVAE, ConvVAE
 from bound_tuner.vae_training import complexity_surrogate, train_vae
 
@@ -91,7 +100,16 @@ def test_bound_at_initialization():
     assert rep.terms["mi"] == 0.0  # the decoder is still theta_0 and z is shared
     assert rep.total == pytest.approx(sum(rep.contributions.values()), rel=1e-12)
     assert rep.extras["encoder_only_bound"] < rep.total
-    assert rep.settings == {"r": 1.0, "m": 200, "d": 64, "mc_samples": 2, "latent": 4, "seed": 0}
+    assert rep.settings == {
+        "R": pytest.approx(math.sqrt(2.0)),  # the paper's r = 1: R = (1 + r)/sqrt(2)
+        "R_source": "r",
+        "r": 1.0,
+        "m": 200,
+        "d": 64,
+        "mc_samples": 2,
+        "latent": 4,
+        "seed": 0,
+    }
     assert rep.extras["test_neg_elbo"] == pytest.approx(
         rep.extras["test_rec"] + rep.extras["test_kld"]
     )
@@ -199,3 +217,93 @@ def test_callback_dynamic_binarize_and_nan():
     bad[3, 5] = float("nan")
     with pytest.raises(FloatingPointError, match="epoch 1"):
         train_vae(_small_vae(), bad, epochs=1, batch_size=64, lam=1.0)
+
+
+def test_R_scaled_bound_closed_form():
+    # (5.2): REC + sqrt(2) R (sqrt(KLD) + sqrt(MI / m)); REC 10, KLD 4, MI 50, m 2, R 3
+    total, c_kld, c_mi = assemble_vae_bound(10.0, 4.0, 50.0, m=2, R=3.0)
+    assert c_kld == pytest.approx(3 * math.sqrt(2) * 2) and c_mi == pytest.approx(15 * math.sqrt(2))
+    assert total == pytest.approx(10 + 21 * math.sqrt(2), rel=1e-12)
+    # the paper's r: 1 + r = sqrt(2) R
+    assert r_to_R(1.0) == pytest.approx(math.sqrt(2)) and r_to_R(0.0) == pytest.approx(0.5**0.5)
+    paper = 10 + 2 * 2 + 2 * 5  # r = 1
+    assert assemble_vae_bound(10.0, 4.0, 50.0, m=2, R=r_to_R(1.0))[0] == pytest.approx(paper)
+    # a negative MI estimate contributes 0
+    assert assemble_vae_bound(10.0, 4.0, -3.0, m=2, R=1.0)[2] == 0.0
+    with pytest.raises(ValueError, match="R=0.0 must be a positive"):
+        assemble_vae_bound(10.0, 4.0, 1.0, m=2, R=0.0)
+    with pytest.raises(ValueError, match="r=-1"):
+        r_to_R(-1.0)
+
+
+def test_reference_vae_R_closed_form():
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    p = [3 / 5, 2 / 5]  # add-one smoothed pixel means
+    nll = [
+        -sum(math.log(pj if xj else 1 - pj) for xj, pj in zip(row, p, strict=True))
+        for row in x.tolist()
+    ]
+    assert reference_vae_R(x) == pytest.approx((max(nll) - min(nll)) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="pixels in \\[0, 1\\]"):
+        reference_vae_R(2 * x)
+
+
+def test_bound_with_R_number_data_and_estimate():
+    x = _binary_data(120)
+    vae = _small_vae()
+    d0 = vae.initial_decoder()
+    train_vae(vae, x, epochs=2, batch_size=32, lr=3e-3)
+    base = vae_bound(vae, x, decoder0=d0, seed=5)
+    rec, kld, mi = base.terms["rec"], base.terms["kld"], base.terms["mi"]
+    m = 120
+
+    def closed(R: float) -> float:
+        return rec + math.sqrt(2) * R * (math.sqrt(kld) + math.sqrt(max(mi, 0) / m))
+
+    assert base.total == pytest.approx(closed(math.sqrt(2)), rel=1e-12)
+    seven = vae_bound(vae, x, decoder0=d0, seed=5, R=7.0)
+    assert seven.settings["R"] == 7.0 and seven.settings["R_source"] == "number"
+    assert "r" not in seven.settings and seven.total == pytest.approx(closed(7.0), rel=1e-12)
+    data = vae_bound(vae, x, decoder0=d0, seed=5, R="data")
+    assert data.settings["R"] == pytest.approx(reference_vae_R(x))
+    assert data.total == pytest.approx(closed(reference_vae_R(x)), rel=1e-12)
+    assert vae_bound(vae, x, decoder0=d0, seed=5, R="data", data_R=3.0).settings["R"] == 3.0
+    # "estimate": half the range of the per-point REC, from the same draws of z
+    est = vae_bound(vae, x, decoder0=d0, seed=5, R="estimate")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        rec_i, _, _ = vae_batch_terms(vae.eval(), x, decoder0=d0, generator=g)
+    half = float(rec_i.max() - rec_i.min()) / 2
+    assert est.settings["R"] == pytest.approx(half, rel=1e-5)
+    assert est.extras["rec_half_range"] == pytest.approx(half, rel=1e-5)
+    with pytest.raises(ValueError, match="R='huge'"):
+        vae_bound(vae, x, decoder0=d0, R="huge")
+
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a VAE; its decoder returns NaN logits from the ``bad``-th call on (0-based)."""
+
+    def __init__(self, vae: MLPVAE, bad: int) -> None:
+        super().__init__()
+        self.vae, self.bad, self.calls, self.latent = vae, bad, 0, vae.latent
+
+    def encode(self, x):
+        return self.vae.encode(x)
+
+    def decode(self, z):
+        out = self.vae.decode(z)
+        self.calls += 1
+        return out * float("nan") if self.calls > self.bad else out
+
+
+def test_nan_loss_caught_once_per_epoch():
+    x = _binary_data(64)
+    seen = []
+    # 4 steps per epoch; the 7th decoder call is epoch 2, step 2
+    model = _NaNAfter(_small_vae(), bad=6)
+    with pytest.raises(FloatingPointError) as err:
+        train_vae(model, x, epochs=3, batch_size=16, callback=lambda e, m: seen.append(e))
+    msg = str(err.value)
+    assert "VAE loss is nan at epoch 2, step 2 (2 of 4 steps non-finite)" in msg
+    assert "lower lr=0.001" in msg and "\n" not in msg
+    assert seen == [1]  # the epoch with the NaN never reached its callback

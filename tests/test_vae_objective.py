@@ -239,3 +239,26 @@ def test_fashion_mnist_vae_study_spec_parses():
     assert spec.model == "vae" and spec.sampler["type"] == "tpe"
     assert {"beta", "lam", "latent", "lr"} <= {n for n, p in spec.search.items() if not p.is_fixed}
     assert spec.data["binarize"] == "fixed"
+
+
+def test_R_settings_in_a_vae_study(binary_images, vae_spec, tmp_path):
+    from bound_tuner.bounds.vae import reference_vae_R
+
+    path = vae_spec(lam="0.0", n_trials=1, epochs=2, bound_extra='R = "data"')
+    path.write_text(path.read_text().replace("r = 1.0\n", ""))
+    spec = load_spec(path)
+    objective = VAEObjective.from_spec(spec, load_data(spec))
+    study = optuna.create_study()
+    study.optimize(objective, n_trials=1)
+    (t,) = study.get_trials()
+    ua = t.user_attrs
+    R = reference_vae_R(load_data(spec).train)
+    assert ua["bound.R"] == pytest.approx(R) and ua["bound.R_source"] == "data"
+    rec, kld, mi = ua["bound.rec"], ua["bound.kld"], ua["bound.mi"]
+    expect = rec + math.sqrt(2) * R * (math.sqrt(kld) + math.sqrt(max(mi, 0) / N_TRAIN))
+    assert t.value == pytest.approx(expect, rel=1e-9)
+    assert ua["epoch_terms"][-1]["total"] == pytest.approx(t.value)
+    with pytest.raises(SpecError, match="give bound.R or bound.r, not both"):
+        load_spec(vae_spec(bound_extra="R = 2.0"))
+    with pytest.raises(SpecError, match="bound.R = 'guess'"):
+        load_spec(vae_spec(bound_extra='R = "guess"'))

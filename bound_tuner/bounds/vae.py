@@ -6,7 +6,12 @@ N(0, I) and the frozen initial decoder theta_0, in nats per sample summed over p
   REC = (1/m) sum_i E_{z~q(z|x_i)} [ -ln p_theta(x_i|z) ]
   KLD = (1/m) sum_i KL(q(z|x_i) || N(0, I))                                   (closed form)
   MI  = (1/m) sum_i E_{z~q(z|x_i)} [ ln p_theta(x_i|z) - ln p_theta0(x_i|z) ]  (the same z)
-  bound = REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m)
+  bound = REC + sqrt(2) R ( sqrt(KLD) + sqrt(MI / m) )                          (5.2)
+
+R is the sub-Gaussian scale of the per-sample reconstruction loss (docs/theory.md section 5.1): a
+number, ``"data"`` (``reference_vae_R``) or ``"estimate"`` (``estimate_R``, half the range of the
+trial's own per-sample REC). The paper's form REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) is the
+case sqrt(2) R = 1 + r (``r_to_R``); without R the paper's r = 1 is used, R = sqrt(2).
 
 REC and MI are Monte Carlo estimates with ``mc_samples`` draws of z per point. ``-ln p(x|z)`` is
 the binary cross-entropy with logits summed over pixels; for grey x in [0, 1] it is a
@@ -21,25 +26,107 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .diffusion import R_SOURCES, estimate_R
 from .report import BoundReport
 
 __all__ = [
     "VAETerms",
+    "assemble_vae_bound",
     "gaussian_kl",
     "neg_log_bernoulli",
+    "r_to_R",
+    "reference_vae_R",
+    "resolve_vae_R",
     "vae_batch_terms",
     "vae_bound",
     "vae_terms",
 ]
 
+#: the paper's r (docs/theory.md section 5): bound = REC + (1 + r)(sqrt(KLD) + sqrt(MI / m))
+PAPER_R_SMALL = 1.0
+
 
 class VAETerms(NamedTuple):
-    """Averages over the m points, nats per sample (docs/theory.md section 5). ``mi`` is nan without theta_0."""
+    """Averages over the m points, nats per sample (docs/theory.md section 5). ``mi`` is nan without theta_0.
+
+    ``rec_min`` and ``rec_max`` are the smallest and largest per-point REC estimates (for R).
+    """
 
     rec: float
     kld: float
     mi: float
     m: int
+    rec_min: float = math.nan
+    rec_max: float = math.nan
+
+
+def r_to_R(r: float) -> float:
+    """The R of (5.2) that gives the paper's coefficient 1 + r: R = (1 + r) / sqrt(2)."""
+    if not (math.isfinite(r) and r >= 0):
+        raise ValueError(f"r={r} must be a finite number >= 0 (the paper used r = 1)")
+    return (1.0 + r) / math.sqrt(2.0)
+
+
+def assemble_vae_bound(
+    rec: float, kld: float, mi: float, *, m: int, R: float
+) -> tuple[float, float, float]:
+    """(total, KLD contribution, MI contribution) of (5.2) in docs/theory.md section 5.
+
+    total = rec + sqrt(2) R sqrt(max(kld, 0)) + sqrt(2) R sqrt(max(mi, 0) / m). A negative MI
+    estimate (Monte Carlo noise) contributes 0; a nan MI (no theta_0) makes the total nan.
+    """
+    if not (math.isfinite(R) and R > 0):
+        raise ValueError(f"R={R} must be a positive finite number (or pass r, R = (1 + r)/sqrt(2))")
+    if m < 1:
+        raise ValueError(f"m={m} must be at least 1")
+    scale = math.sqrt(2.0) * R
+    c_kld = scale * math.sqrt(max(kld, 0.0))
+    c_mi = scale * math.sqrt(max(mi, 0.0) / m) if not math.isnan(mi) else math.nan
+    return rec + c_kld + c_mi, c_kld, c_mi
+
+
+def reference_vae_R(x: torch.Tensor) -> float:
+    """R from the data alone (docs/theory.md section 5.1): half the range over the training points
+    of -ln p(x) under independent Bernoulli pixels with the training means (add-one smoothed).
+
+    The same number for every trial on the same data; Hoeffding's scale of that model's loss.
+    """
+    x = x.reshape(x.shape[0], -1).double()
+    if x.shape[0] < 2:
+        raise ValueError("reference_vae_R needs at least 2 points")
+    if (x < 0).any() or (x > 1).any():
+        raise ValueError("reference_vae_R needs pixels in [0, 1]; binarize or rescale the images")
+    p = (x.sum(dim=0) + 1.0) / (x.shape[0] + 2.0)
+    nll = -(x * p.log() + (1.0 - x) * torch.log1p(-p)).sum(dim=1)
+    return estimate_R(nll)
+
+
+def resolve_vae_R(
+    R: float | str | None,
+    *,
+    r: float = PAPER_R_SMALL,
+    train_x: torch.Tensor | None = None,
+    rec_range: tuple[float, float] | None = None,
+) -> float:
+    """The number R of (5.2) from a setting: a positive number, "data" (needs ``train_x``),
+    "estimate" (needs ``rec_range``, the smallest and largest per-point REC) or None (the paper's
+    r: R = (1 + r) / sqrt(2))."""
+    if R is None:
+        return r_to_R(r)
+    if isinstance(R, str):
+        if R == "data":
+            if train_x is None:
+                raise ValueError('R="data" needs the training points')
+            return reference_vae_R(train_x)
+        if R == "estimate":
+            if rec_range is None:
+                raise ValueError('R="estimate" needs the per-point REC range')
+            return max(estimate_R(torch.tensor(rec_range, dtype=torch.float64)), 1e-12)
+        raise ValueError(f'R={R!r}; give a positive number, "data" or "estimate"')
+    R = float(R)
+    if not (math.isfinite(R) and R > 0):
+        raise ValueError(f'R={R} must be a positive number (or "data" or "estimate")')
+    return R
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -110,6 +197,7 @@ def vae_terms(
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
+    lo, hi = math.inf, -math.inf
     try:
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
@@ -118,6 +206,8 @@ def vae_terms(
                     model, xb, decoder0=decoder0, mc_samples=mc_samples, generator=generator
                 )
                 sums[0] += rec.double().sum().cpu()
+                lo = min(lo, float(rec.min()))
+                hi = max(hi, float(rec.max()))
                 sums[1] += kld.double().sum().cpu()
                 if mi is not None:
                     sums[2] += mi.double().sum().cpu()
@@ -125,7 +215,7 @@ def vae_terms(
         model.train(was_training)
     m = x.shape[0]
     mi_mean = float(sums[2]) / m if decoder0 is not None else math.nan
-    return VAETerms(float(sums[0]) / m, float(sums[1]) / m, mi_mean, m)
+    return VAETerms(float(sums[0]) / m, float(sums[1]) / m, mi_mean, m, lo, hi)
 
 
 def vae_bound(
@@ -134,41 +224,53 @@ def vae_bound(
     *,
     decoder0: nn.Module,
     test_x: torch.Tensor | None = None,
-    r: float = 1.0,
+    r: float = PAPER_R_SMALL,
+    R: float | str | None = None,
+    data_R: float | None = None,
     mc_samples: int = 1,
     seed: int = 0,
     batch_size: int = 1024,
 ) -> BoundReport:
-    """The VAE bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on the m training points.
+    """The VAE bound REC + sqrt(2) R (sqrt(KLD) + sqrt(MI / m)) on the m training points, (5.2).
 
-    docs/theory.md section 5. ``decoder0`` is the frozen decoder at initialization (``initial_decoder()``
-    of the models in ``bound_tuner.models.vae``). The estimate of MI can come out slightly
-    negative by chance (a difference of two Monte Carlo averages); ``terms["mi"]`` keeps the raw
-    estimate and the bound uses sqrt(max(MI, 0) / m). ``extras`` holds the encoder-only bound
+    docs/theory.md section 5. ``R`` is a number, "data" or "estimate" (``resolve_vae_R``); None
+    takes the paper's form with ``r``: R = (1 + r) / sqrt(2), REC + (1 + r) sqrt(KLD) + (1 + r)
+    sqrt(MI / m). ``data_R`` is the value of R = "data" computed once by a caller that evaluates
+    a subset of its training points (``reference_vae_R`` of all of them); None computes it here. ``decoder0`` is the frozen decoder at initialization (``initial_decoder()`` of
+    the models in ``bound_tuner.models.vae``). The estimate of MI can come out slightly negative
+    by chance (a difference of two Monte Carlo averages); ``terms["mi"]`` keeps the raw estimate
+    and the bound uses sqrt(max(MI, 0) / m). ``extras`` holds the encoder-only bound
     REC + sqrt(KLD) and, with ``test_x``, the held-out loss REC_test + sqrt(KLD_test), the test
     -ELBO REC_test + KLD_test and the test terms; they are never part of the total. Draws of z
     come from ``seed`` (the test pass from ``seed + 1``), so equal inputs give equal numbers.
     """
-    if r < 0 or not math.isfinite(r):
-        raise ValueError(f"r={r} must be a finite number >= 0 (the paper used r = 1)")
+    r_value = r_to_R(r)  # checks r
+    if isinstance(R, str) and R not in R_SOURCES:
+        raise ValueError(f'R={R!r}; give a positive number, "data" or "estimate"')
     if decoder0 is None:
         raise ValueError("decoder0 is required: pass model.initial_decoder() (theta_0)")
     m = int(train_x.shape[0])
     d = int(train_x[0].numel())
     g = torch.Generator().manual_seed(seed)
-    rec, kld, mi, _ = vae_terms(
+    t = vae_terms(
         model, train_x, decoder0=decoder0, mc_samples=mc_samples, batch_size=batch_size, generator=g
     )
-    c_kld = (1.0 + r) * math.sqrt(max(kld, 0.0))
-    c_mi = (1.0 + r) * math.sqrt(max(mi, 0.0) / m)
-    total = rec + c_kld + c_mi
+    rec, kld, mi = t.rec, t.kld, t.mi
+    if R is None:
+        R_value = r_value
+    elif R == "data" and data_R is not None:
+        R_value = resolve_vae_R(float(data_R))
+    else:
+        R_value = resolve_vae_R(R, train_x=train_x, rec_range=(t.rec_min, t.rec_max))
+    total, c_kld, c_mi = assemble_vae_bound(rec, kld, mi, m=m, R=R_value)
     extras = {
         "encoder_only_bound": rec + math.sqrt(max(kld, 0.0)),
         "train_neg_elbo": rec + kld,
+        "rec_half_range": (t.rec_max - t.rec_min) / 2.0,
     }
     if test_x is not None:
         gt = torch.Generator().manual_seed(seed + 1)
-        rec_t, kld_t, _, _ = vae_terms(
+        rec_t, kld_t, *_ = vae_terms(
             model, test_x, decoder0=None, mc_samples=mc_samples, batch_size=batch_size, generator=gt
         )
         extras.update(
@@ -178,18 +280,22 @@ def vae_bound(
             test_kld=kld_t,
             test_size=float(test_x.shape[0]),
         )
+    settings: dict[str, float | int | str] = {
+        "R": R_value,
+        "R_source": "r" if R is None else (R if isinstance(R, str) else "number"),
+        "m": m,
+        "d": d,
+        "mc_samples": mc_samples,
+        "latent": int(getattr(model, "latent", -1)),
+        "seed": seed,
+    }
+    if R is None:
+        settings["r"] = r
     return BoundReport(
         kind="vae",
         total=total,
         terms={"rec": rec, "kld": kld, "mi": mi},
         contributions={"rec": rec, "kld": c_kld, "mi": c_mi},
-        settings={
-            "r": r,
-            "m": m,
-            "d": d,
-            "mc_samples": mc_samples,
-            "latent": int(getattr(model, "latent", -1)),
-            "seed": seed,
-        },
+        settings=settings,
         extras=extras,
     )
