@@ -25,7 +25,10 @@ def _as_tensor(t: TensorLike) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Base class: subclasses define beta(t) and B(t); alpha and sigma^2 follow (section 1.1)."""
+    """Base class: subclasses define beta(t) and B(t); alpha and sigma^2 follow (section 1.1).
+
+    Parameters are numbers, or tensors that broadcast against t (a pack of models with one
+    schedule family and per-model parameters, ``bound_tuner.pack``)."""
 
     name = "base"
     #: exclusive upper end of the valid diffusion times (inf when any T works)
@@ -114,21 +117,24 @@ class CosineSchedule(Schedule):
     def _u(self, t: torch.Tensor) -> torch.Tensor:
         return (t + self.s) / (1.0 + self.s) * (math.pi / 2)
 
+    def _cos_u0(self) -> torch.Tensor:
+        # float64 whether s is a number or (in a pack, bound_tuner.pack) a tensor of them
+        s = torch.as_tensor(self.s, dtype=torch.float64)
+        return torch.cos(s / (1.0 + s) * (math.pi / 2))
+
     def beta(self, t: TensorLike) -> torch.Tensor:
         t = _as_tensor(t)
         return (math.pi / (1.0 + self.s)) * torch.tan(self._u(t))
 
     def big_b(self, t: TensorLike) -> torch.Tensor:
         t = _as_tensor(t)
-        u0 = self.s / (1.0 + self.s) * (math.pi / 2)
         # B = -ln abar = -2 ln cos(u(t)) + 2 ln cos(u(0))
-        return -2.0 * torch.log(torch.cos(self._u(t))) + 2.0 * math.log(math.cos(u0))
+        return -2.0 * torch.log(torch.cos(self._u(t))) + 2.0 * torch.log(self._cos_u0())
 
     def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
         # cos(u(t)) = cos(u(0)) exp(-B/2)
         b = _as_tensor(b)
-        u0 = self.s / (1.0 + self.s) * (math.pi / 2)
-        u = torch.arccos(math.cos(u0) * torch.exp(-0.5 * b))
+        u = torch.arccos(self._cos_u0() * torch.exp(-0.5 * b))
         return u * (1.0 + self.s) / (math.pi / 2) - self.s
 
     def params(self) -> dict[str, float]:
@@ -144,7 +150,7 @@ class ConstantSchedule(Schedule):
 
     def beta(self, t: TensorLike) -> torch.Tensor:
         t = _as_tensor(t)
-        return torch.full_like(t, self.beta_const)
+        return self.beta_const * torch.ones_like(t)
 
     def big_b(self, t: TensorLike) -> torch.Tensor:
         return self.beta_const * _as_tensor(t)

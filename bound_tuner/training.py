@@ -130,10 +130,15 @@ def check_finite(history: torch.Tensor, upto: int) -> None:
 
 
 def generator_surrogate(
-    weighted_sq_score: torch.Tensor, *, T: float, m: int, t_min: float = 1e-3
+    weighted_sq_score: torch.Tensor,
+    *,
+    T: float | torch.Tensor,
+    m: int,
+    t_min: float = 1e-3,
 ) -> torch.Tensor:
-    """S(theta) of the module docstring from per-sample beta(t)||s||^2 values."""
-    return (T - t_min) * weighted_sq_score.mean() / (2 * m)
+    """S(theta) of the module docstring from per-sample beta(t)||s||^2 values [..., b] (the mean
+    over the last dimension; a pack gives [K, b] and T [K])."""
+    return (T - t_min) * weighted_sq_score.mean(dim=-1) / (2 * m)
 
 
 def train_score_model(

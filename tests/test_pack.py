@@ -1,0 +1,74 @@
+"""Packed training (bound_tuner.pack) against training each configuration alone."""
+
+import pytest
+import torch
+
+from bound_tuner.data import swiss_roll
+from bound_tuner.experiment import DiffusionConfig, train_model
+from bound_tuner.pack import check_packable, train_packed
+
+BASE = DiffusionConfig(width=16, layers=2, steps=60, batch_size=32)
+MEMBERS = [
+    BASE.__class__(**{**BASE.to_dict(), **kw})
+    for kw in (
+        {"T": 0.5, "lr": 3e-3, "seed": 1},
+        {"T": 0.9, "lr": 1e-3, "lam": 5.0, "seed": 2},
+        {"T": 0.7, "schedule": "cosine", "schedule_params": {"s": 0.02}, "seed": 3},
+        {"T": 1.2, "schedule": "constant", "schedule_params": {"beta_const": 3.0}, "seed": 4},
+        {"T": 0.6, "schedule_params": {"beta_min": 0.5, "beta_max": 12.0}, "lam": 1.0, "seed": 5},
+    )
+]
+
+
+def _alone(x, cfg):
+    model, _, losses = train_model(x, cfg, device="cpu")
+    return model, losses
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
+def test_each_member_ends_where_training_it_alone_ends(dtype, rtol):
+    x = swiss_roll(100, seed=0).to(dtype)
+    torch.set_default_dtype(dtype)  # the models are built in the data's precision
+    try:
+        packed = train_packed(x, MEMBERS, device="cpu")
+        alone = [_alone(x, c) for c in MEMBERS]
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for got, (model, losses) in zip(packed, alone, strict=True):
+        assert got.error is None
+        assert got.losses == pytest.approx(losses, rel=rtol, abs=rtol)
+        for (name, p), q in zip(got.model.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=rtol, msg=name)
+    # the members did train differently (different settings), not to one shared model
+    assert packed[0].losses[-1] != pytest.approx(packed[1].losses[-1], rel=1e-3)
+
+
+def test_a_member_that_raises_is_dropped_and_the_others_are_unchanged():
+    x = swiss_roll(100, seed=0)
+    seen = []
+
+    def callback(member, step, model):
+        seen.append((member, step))
+        if member == 1:
+            raise RuntimeError("pruned")
+
+    packed = train_packed(x, MEMBERS[:3], device="cpu", callback=callback, callback_every=20)
+    assert seen == [(0, 20), (1, 20), (2, 20), (0, 40), (2, 40)]
+    assert str(packed[1].error) == "pruned" and packed[1].losses is None
+    for j in (0, 2):
+        _, losses = _alone(x, MEMBERS[j])
+        assert packed[j].losses == pytest.approx(losses, rel=2e-3, abs=2e-3)
+
+
+def test_a_nan_member_fails_alone():
+    x = swiss_roll(50, seed=0)
+    bad = MEMBERS[0].__class__(**{**MEMBERS[0].to_dict(), "lr": float("inf")})
+    packed = train_packed(x, [MEMBERS[1], bad], device="cpu", callback_every=30)
+    assert isinstance(packed[1].error, FloatingPointError)
+    assert packed[0].error is None and len(packed[0].losses) == MEMBERS[1].steps
+
+
+def test_members_must_share_the_architecture():
+    other = BASE.__class__(**{**BASE.to_dict(), "width": 32})
+    with pytest.raises(ValueError, match="share width"):
+        check_packable([BASE, other])
