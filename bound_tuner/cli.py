@@ -1,7 +1,9 @@
 """The ``bound-tuner`` command.
 
   bound-tuner run SPEC [--storage URL] [--n-trials N] [--workers K | --gpus 0,1 [--trials-per-gpu k]]
+  bound-tuner run SPEC --executor ray [--ray-address ADDR] [--workers K] [--gpus-per-trial G]
   bound-tuner worker SPEC --storage URL [--device DEV]
+  bound-tuner storage-proxy --storage URL [--host H] [--port P]
   bound-tuner report --study NAME [--storage URL] [--format table|json] [--plot FILE.png]
   bound-tuner dashboard [--storage URL] [--host 127.0.0.1] [--port 8080] [--artifacts DIR]
   bound-tuner export --study NAME [--storage URL] [--trial N|best] --out FILE.pt
@@ -42,8 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
-    pool = args.workers is not None or args.gpus is not None or args.trials_per_gpu is not None
     hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+    if args.executor == "ray":
+        return _run_on_ray(args, spec, hb)
+    if args.ray_address is not None or args.gpus_per_trial is not None:
+        raise WorkerConfigError("--ray-address and --gpus-per-trial go with --executor ray")
+    pool = args.workers is not None or args.gpus is not None or args.trials_per_gpu is not None
     if pool:
         from .workers import parse_gpus, run_workers
 
@@ -73,6 +79,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             **hb,
         )
     return _print_summary(spec.name, study)
+
+
+def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
+    """``run --executor ray``: Ray places the workers and their GPUs."""
+    from .study import run_study
+
+    if args.gpus is not None or args.trials_per_gpu is not None:
+        raise WorkerConfigError(
+            "--executor ray assigns GPUs itself: give --gpus-per-trial G (0.5: two trials "
+            "share a GPU) instead of --gpus or --trials-per-gpu"
+        )
+    gpus = args.gpus_per_trial or 0.0
+    if args.device not in ("auto", "cpu") or (args.device == "cpu" and gpus > 0):
+        raise WorkerConfigError(
+            f"--device {args.device} with --executor ray: Ray trains on cuda with "
+            "--gpus-per-trial G and on the CPU without it; leave out --device"
+        )
+    study = run_study(
+        spec,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        progress=not args.quiet,
+        executor="ray",
+        n_workers=args.workers,
+        ray_address=args.ray_address,
+        gpus_per_trial=gpus,
+        **hb,
+    )
+    return _print_summary(spec.name, study)
+
+
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    from .storage import serve_proxy
+
+    try:
+        serve_proxy(
+            args.storage,
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            announce=lambda line: print(f"bound-tuner: {line}; Ctrl-C stops it", flush=True),
+        )
+    except KeyboardInterrupt:
+        print("bound-tuner: storage proxy stopped", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -293,6 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--trials-per-gpu", type=int, metavar="k", help="workers (trials at once) per GPU (1)"
     )
+    r.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine's processes (the default); ray: Ray tasks on a local "
+        'instance or a cluster (pip install "bound_tuner[ray]")',
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join: auto, or ray://host:10001 (default: a new local instance)",
+    )
+    r.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        metavar="G",
+        help="with --executor ray: GPUs per worker, fractions allowed (0.25: four per GPU)",
+    )
     _heartbeat_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -317,6 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _heartbeat_args(w)
     w.set_defaults(func=cmd_worker)
+
+    px = sub.add_parser(
+        "storage-proxy",
+        help="serve a study database to many workers through Optuna's gRPC storage proxy",
+    )
+    px.add_argument("--storage", help="SQLAlchemy URL of the study database (PostgreSQL) to serve")
+    px.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    px.add_argument("--port", type=_port, default=13000, help="port to listen on (13000)")
+    px.add_argument(
+        "--threads",
+        type=_positive,
+        default=10,
+        help="requests served at once, and database connections held (10)",
+    )
+    px.set_defaults(func=cmd_storage_proxy)
 
     rep = sub.add_parser("report", help="print a study's trials and plot its trade-offs")
     rep.add_argument("--study", required=True, help="study name")

@@ -2,8 +2,9 @@
 
 The default is a SQLite file bound_tuner.db in the working directory; ``--storage`` or the
 BOUND_TUNER_STORAGE variable overrides it. PostgreSQL URLs use psycopg (v3): ``postgresql://``
-is read as ``postgresql+psycopg://``. Every problem raises StorageError with one line, before any
-study is created.
+is read as ``postgresql+psycopg://``. ``grpc://host:port`` reaches a study database through Optuna's
+gRPC storage proxy (``serve_proxy``, ``bound-tuner storage-proxy``): many workers, one set of
+database connections. Every problem raises StorageError with one line, before any study is created.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import re
 import sqlite3
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -22,6 +25,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 DEFAULT_STORAGE = "sqlite:///bound_tuner.db"
 ENV_VAR = "BOUND_TUNER_STORAGE"
+GRPC_EXTRA = 'pip install "bound_tuner[grpc]"'
+PROXY_WAIT_S = 5.0  # how long a client waits for the gRPC proxy to answer
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -38,7 +43,7 @@ class StorageError(ValueError):
 
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
-_LOOSE = re.compile(r"(?P<user>[^:/@\s]*):[^@\s]*@")  # user:password@ without a scheme
+_LOOSE = re.compile(r"(?P<user>[^:/@\s]*):(?!//)[^@\s]*@")  # user:password@ without a scheme
 
 
 def _passwords(url: str) -> list[str]:
@@ -100,6 +105,45 @@ def is_sqlite(url: str) -> bool:
     return normalize_url(url).get_backend_name() == "sqlite"
 
 
+def is_grpc(url: str) -> bool:
+    """Whether ``url`` names Optuna's gRPC storage proxy (``grpc://host:port``)."""
+    return url.strip().startswith("grpc://")
+
+
+def _grpc_address(url: str) -> tuple[str, int]:
+    u = normalize_url(url)
+    if not u.host or u.port is None or u.database or u.username:
+        raise StorageError(
+            f"storage {redact(url)!r}: a gRPC proxy URL is grpc://host:port, e.g. "
+            "grpc://127.0.0.1:13000"
+        )
+    return u.host, u.port
+
+
+def _grpc_proxy(url: str, *, wait: float = PROXY_WAIT_S) -> optuna.storages.BaseStorage:
+    """A GrpcStorageProxy client of ``url``, once the proxy answers."""
+    host, port = _grpc_address(url)
+    try:
+        import grpc  # noqa: F401 - Optuna's client needs it
+    except ImportError:
+        raise StorageError(
+            f"storage {url} needs gRPC, which is not installed; {GRPC_EXTRA}"
+        ) from None
+    with warnings.catch_warnings():  # the proxy is marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=wait)
+    except Exception:
+        proxy.close()
+        raise StorageError(
+            f"cannot reach the storage proxy at {url} (no answer within {wait:g} s); start it "
+            f"with `bound-tuner storage-proxy --storage postgresql://... --port {port}` or "
+            "check the address"
+        ) from None
+    return proxy
+
+
 def check_sqlite_file(path: Path) -> None:
     """Refuse an existing file that is not a usable study database, without changing it.
 
@@ -155,6 +199,9 @@ def check_sqlite_file(path: Path) -> None:
 
 def check_storage(url: str) -> str:
     """Check that a storage URL can be used, without creating any study; return it normalized."""
+    if is_grpc(url):
+        _grpc_proxy(url).close()
+        return url.strip()
     u = normalize_url(url)
     backend = u.get_backend_name()
     if backend == "sqlite":
@@ -224,14 +271,20 @@ def make_storage(
     grace_period: int | None = None,
     retry_failed: int | None = None,
     pool_size: int = 2,
-) -> optuna.storages.RDBStorage:
+) -> optuna.storages.BaseStorage:
     """An RDBStorage for ``url`` (checked first), tuned for its backend.
 
     PostgreSQL gets a small connection pool per process with pool_pre_ping. A heartbeat
     (``heartbeat_interval`` seconds, stale after ``grace_period``) lets a crashed worker's trial
     be failed and, with ``retry_failed``, re-queued by RetryHeartbeatStaleTrialCallback.
+
+    ``grpc://host:port`` gives a GrpcStorageProxy instead. Optuna's proxy client carries no
+    heartbeat (it is not a heartbeat storage), so the heartbeat settings do not apply there.
     """
-    url = check_storage(resolve_url(url))
+    url = resolve_url(url)
+    if is_grpc(url):
+        return _grpc_proxy(url)
+    url = check_storage(url)
     engine_kwargs: dict = {}
     if not is_sqlite(url):
         engine_kwargs = {
@@ -256,3 +309,54 @@ def make_storage(
             f"cannot open storage {redact(url)}: {scrub(first[0] if first else e, url)}; "
             "check the database"
         ) from None
+
+
+def serve_proxy(
+    url: str | None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 13000,
+    threads: int = 10,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the study database ``url`` through Optuna's gRPC storage proxy until interrupted.
+
+    Workers then use ``grpc://host:port`` as their storage: the database sees this one process
+    and its pool of ``threads`` connections, however many workers there are. SQLite is refused
+    (one process at a time; the proxy answers from several threads). ``announce`` gets one line
+    once the checks have passed, just before the server starts.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = resolve_url(url)
+    if is_grpc(url):
+        raise StorageError(f"--storage {url} is itself a proxy; give the database URL")
+    if is_sqlite(url):
+        raise StorageError(
+            f"storage {redact(url)} is SQLite, which serves one process; the proxy needs "
+            "PostgreSQL (--storage postgresql://user@host:5432/dbname)"
+        )
+    if threads < 1:
+        raise StorageError(f"--threads {threads} must be at least 1")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise StorageError(
+            f"the storage proxy needs gRPC, which is not installed; {GRPC_EXTRA}"
+        ) from None
+    storage = make_storage(url, pool_size=threads)
+    if announce is not None:
+        announce(f"serving {redact(url)} at grpc://{host}:{port} ({threads} threads)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            optuna.storages.run_grpc_proxy_server(
+                optuna.storages.get_storage(storage),  # with Optuna's in-process cache
+                host=host,
+                port=port,
+                thread_pool=ThreadPoolExecutor(max_workers=threads),
+            )
+        except RuntimeError as e:  # grpc cannot bind the address
+            raise StorageError(
+                f"cannot listen on {host}:{port} ({e}); choose another --port or --host"
+            ) from None

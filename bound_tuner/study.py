@@ -182,8 +182,18 @@ def run_study(
     grace_period: int | None = None,
     dashboard: bool = True,
     dashboard_charts: bool = True,
+    executor: str = "local",
+    n_workers: int | None = None,
+    ray_address: str | None = None,
+    gpus_per_trial: float = 0.0,
 ) -> optuna.Study:
     """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all.
+
+    ``executor="local"`` runs the trials in this process, or with ``n_workers`` in a pool of
+    that many processes (``bound_tuner.workers.run_workers``). ``executor="ray"`` runs
+    ``n_workers`` Ray tasks (``bound_tuner.ray_executor.run_ray``: ``ray_address``,
+    ``gpus_per_trial``), which load the spec's data themselves. Both need PostgreSQL for more
+    than one worker.
 
     This is the loop of one worker (``bound_tuner.workers.run_worker``): trials are counted as
     the worker pool counts them, every trial heartbeats (a trial left running by a killed
@@ -194,8 +204,47 @@ def run_study(
     ``dashboard_charts``, which only one process of a study may set) the study's charts are rebuilt
     after each trial; see ``bound_tuner.dashboard``.
     """
-    from .workers import run_worker
+    from .workers import WorkerConfigError, run_worker, run_workers
 
+    if executor not in ("local", "ray"):
+        raise WorkerConfigError(f"executor {executor!r}: use 'local' or 'ray'")
+    hb = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+    if executor == "ray":
+        if data is not None or callbacks:
+            raise WorkerConfigError(
+                "executor='ray' runs the spec in Ray tasks that load its data themselves; "
+                "leave out data and callbacks"
+            )
+        from .ray_executor import run_ray
+
+        return run_ray(
+            spec,
+            storage=storage,
+            n_workers=n_workers,
+            gpus_per_trial=gpus_per_trial,
+            address=ray_address,
+            n_trials=n_trials,
+            progress=progress,
+            dashboard=dashboard,
+            **hb,
+        )
+    if ray_address is not None or gpus_per_trial:
+        raise WorkerConfigError("ray_address and gpus_per_trial go with executor='ray'")
+    if n_workers is not None:
+        if data is not None or callbacks:
+            raise WorkerConfigError(
+                "a pool of n_workers loads the spec's data in each worker; leave out data "
+                "and callbacks"
+            )
+        return run_workers(
+            spec,
+            storage=storage,
+            n_workers=n_workers,
+            n_trials=n_trials,
+            progress=progress,
+            dashboard=dashboard,
+            **hb,
+        )
     return run_worker(
         spec,
         storage=storage,

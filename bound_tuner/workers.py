@@ -4,7 +4,8 @@
 trials until the study has ``n_trials`` finished trials in all (not each). With ``gpus`` each
 worker sees one GPU through CUDA_VISIBLE_DEVICES, set before it imports torch; the parent never
 touches CUDA. ``run_worker`` is the loop of one process; ``bound-tuner worker`` runs it on other
-machines against the same PostgreSQL database.
+machines against the same PostgreSQL database, and ``bound_tuner.ray_executor`` runs it in Ray
+tasks (``work`` is the entry point of both executors).
 
 Every worker heartbeats its running trial. A trial whose worker died (killed, preempted, out of
 memory) is failed once its heartbeat is older than the grace period and is re-queued
@@ -40,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .storage import (
     StorageError,
     check_storage,
+    is_grpc,
     is_sqlite,
     normalize_url,
     redact,
@@ -302,13 +304,15 @@ def optimize_until(
     callbacks: Sequence[Any] = (),
     bar: Any = None,
     url: str | None = None,
+    wait_for_running: bool = True,
 ) -> None:
     """Run trials of ``study`` until it has ``target`` trials that count (``counts``).
 
     Every trial is claimed under ``lock``: stale trials are failed and retried, interrupted ones
     queued again, the count taken, and the trial created, all before another process may look.
-    When every slot is taken but trials still run elsewhere, it waits: one of them may die and
-    come back as a retry. Ctrl-C or SIGTERM ends the running trial as FAIL with
+    When every slot is taken but trials still run elsewhere, it waits (``wait_for_running``):
+    one of them may die and come back as a retry. Without a heartbeat (the gRPC proxy) no trial
+    comes back, so it returns instead. Ctrl-C or SIGTERM ends the running trial as FAIL with
     ``fail_reason = "interrupted"``, queues its retry and raises KeyboardInterrupt. A trial
     that cannot be written (disk full, read-only database) raises TrialError.
     """
@@ -356,7 +360,7 @@ def optimize_until(
             if tally.finished >= target:
                 return
             if not (tally.waiting or tally.used < target):
-                if not tally.running:
+                if not (tally.running and wait_for_running):
                     return
                 held.close()
                 time.sleep(_POLL_S)
@@ -514,6 +518,7 @@ def run_worker(
             callbacks=[*extra, *callbacks],
             bar=bar,
             url=url,
+            wait_for_running=not is_grpc(url),  # the proxy carries no heartbeat
         )
     finally:
         lock.close()
@@ -584,6 +589,37 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="bound-tuner-parent-watch", daemon=True).start()
 
 
+def work(
+    index: int, device: str, payload: bytes, storage: str, options: dict[str, Any]
+) -> str | None:
+    """What every worker of an executor runs (the local pool's processes, Ray's tasks): the
+    spec from ``payload`` and ``run_worker`` on ``device``. Returns None when the study is done,
+    else the one line that says why this worker stopped. Ctrl-C, SIGTERM or a cancellation
+    raise KeyboardInterrupt (the running trial ends as interrupted and is queued again)."""
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        spec = pickle.loads(payload)  # imports torch (through bound_tuner.spec)
+        options = dict(options)
+        dashboard = options.pop("dashboard")
+        run_worker(
+            spec,
+            storage=storage,
+            device=device,
+            worker_index=index,
+            threads=1,
+            dashboard=dashboard,
+            dashboard_charts=dashboard and index == 0,
+            **options,
+        )
+    except Exception as e:
+        from .spec import SpecError
+
+        if not isinstance(e, (SpecError, StorageError, WorkerConfigError, TrialError)):
+            traceback.print_exc()
+        return _one_line(e, storage)
+    return None
+
+
 def _worker_main(
     index: int,
     visible_devices: str,
@@ -601,28 +637,11 @@ def _worker_main(
     if parent is not None:
         _watch_parent(parent)
     try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        spec = pickle.loads(payload)  # imports torch (through bound_tuner.spec)
-        options = dict(options)
-        dashboard = options.pop("dashboard")
-        run_worker(
-            spec,
-            storage=storage,
-            device=device,
-            worker_index=index,
-            threads=1,
-            dashboard=dashboard,
-            dashboard_charts=dashboard and index == 0,
-            **options,
-        )
+        failure = work(index, device, payload, storage, options)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:
-        from .spec import SpecError
-
-        if not isinstance(e, (SpecError, StorageError, WorkerConfigError, TrialError)):
-            traceback.print_exc()
-        errors.put((index, _one_line(e, storage)))
+    if failure is not None:
+        errors.put((index, failure))
         sys.exit(1)
 
 

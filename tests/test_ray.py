@@ -1,0 +1,211 @@
+"""Ray as an executor, on a real local Ray instance and the real PostgreSQL: exact trial counts
+through the CLI, a killed Ray worker whose trial is retried with the same parameters, and the
+options that are refused before anything starts.
+
+Needs the ``ray`` extra (``pip install "bound_tuner[ray]"``; .ci/run installs it) and
+BOUND_TUNER_TEST_PG_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+from optuna.trial import TrialState
+
+from bound_tuner.cli import main
+from bound_tuner.workers import WORKER_ATTR
+
+PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
+
+SPEC = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+seed = 0
+[data]
+name = "swiss_roll"
+m = 32
+test_size = 32
+[search]
+T = {{ low = 0.2, high = 0.9 }}
+lr = {{ low = 1e-3, high = 5e-3, log = true }}
+[training]
+steps = {steps}
+batch_size = 32
+width = 16
+checkpoints = 0
+[bound]
+N = 10
+n_paths = 8
+train_draws = 2
+[sampler]
+type = "random"
+[pruner]
+type = "none"
+[storage]
+heartbeat_interval = 1
+grace_period = 3
+"""
+
+
+def write_spec(path: Path, name: str, *, n_trials: int, steps: int = 20) -> Path:
+    path.write_text(SPEC.format(name=name, n_trials=n_trials, steps=steps))
+    return path
+
+
+def pid_of(trial: optuna.trial.FrozenTrial) -> int:
+    return int(trial.user_attrs[WORKER_ATTR].split(":")[1].split("/")[0])
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """One local Ray instance with 2 CPUs for this module, started as ``run_ray`` starts one
+    (run_ray then uses it instead of starting its own)."""
+    ray = pytest.importorskip("ray")
+    from bound_tuner.ray_executor import _start_ray
+
+    art = tmp_path_factory.mktemp("ray_artifacts")
+    old = os.environ.get("BOUND_TUNER_ARTIFACTS")
+    os.environ["BOUND_TUNER_ARTIFACTS"] = str(art)  # forwarded to the tasks
+    assert _start_ray(ray, None, 2)
+    assert ray.cluster_resources()["CPU"] >= 2
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("BOUND_TUNER_ARTIFACTS")
+    else:
+        os.environ["BOUND_TUNER_ARTIFACTS"] = old
+
+
+@pytest.fixture
+def study_name():
+    name = f"test-ray-{uuid.uuid4().hex[:10]}"
+    yield name
+    if PG_URL:
+        try:
+            optuna.delete_study(study_name=name, storage=PG_URL)
+        except KeyError:
+            pass
+
+
+@needs_pg
+def test_two_ray_workers_reach_exactly_n_trials(tmp_path, study_name, local_ray, capsys):
+    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=6)
+    argv = ["run", str(spec), "--storage", PG_URL, "--executor", "ray", "--workers", "2"]
+    assert main([*argv, "--quiet"]) == 0
+    assert f"study '{study_name}': 6 complete" in capsys.readouterr().out
+
+    trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    pids = {pid_of(t) for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # two Ray worker processes shared it
+    assert all(t.user_attrs[WORKER_ATTR].split("/")[1] == "cpu" for t in trials)
+    assert len({(t.params["T"], t.params["lr"]) for t in trials}) == 6
+    art = Path(os.environ["BOUND_TUNER_ARTIFACTS"])
+    assert len(list(art.rglob("*"))) >= 6  # each trial's samples, written by the tasks
+
+
+@needs_pg
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_killed_ray_worker_is_rerun_and_its_trial_retried(tmp_path, study_name, local_ray):
+    from bound_tuner.ray_executor import run_ray
+
+    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=3, steps=1500)
+    outcome: dict = {}
+
+    def driver() -> None:
+        try:
+            outcome["study"] = run_ray(
+                str(spec), storage=PG_URL, n_workers=2, progress=False, dashboard=False
+            )
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=driver, daemon=True)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 90
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        try:
+            running = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+        except KeyError:  # the study is not created yet
+            running = []
+        for t in running:
+            if (
+                t.state == TrialState.RUNNING
+                and WORKER_ATTR in t.user_attrs
+                and time.time() - t.datetime_start.timestamp() > 0.5
+            ):
+                victim = t
+                break
+        time.sleep(0.1)
+    assert victim is not None, outcome or "no trial ran"
+    os.kill(pid_of(victim), signal.SIGKILL)
+
+    thread.join(150)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome  # Ray reran the lost task; the run succeeded
+    trials = outcome["study"].get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[victim.number].state == TrialState.FAIL  # failed through its heartbeat
+    retries = [t for t in trials if Retry.retried_trial_number(t) is not None]
+    assert [Retry.retried_trial_number(t) for t in retries] == [victim.number]
+    assert retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(trials) == 4
+    assert pid_of(retries[0]) != pid_of(victim)  # run by a live process
+
+
+@pytest.mark.parametrize(
+    "extra,needs",
+    [
+        (["--executor", "ray", "--workers", "2"], "SQLite"),
+        (["--executor", "ray", "--gpus", "0"], "--gpus-per-trial"),
+        (["--executor", "ray", "--device", "cuda"], "--gpus-per-trial"),
+        (["--executor", "ray", "--gpus-per-trial", "-1"], "0 or more"),
+        (["--ray-address", "auto"], "--executor ray"),
+        (["--gpus-per-trial", "1"], "--executor ray"),
+    ],
+)
+def test_bad_ray_options_exit_2_with_one_line(tmp_path, capsys, extra, needs):
+    spec = write_spec(tmp_path / "s.toml", "refused", n_trials=2)
+    db = tmp_path / "study.db"
+    rc = main(["run", str(spec), "--storage", f"sqlite:///{db}", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needs in err, err
+    assert not db.exists()  # no study was created
+
+
+def test_executor_ray_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
+    spec = write_spec(tmp_path / "s.toml", "noray", n_trials=2)
+    url = PG_URL or "postgresql://postgres@127.0.0.1:5432/bound_tuner_test"
+    rc = main(["run", str(spec), "--storage", url, "--quiet", "--executor", "ray"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert 'pip install "bound_tuner[ray]"' in err, err
+
+
+@needs_pg
+def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
+    tmp_path, study_name, local_ray, capsys
+):
+    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=2)
+    argv = ["run", str(spec), "--storage", PG_URL, "--quiet", "--executor", "ray"]
+    gpus = local_ray.cluster_resources().get("GPU", 0)
+    assert main([*argv, "--gpus-per-trial", str(gpus + 1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the Ray cluster has {gpus:g} GPUs" in err and "\n" not in err, err
+    with pytest.raises(KeyError):  # refused before the study was created
+        optuna.load_study(study_name=study_name, storage=PG_URL)
