@@ -12,9 +12,13 @@ with the truth, and the mean rank of the pick.
   (c) memorization: Swiss roll, m=32, long full-batch training   2 seeds
   (d) T sweeps on two other 2-D sets (two_moons, ring), m=200   2 seeds each
   (e) few-shot Fashion-MNIST, m=16, T grid, 600 steps            1 seed (skipped without the data)
+  (f) VAEs: 16 random configurations of studies/fashion_mnist_vae.toml's space, binarized
+      Fashion-MNIST m=1,000; truth: held-out -ELBO             2 seeds (only with --cases f)
+  (g) the same at m=5,000                                       2 seeds (only with --cases g)
 
     python benchmarks/bench_selection.py                 # all cases, CPU-sized (--jobs: processes)
     python benchmarks/bench_selection.py --cases a,c --seeds 2 --out results.json
+    python benchmarks/bench_selection.py --cases fg --out benchmarks/results/selection_vae.json
 
 Models are trained once and every score is computed on the same trained model and the same
 fixed draws. Runs are reproducible for a given machine and --jobs.
@@ -49,7 +53,20 @@ CASE_TITLES = {
     "c": "(c) memorization, Swiss roll m=32",
     "d": "(d) T sweeps, two_moons and ring m=200",
     "e": "(e) few-shot Fashion-MNIST m=16",
+    "f": "(f) 16 random VAE configs, Fashion-MNIST m=1,000",
+    "g": "(g) 16 random VAE configs, Fashion-MNIST m=5,000",
 }
+#: the VAE cases and their m; their scores are VAE_SCORES, their truth the held-out -ELBO
+VAE_CASES = {"f": 1000, "g": 5000}
+VAE_SCORES = (
+    "vae bound, r=1 (R=1.41)",
+    "vae bound, R data",
+    "vae bound, R estimated",
+    "encoder-only bound",
+    "train -ELBO",
+    "train REC",
+)
+VAE_TEST_SIZE = 2000
 
 
 @dataclass
@@ -140,6 +157,7 @@ def build_tasks(
                     n_steps=100,
                 )
             )
+    tasks += vae_tasks(cases, seeds)
     for t in tasks:  # a fresh set of problems: data, configurations and models
         if seed_offset:
             t.data_seed += seed_offset
@@ -148,12 +166,144 @@ def build_tasks(
     return tasks
 
 
+def vae_tasks(cases: str, seeds: int) -> list[Task]:
+    """(f), (g): 16 configurations drawn uniformly (log-uniformly where the spec says log) from
+    the search space of studies/fashion_mnist_vae.toml, the same 16 for every m and seed."""
+    from pathlib import Path
+
+    from bound_tuner.objectives import VAEConfig
+    from bound_tuner.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist_vae.toml")
+    fixed = {n: p.fixed for n, p in spec.search.items() if p.is_fixed}
+    fixed.update({k: spec.training[k] for k in ("epochs", "batch_size") if k in spec.training})
+    ranges = {n: p for n, p in spec.search.items() if p.low is not None}
+    tasks = []
+    for case, m in VAE_CASES.items():
+        if case not in cases:
+            continue
+        for s in range(min(seeds, 2)):
+            rng = np.random.default_rng(200 + s)
+            for _ in range(16):
+                params = dict(fixed)
+                for name, p in ranges.items():
+                    lo, hi = float(p.low), float(p.high)
+                    u = (
+                        float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+                        if p.log
+                        else float(rng.uniform(lo, hi))
+                    )
+                    params[name] = int(round(u)) if p.kind is int else u
+                c = VAEConfig(**params, seed=s).to_dict()
+                tasks.append(
+                    Task(case, f"{case}/seed{s}", "fashion_mnist", m, s, c, VAE_TEST_SIZE, 0, 0)
+                )
+    return tasks
+
+
+def run_vae_task(task: Task) -> dict:
+    """Train one VAE (``train_vae``) and compute its bound terms and held-out -ELBO."""
+    import torch
+
+    from bound_tuner.bounds.vae import reference_vae_R, vae_bound
+    from bound_tuner.data import load_dataset
+    from bound_tuner.models.vae import MLPVAE
+    from bound_tuner.objectives import VAEConfig
+    from bound_tuner.seeding import seed_everything
+    from bound_tuner.vae_training import train_vae
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    key = ("vae", task.data, task.m, task.data_seed, task.test_size)
+    if key not in _DATA:  # the data as a VAE study sees them (binarized once, flattened)
+        _DATA[key] = load_dataset(
+            task.data,
+            m=task.m,
+            seed=task.data_seed,
+            test_size=task.test_size,
+            binarize="fixed",
+            model="vae",
+        )
+    split = _DATA[key]
+    cfg = VAEConfig(**task.cfg)
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    model = MLPVAE(input_dim=int(split.train.shape[1]), latent=cfg.latent)
+    decoder0 = model.initial_decoder()
+    train_vae(
+        model,
+        split.train,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        beta=cfg.beta,
+        lam=cfg.lam,
+        r=cfg.r,
+        seed=cfg.seed,
+        decoder0=decoder0,
+    )
+    rep = vae_bound(model, split.train, decoder0=decoder0, test_x=split.test, seed=cfg.seed)
+    ex = rep.extras
+    return {
+        "case": task.case,
+        "group": task.group,
+        "config": {k: task.cfg[k] for k in ("beta", "lam", "latent", "lr", "epochs")},
+        "data": task.data,
+        "data_seed": task.data_seed,
+        "raw": {
+            "rec": rep.terms["rec"],
+            "kld": rep.terms["kld"],
+            "mi": rep.terms["mi"],
+            "m": rep.settings["m"],
+            "R_estimate": ex["rec_half_range"],
+            "R_data": reference_vae_R(split.train),
+        },
+        "heldout": {
+            "neg_elbo": ex["test_neg_elbo"],
+            "heldout_loss": ex["heldout_loss"],
+            "test_rec": ex["test_rec"],
+            "test_kld": ex["test_kld"],
+        },
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def vae_scores_from_raw(raw: dict) -> dict[str, float]:
+    """Every score of VAE_SCORES from a VAE's measured terms, through ``assemble_vae_bound``."""
+    from bound_tuner.bounds.vae import assemble_vae_bound, r_to_R
+
+    def bound(R: float) -> float:
+        return assemble_vae_bound(raw["rec"], raw["kld"], raw["mi"], m=raw["m"], R=R)[0]
+
+    return {
+        "vae bound, r=1 (R=1.41)": bound(r_to_R(1.0)),
+        "vae bound, R data": bound(raw["R_data"]),
+        "vae bound, R estimated": bound(raw["R_estimate"]),
+        "encoder-only bound": raw["rec"] + raw["kld"] ** 0.5,
+        "train -ELBO": raw["rec"] + raw["kld"],
+        "train REC": raw["rec"],
+    }
+
+
+def score_row(row: dict) -> dict[str, float]:
+    """The scores of one trained model, VAE or diffusion."""
+    return (
+        vae_scores_from_raw(row["raw"]) if row["case"] in VAE_CASES else scores_from_raw(row["raw"])
+    )
+
+
+def scores_for(case: str) -> tuple[str, ...]:
+    return VAE_SCORES if case in VAE_CASES else SCORES
+
+
 _DATA: dict = {}
 
 
 def run_task(task: Task) -> dict:
     """Train one model and compute every score and the ground truth."""
     import torch
+
+    if task.case in VAE_CASES:
+        return run_vae_task(task)
 
     from bound_tuner.bounds import VARIANTS
     from bound_tuner.data import load_dataset, prepare_for
@@ -260,7 +410,7 @@ def _fill_R_data(rows: list[dict]) -> None:
     from bound_tuner.data import load_dataset, prepare_for
 
     for r in rows:
-        if r["raw"].get("R_data") is not None:
+        if r["case"] in VAE_CASES or r["raw"].get("R_data") is not None:
             continue
         name = r.get("data") or (
             "fashion_mnist"
@@ -275,6 +425,8 @@ def _fill_R_data(rows: list[dict]) -> None:
 
 
 def truths_of(case: str) -> tuple[str, ...]:
+    if case in VAE_CASES:
+        return ("neg_elbo", "heldout_loss")
     return ("bits_per_dim", "pixel_fd") if case == "e" else ("sample_kl", "test_kl")
 
 
@@ -288,11 +440,11 @@ def summarize(rows: list[dict]) -> str:
             out.append(f"\n{CASE_TITLES[case]}: truth = held-out {truth}, {len(groups)} problem(s)")
             out.append("| score | mean regret | mean Spearman | pick rank (per problem) |")
             out.append("| --- | --- | --- | --- |")
-            for score in SCORES:
+            for score in scores_for(case):
                 regs, rhos, ranks = [], [], []
                 for g in groups:
                     rs = [r for r in rows if r["group"] == g]
-                    sc = [scores_from_raw(r["raw"])[score] for r in rs]
+                    sc = [score_row(r)[score] for r in rs]
                     tr = [r["heldout"][truth] for r in rs]
                     regs.append(regret(sc, tr))
                     rhos.append(spearman(sc, tr))
@@ -309,17 +461,24 @@ def compact_table(rows: list[dict]) -> str:
     cell mean regret / mean Spearman."""
     from bound_tuner.selection import regret, spearman
 
-    cases = sorted({r["case"] for r in rows})
+    vae = any(r["case"] in VAE_CASES for r in rows)
+    cases = sorted({r["case"] for r in rows if (r["case"] in VAE_CASES) == vae})
+    if vae and len(cases) < len({r["case"] for r in rows}):
+        return (
+            compact_table([r for r in rows if r["case"] not in VAE_CASES])
+            + "\n\n"
+            + (compact_table([r for r in rows if r["case"] in VAE_CASES]))
+        )
     head = ["score"] + [f"{CASE_TITLES[c]} ({truths_of(c)[0]})" for c in cases]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for score in SCORES:
+    for score in VAE_SCORES if vae else SCORES:
         cells = [score]
         for case in cases:
             truth = truths_of(case)[0]
             regs, rhos = [], []
             for g in sorted({r["group"] for r in rows if r["case"] == case}):
                 rs = [r for r in rows if r["group"] == g]
-                sc = [scores_from_raw(r["raw"])[score] for r in rs]
+                sc = [score_row(r)[score] for r in rs]
                 tr = [r["heldout"][truth] for r in rs]
                 regs.append(regret(sc, tr))
                 rhos.append(spearman(sc, tr))

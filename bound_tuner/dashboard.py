@@ -9,7 +9,8 @@ Three pieces, all reading and writing the study's own storage:
   finished trials (``optuna_dashboard.save_plotly_graph_object``): every term's signed
   contribution against T, stacked, with the total as a line; in validation mode the bound against
   the held-out metric with Spearman's rho; for VAE trials with per-epoch terms (a user attr
-  ``epoch_terms``), the terms against epoch for the best trial.
+  ``epoch_terms``), the terms against epoch for the best trial and, in validation mode, its
+  bound, encoder-only bound and held-out loss against epoch.
 - ``serve``: optuna-dashboard on the storage, with the artifact store.
 
 Notes and artifacts belong to one trial each, so any number of workers may write them. The charts
@@ -46,6 +47,14 @@ ARTIFACTS_ENV = "BOUND_TUNER_ARTIFACTS"
 CHART_TERMS_VS_T = "bound-terms-vs-T"
 CHART_BOUND_VS_HELDOUT = "bound-vs-heldout"
 CHART_VAE_EPOCHS = "vae-terms-vs-epoch"
+CHART_VAE_BOUND_VS_HELDOUT = "vae-bound-vs-heldout-by-epoch"
+# series of the VAE chart of the bound against the held-out loss: (epoch_terms key, label, colour, dash)
+VAE_BOUND_CURVES = (
+    ("total", "bound", "black", "solid"),
+    ("encoder_only_bound", "encoder-only bound", "#F58518", "solid"),
+    ("heldout_loss", "held-out loss REC + √KLD", "#4C78A8", "solid"),
+    ("test_neg_elbo", "test −ELBO", "#4C78A8", "dot"),
+)
 
 TERM_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#EECA3B")
 
@@ -457,6 +466,52 @@ def vae_epochs_figure(trials: list[dict]) -> go.Figure | None:
     return fig
 
 
+def vae_bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
+    """The bound, the encoder-only bound and the held-out loss against epoch (docs/theory.md
+    section 5) for the best trial whose ``epoch_terms`` hold the held-out loss (validation mode)."""
+    import plotly.graph_objects as go
+
+    done = [
+        t
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t["value"] is not None
+        and "heldout_loss" in (_epoch_series(t["user_attrs"].get("epoch_terms")) or {})
+    ]
+    if not done:
+        return None
+    best = min(done, key=lambda t: t["value"])
+    series = _epoch_series(best["user_attrs"]["epoch_terms"])
+    assert series is not None
+    fig = go.Figure()
+    for key, label, color, dash in VAE_BOUND_CURVES:
+        if key in series:
+            fig.add_scatter(
+                x=series["epoch"][: len(series[key])],
+                y=series[key],
+                mode="lines+markers",
+                name=label,
+                line={"color": color, "dash": dash},
+            )
+    below = [
+        e
+        for e, b, h in zip(series["epoch"], series["total"], series["heldout_loss"], strict=False)
+        if b < h
+    ]
+    n = len(series["total"])
+    note = (
+        f"below the held-out loss at {len(below)} of {n} epochs, first at epoch {below[0]}"
+        if below
+        else f"above the held-out loss at all {n} epochs"
+    )
+    fig.update_layout(
+        title={"text": f"VAE bound against held-out loss (best trial #{best['number']}): {note}"},
+        xaxis_title="epoch",
+        yaxis_title="nats per sample",
+    )
+    return fig
+
+
 def study_figures(trials: list[dict]) -> dict[str, go.Figure]:
     """The custom charts that the trials support, by graph object id."""
     out = {}
@@ -464,6 +519,7 @@ def study_figures(trials: list[dict]) -> dict[str, go.Figure]:
         (CHART_TERMS_VS_T, terms_vs_T_figure),
         (CHART_BOUND_VS_HELDOUT, bound_vs_heldout_figure),
         (CHART_VAE_EPOCHS, vae_epochs_figure),
+        (CHART_VAE_BOUND_VS_HELDOUT, vae_bound_vs_heldout_figure),
     ):
         fig = make(trials)
         if fig is not None:

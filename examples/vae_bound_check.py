@@ -12,10 +12,15 @@ and on the test images the held-out loss REC_test + sqrt(KLD_test) and the test 
 is linear in R, so each epoch also records the smallest R that keeps the bound at or above the
 held-out loss (``R_needed``), the per-trial estimate ("estimate": half the range of the per-point
 REC) and the data's R ("data", ``reference_vae_R``). One JSON file per run (settings, one row per
-epoch; epoch 0 is the untrained model) and, with ``--plot``, a PNG of the curves.
+epoch; epoch 0 is the untrained model), with ``--plot`` a PNG of the curves and with
+``--storage`` a one-trial study named after the setting whose dashboard charts show them
+(``bound_tuner.dashboard``: the bound against the held-out loss by epoch). ``--replot`` redraws
+both from saved JSON files without training.
 
     python examples/vae_bound_check.py --dataset mnist --pad32 --m 4000 --epochs 100 \\
         --out docs/vae_check/mnist_m4000.json --plot docs/vae_check/mnist_m4000.png
+    python examples/vae_bound_check.py --replot docs/vae_check/*.json \\
+        --storage sqlite:///vae_check.db      # then: bound-tuner dashboard sqlite:///vae_check.db
 """
 
 from __future__ import annotations
@@ -84,6 +89,37 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def study_name(settings: dict) -> str:
+    return f"vae-check-{settings['dataset']}-m{settings['m']}"
+
+
+def save_to_dashboard(result: dict, storage: str) -> str:
+    """A one-trial study (replaced if it exists) whose ``epoch_terms`` are the run's rows; its
+    custom charts show the bound, the encoder-only bound and the held-out loss by epoch."""
+    import optuna
+
+    from bound_tuner.dashboard import save_charts
+
+    name = study_name(result["settings"])
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
+    study = optuna.create_study(study_name=name, storage=storage)
+    keys = ("epoch", "rec", "kld", "mi", "encoder_only_bound", "heldout_loss", "test_neg_elbo")
+    rows = [
+        {"total": r["bound"], **{k: r[k] for k in keys}} for r in result["rows"] if r["epoch"] >= 1
+    ]
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=rows[-1]["total"],
+            user_attrs={"epoch_terms": rows, "settings": result["settings"]},
+        )
+    )
+    save_charts(study)
+    return name
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=IMAGE_DATASETS, default="fashion_mnist")
@@ -101,7 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--storage", default=None, help="also save a dashboard study (SQLAlchemy URL)")
+    p.add_argument("--replot", nargs="+", type=Path, help="saved JSON files: redraw, no training")
     args = p.parse_args(argv)
+    if args.replot:
+        for path in args.replot:
+            result = json.loads(path.read_text())
+            plot_curves(result, path.with_suffix(".png"))
+            if args.storage:
+                print(
+                    f"{path} -> {path.with_suffix('.png')}, study {save_to_dashboard(result, args.storage)}"
+                )
+        return {}
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -193,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.plot is not None:
         plot_curves(result, args.plot)
+    if args.storage is not None:
+        save_to_dashboard(result, args.storage)
     return result
 
 

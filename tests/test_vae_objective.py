@@ -262,3 +262,32 @@ def test_R_settings_in_a_vae_study(binary_images, vae_spec, tmp_path):
         load_spec(vae_spec(bound_extra="R = 2.0"))
     with pytest.raises(SpecError, match="bound.R = 'guess'"):
         load_spec(vae_spec(bound_extra='R = "guess"'))
+
+
+def test_dashboard_chart_of_bound_against_heldout_by_epoch():
+    from bound_tuner.dashboard import CHART_VAE_BOUND_VS_HELDOUT, study_figures
+
+    rows = [
+        {"epoch": e, "total": 100.0 - e, "encoder_only_bound": 95.0 - e, "heldout_loss": 97.0}
+        for e in (1, 2, 3, 4)
+    ]
+    trials = [
+        {"number": 0, "state": "COMPLETE", "value": 96.0, "params": {}, "user_attrs": {}},
+        {"number": 1, "state": "COMPLETE", "value": 90.0, "params": {}, "user_attrs": {}},
+    ]
+    trials[0]["user_attrs"]["epoch_terms"] = rows
+    trials[1]["user_attrs"]["epoch_terms"] = [{"epoch": 1, "total": 90.0}]  # no held-out loss
+    fig = study_figures(trials)[CHART_VAE_BOUND_VS_HELDOUT]
+    assert [d.name for d in fig.data] == [
+        "bound",
+        "encoder-only bound",
+        "held-out loss REC + √KLD",
+    ]
+    assert list(fig.data[0].y) == [99.0, 98.0, 97.0, 96.0]
+    # 97 and 96 lie at or below 97: below at epoch 4 only (strictly)
+    assert fig.layout.title.text == (
+        "VAE bound against held-out loss (best trial #0): below the held-out loss at 1 of 4 "
+        "epochs, first at epoch 4"
+    )
+    del trials[0]["user_attrs"]["epoch_terms"]
+    assert CHART_VAE_BOUND_VS_HELDOUT not in study_figures(trials)
