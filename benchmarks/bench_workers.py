@@ -1,14 +1,17 @@
-"""Benchmark: trials per second of a pool of 1 worker against 2 workers, on PostgreSQL.
+"""Benchmark: trials per second of 1 and 2 workers, the local pool against Ray, on PostgreSQL.
 
-Short Swiss-roll trials (m=32, 20 training steps, a small bound), the same spec for both pools,
-each on a fresh study, measured in one run; with ``--repeats R`` the pools alternate (1, 2, 1, 2,
-...) and the medians are printed, which evens out other load on a shared machine. Two rates per
-pool:
+Short Swiss-roll trials (m=32, 20 training steps, a small bound), the same spec for every run,
+each on a fresh study, measured in one run; with ``--repeats R`` the runs alternate (pool 1, Ray
+1, pool 2, Ray 2, pool 1, ...) and the medians are printed, which evens out other load on a
+shared machine. Ray runs on one local instance started at the beginning (its start-up time is
+printed, not counted in the rates); without the ``ray`` extra only the pool is measured. Two
+rates per run:
 
 - steady: finished trials / (last trial's end - first trial's start), from the trials' own
   timestamps; what a long study sees.
-- wall: finished trials / the whole run_workers call, including starting the processes (each
-  imports torch) and creating the study.
+- wall: finished trials / the whole run_workers or run_ray call, including starting the
+  processes (each imports torch; Ray may reuse an idle worker process of an earlier run) and
+  creating the study.
 
     BOUND_TUNER_TEST_PG_URL=postgresql://postgres@127.0.0.1/bound_tuner_test \\
         python benchmarks/bench_workers.py
@@ -18,6 +21,7 @@ pool:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -28,6 +32,8 @@ from pathlib import Path
 import optuna
 
 from bound_tuner.workers import run_workers
+
+EXECUTORS = ("pool", "ray")
 
 SPEC = """
 [study]
@@ -56,16 +62,22 @@ type = "none"
 """
 
 
-def measure(storage: str, n_workers: int, trials: int, steps: int) -> tuple[float, float]:
-    """(steady, wall) trials per second of a pool of ``n_workers`` on a fresh study."""
-    name = f"bench-workers-{n_workers}-{uuid.uuid4().hex[:8]}"
+def measure(
+    storage: str, executor: str, n_workers: int, trials: int, steps: int
+) -> tuple[float, float]:
+    """(steady, wall) trials per second of ``n_workers`` of ``executor`` on a fresh study."""
+    name = f"bench-workers-{executor}-{n_workers}-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "bench.toml"
         spec.write_text(SPEC.format(name=name, trials=trials, steps=steps))
+        kwargs = {"storage": storage, "n_workers": n_workers, "progress": False}
         t0 = time.perf_counter()
-        study = run_workers(
-            str(spec), storage=storage, n_workers=n_workers, progress=False, dashboard=False
-        )
+        if executor == "ray":
+            from bound_tuner.ray_executor import run_ray
+
+            study = run_ray(str(spec), dashboard=False, **kwargs)
+        else:
+            study = run_workers(str(spec), dashboard=False, **kwargs)
         wall = time.perf_counter() - t0
     done = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
     first = min(t.datetime_start for t in done)
@@ -82,31 +94,64 @@ def main() -> None:
         default=os.environ.get("BOUND_TUNER_TEST_PG_URL"),
         help="PostgreSQL URL (default: $BOUND_TUNER_TEST_PG_URL)",
     )
-    p.add_argument("--trials", type=int, default=40, help="trials per pool (default 40)")
+    p.add_argument("--trials", type=int, default=40, help="trials per run (default 40)")
     p.add_argument("--steps", type=int, default=20, help="training steps per trial (default 20)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each pool, alternating (2)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of each executor and size, alternating (2)"
+    )
     args = p.parse_args()
     if not args.storage:
         p.error("give --storage postgresql://... or set BOUND_TUNER_TEST_PG_URL")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    executors = EXECUTORS if importlib.util.find_spec("ray") else ("pool",)
     print(f"{args.trials} trials of {args.steps} steps each, {os.cpu_count()} CPU cores")
-    runs: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    if "ray" in executors:
+        import ray
+
+        from bound_tuner.ray_executor import _start_ray
+
+        t0 = time.perf_counter()
+        _start_ray(ray, None, 2)  # one local instance for every Ray run
+        print(
+            f"Ray {ray.__version__}: local instance started in {time.perf_counter() - t0:.1f} s "
+            "(not in the rates); Ray runs its workers at nice "
+            f"{os.environ.get('RAY_worker_niceness', '15')}, the pool at this process's"
+        )
+    else:
+        print('Ray is not installed (pip install "bound_tuner[ray]"): the local pool only')
+
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for n in (1, 2):
-            runs[n].append(measure(args.storage, n, args.trials, args.steps))
-    rates = {}
-    for n, rs in runs.items():
-        steady = statistics.median(r[0] for r in rs)
-        wall = statistics.median(r[1] for r in rs)
-        rates[n] = (steady, wall)
-        each = ", ".join(f"{r[0]:.2f}" for r in rs)
-        print(
-            f"{n} worker{'s' if n > 1 else ' '}: {steady:6.2f} trials/s steady "
-            f"({each})  {wall:6.2f} wall"
-        )
-    (s1, w1), (s2, w2) = rates[1], rates[2]
-    print(f"2 workers / 1 worker: {s2 / s1:.2f}x steady, {w2 / w1:.2f}x wall")
+            for ex in executors:
+                runs.setdefault((ex, n), []).append(
+                    measure(args.storage, ex, n, args.trials, args.steps)
+                )
+    med = {
+        key: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for key, rs in runs.items()
+    }
+    names = {"pool": "local pool", "ray": "Ray"}
+    print("trials/s, median of the runs (each run's steady rate in brackets):")
+    for n in (1, 2):
+        cells = []
+        for ex in executors:
+            steady, wall = med[(ex, n)]
+            each = ", ".join(f"{r[0]:.2f}" for r in runs[(ex, n)])
+            cells.append(f"{names[ex]} {steady:5.2f} steady ({each}) {wall:5.2f} wall")
+        print(f"{n} worker{'s' if n > 1 else ' '}: " + "  |  ".join(cells))
+    for ex in executors:
+        (s1, w1), (s2, w2) = med[(ex, 1)], med[(ex, 2)]
+        print(f"{names[ex]}: 2 workers / 1 worker = {s2 / s1:.2f}x steady, {w2 / w1:.2f}x wall")
+    if "ray" in executors:
+        for n in (1, 2):
+            (sp, wp), (sr, wr) = med[("pool", n)], med[("ray", n)]
+            print(
+                f"Ray / local pool, {n} worker{'s' if n > 1 else ''}: {sr / sp:.2f}x steady, "
+                f"{wr / wp:.2f}x wall"
+            )
+        ray.shutdown()
 
 
 if __name__ == "__main__":

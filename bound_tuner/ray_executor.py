@@ -82,10 +82,16 @@ def _start_ray(ray: Any, address: str | None, n_workers: int | None) -> bool:
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()
+        lines = str(e).strip().splitlines()
+        why = lines[0] if lines else type(e).__name__
+        if address:
+            raise WorkerConfigError(
+                f"cannot join the Ray cluster at {address}: {why}; start it with "
+                "`ray start --head`, or leave out --ray-address for a local instance"
+            ) from None
         raise WorkerConfigError(
-            f"cannot join the Ray cluster at {address!r}: {first[0] if first else type(e).__name__}"
-            "; start it with `ray start --head`, or leave out --ray-address for a local instance"
+            f"cannot start a local Ray instance: {why}; try `ray start --head` and "
+            "--ray-address auto"
         ) from None
     return True
 
