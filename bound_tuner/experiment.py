@@ -82,7 +82,8 @@ def train_model(
         set_tf32(cfg.tf32)
     seed_everything(cfg.seed)
     x = train.to(device)
-    model = build_score_model(tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers).to(device)
+    model = build_score_model(tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers)
+    model = model.to(device, x.dtype)  # the data's device and precision
     losses = train_score_model(
         model,
         x,

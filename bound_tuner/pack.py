@@ -196,7 +196,8 @@ def train_packed(
         if c.lam < 0:
             raise ValueError(f"lam={c.lam} must be >= 0")
         seed_everything(c.seed)  # the initialization train_model gives the same configuration
-        model = build_score_model(tuple(x.shape[1:]), width=c.width, layers=c.layers).to(device)
+        model = build_score_model(tuple(x.shape[1:]), width=c.width, layers=c.layers)
+        model = model.to(device, x.dtype)
         models.append(model)
         schedules.append(sched)
         draws.append(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .device import generator_for
-from .models import model_device
+from .models import model_device, model_dtype
 from .sde import Schedule, reference_score, reverse_step, time_grid
 
 
@@ -55,14 +55,14 @@ def generate(
 ) -> GeneratorRun:
     """Run n generator paths from pi = N(0, I) at T to t_min with N Euler-Maruyama steps.
 
-    The paths run on the model's device, with their noise drawn there from ``seed`` (the same
+    The paths run on the model's device and in its dtype, with their noise drawn there from ``seed`` (the same
     seed gives the same paths on the same device). ``references`` are the scores that ``ref_sq_dev``
     compares s_theta with along the paths: None for the data-free -y, or eps-predicting models.
     """
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
     model.eval()
-    device = model_device(model)
+    device, dtype = model_device(model), model_dtype(model)
     generator = generator_for(device, seed)
     grid = time_grid(T, n_steps, t_min=t_min)
     h = (T - t_min) / n_steps
@@ -70,7 +70,7 @@ def generate(
     out, norms, devs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        y = torch.randn((b, *shape), generator=generator, device=device)
+        y = torch.randn((b, *shape), generator=generator, dtype=dtype, device=device)
         path_norms = torch.empty(n_steps, b, dtype=torch.float64, device=device)
         path_devs = torch.empty(len(references), n_steps, b, dtype=torch.float64, device=device)
         for k in range(n_steps):
@@ -80,7 +80,7 @@ def generate(
             for r, ref in enumerate(references):
                 s_ref = reference_score(y) if ref is None else score(ref, y, t, schedule)
                 path_devs[r, k] = (s - s_ref).reshape(b, -1).pow(2).sum(dim=1)
-            z = torch.randn((b, *shape), generator=generator, device=device)
+            z = torch.randn((b, *shape), generator=generator, dtype=dtype, device=device)
             y = reverse_step(y, s, beta=betas[k], h=h, noise=z)
         out.append(y)
         norms.append(path_norms.cpu())

@@ -6,7 +6,7 @@ import torch
 
 from .mlp import ScoreMLP
 
-__all__ = ["ScoreMLP", "build_score_model", "model_device"]
+__all__ = ["ScoreMLP", "build_score_model", "model_device", "model_dtype"]
 
 
 def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: int = 3):
@@ -23,3 +23,11 @@ def model_device(model) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def model_dtype(model) -> torch.dtype:
+    """The floating dtype of a model's first floating parameter (float32 for a model with none)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
