@@ -209,3 +209,24 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
     assert f"the Ray cluster has {gpus:g} GPUs" in err and "\n" not in err, err
     with pytest.raises(KeyError):  # refused before the study was created
         optuna.load_study(study_name=study_name, storage=PG_URL)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needs",
+    [
+        ({"executor": "dask"}, "use 'local' or 'ray'"),
+        ({"ray_address": "auto"}, "executor='ray'"),
+        ({"gpus_per_trial": 0.5}, "executor='ray'"),
+        ({"executor": "ray", "callbacks": [print]}, "leave out data and callbacks"),
+    ],
+)
+def test_run_study_refuses_executor_options_that_do_not_fit(tmp_path, kwargs, needs):
+    from bound_tuner.spec import load_spec
+    from bound_tuner.study import run_study
+    from bound_tuner.workers import WorkerConfigError
+
+    spec = load_spec(write_spec(tmp_path / "s.toml", "refused", n_trials=2))
+    db = tmp_path / "study.db"
+    with pytest.raises(WorkerConfigError, match=needs):
+        run_study(spec, storage=f"sqlite:///{db}", progress=False, **kwargs)
+    assert not db.exists()
