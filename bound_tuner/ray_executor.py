@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -79,6 +81,7 @@ def _start_ray(ray: Any, address: str | None, n_workers: int | None) -> bool:
     else:  # a fresh local instance; --workers K runs K at once even on fewer cores, as the pool
         kwargs.update(address="local", include_dashboard=False)
         kwargs["num_cpus"] = max(os.cpu_count() or 1, n_workers or 0)
+    handlers = _signal_handlers()
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -93,7 +96,18 @@ def _start_ray(ray: Any, address: str | None, n_workers: int | None) -> bool:
             f"cannot start a local Ray instance: {why}; try `ray start --head` and "
             "--ray-address auto"
         ) from None
+    finally:  # Ray installs its own; Ctrl-C and SIGTERM must still end trials as interrupted
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return True
+
+
+def _signal_handlers() -> dict:
+    """This process's SIGINT and SIGTERM handlers (main thread only; elsewhere none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {sig: h for sig, h in handlers.items() if h is not None}
 
 
 def _slots(ray: Any, n_workers: int | None, gpus_per_trial: float) -> int:

@@ -230,3 +230,55 @@ def test_run_study_refuses_executor_options_that_do_not_fit(tmp_path, kwargs, ne
     with pytest.raises(WorkerConfigError, match=needs):
         run_study(spec, storage=f"sqlite:///{db}", progress=False, **kwargs)
     assert not db.exists()
+
+
+@needs_pg
+def test_sigterm_to_a_ray_run_interrupts_its_trials_and_leaves_no_task(tmp_path, study_name):
+    """`bound-tuner run --executor ray` in its own process: SIGTERM (what a scheduler sends;
+    Ray's driver installs its own handler, which the run replaces, and Ctrl-C takes the same
+    path) cancels the tasks, whose trials end as interrupted and are queued again; the local
+    Ray instance is shut down."""
+    import subprocess
+
+    pytest.importorskip("ray")
+    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=4, steps=200_000)
+    env = {**os.environ, "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bound_tuner.cli", "run", str(spec), "--storage", PG_URL]
+        + ["--executor", "ray", "--workers", "2", "--quiet"],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    running: list = []
+    deadline = time.monotonic() + 120
+    while len(running) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+        except KeyError:
+            trials = []
+        running = [
+            t for t in trials if t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs
+        ]
+        time.sleep(0.2)
+    assert len(running) == 2, "the Ray workers did not start two trials"
+    pids = {pid_of(t) for t in running}
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err.strip().splitlines()[-1], err
+
+    trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    assert sorted(t.system_attrs["retry_history"][-1] for t in waiting) == sorted(
+        t.number for t in failed
+    )
+    for pid in pids:  # the tasks' processes ended with the Ray instance
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
