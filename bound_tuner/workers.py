@@ -13,7 +13,9 @@ memory) is failed once its heartbeat is older than the grace period and is re-qu
 retried does not count towards ``n_trials``; its retry does.
 
 Workers claim trials under a PostgreSQL advisory lock, so a study never gets more than
-``n_trials`` trials however many workers race for the last ones.
+``n_trials`` trials however many workers race for the last ones. Through Optuna's gRPC storage
+proxy (``grpc://``) there is neither the lock nor a heartbeat: the count may overshoot by up to
+the number of workers minus one, and a dead worker's trial stays RUNNING.
 """
 
 from __future__ import annotations
