@@ -39,9 +39,11 @@ def _storage_help() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from .spec import load_spec, with_pack
 
     spec = load_spec(args.spec)
+    if args.pack is not None:
+        spec = with_pack(spec, args.pack)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
     hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
@@ -130,7 +132,7 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    from .spec import load_spec
+    from .spec import load_spec, with_pack
     from .storage import ENV_VAR
     from .workers import run_worker
 
@@ -139,6 +141,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "a worker needs the study's shared database: --storage postgresql://user@host/db"
         )
     spec = load_spec(args.spec)
+    if args.pack is not None:
+        spec = with_pack(spec, args.pack)
     study = run_worker(
         spec,
         storage=args.storage,
@@ -313,6 +317,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _pack_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pack",
+        type=int,
+        metavar="K",
+        help="train K diffusion trials at once as one ensemble (the spec's [training] pack; "
+        "pays on a GPU for small models)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bound-tuner",
@@ -336,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cpu, cuda, cuda:1; a pool of --workers without --gpus runs on the CPU",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _pack_arg(r)
     r.add_argument(
         "--workers", type=int, metavar="K", help="run K worker processes on the CPU (PostgreSQL)"
     )
@@ -380,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch device for the trials: auto (CUDA when present, else cpu; the default)",
     )
     w.add_argument("--quiet", action="store_true", help="no progress bar")
+    _pack_arg(w)
     w.add_argument(
         "--charts",
         action="store_true",

@@ -144,6 +144,24 @@ def run_diffusion(
         checkpoint_every=checkpoint_every,
         progress=progress,
     )
+    return score_model(
+        model, schedule, losses, train, cfg, test=test, validation=validation, device=device
+    )
+
+
+def score_model(
+    model: nn.Module,
+    schedule: Schedule,
+    losses: list[float],
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    test: torch.Tensor | None = None,
+    validation: bool = False,
+    device: str | torch.device = DEFAULT_DEVICE,
+) -> DiffusionResult:
+    """The bound (and, in validation mode, the held-out metrics) of a model trained with cfg on
+    ``train``: the second half of ``run_diffusion``, also used for the members of a pack."""
     split_models, fold_sizes = [], []
     if cfg.variant in SPLIT_VARIANTS:
         split_models, fold_sizes = train_split_models(train, cfg, device=device)

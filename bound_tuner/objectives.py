@@ -25,8 +25,9 @@ from .bounds.diffusion import ENCODER_VARIANTS, R_SOURCES, SPLIT_VARIANTS, encod
 from .bounds.report import BoundReport
 from .bounds.vae import assemble_vae_bound, reference_vae_R, vae_bound
 from .data import DataSplit, prepare_for
+from .device import DEFAULT_DEVICE, resolve_device
 from .evaluate import diffusion_bound
-from .experiment import DiffusionConfig, run_diffusion
+from .experiment import DiffusionConfig, run_diffusion, score_model
 from .models.vae import MLPVAE, ConvVAE
 from .sde import get_schedule
 from .seeding import derive_seed, seed_everything
@@ -48,11 +49,14 @@ class DiffusionObjective:
         validation: also compute held-out metrics (stored as ``heldout.*`` user attrs).
         checkpoints: how many partial bounds to report during training (0: none).
         study_seed: per-trial seeds derive from it and the trial number.
-        device: torch device of the trial.
+        device: torch device of the trial ("auto": CUDA when present, else the CPU).
         on_result: optional hook ``(trial, DiffusionResult)`` after a trial's bound (artifacts).
         artifact_store: an Optuna artifact store; every complete trial among the best
             ``keep_models`` uploads its weights there (``bound_tuner.artifacts``). None: none.
         keep_models: how many of the best trials keep their weights (None: all).
+        pack: trials trained at once as one ensemble (``bound_tuner.packed_trials``): with
+            pack > 1 the objective expects that many concurrent calls (threads; ``run_study``
+            and the workers start them), and its calls wait for one another to form a pack.
 
     ``data`` are prepared for diffusion first (``bound_tuner.data.prepare_for``: images in
     [0, 1] become pixel bin centres in [-1, 1]). Settings the search space leaves out come from
@@ -68,10 +72,11 @@ class DiffusionObjective:
         validation: bool = False,
         checkpoints: int = 3,
         study_seed: int = 0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = DEFAULT_DEVICE,
         on_result: TrialHook | None = None,
         artifact_store: Any | None = None,
         keep_models: int | None = DEFAULT_KEEP_MODELS,
+        pack: int = 1,
     ) -> None:
         self.data = prepare_for(data, "diffusion")
         self.base = base or DiffusionConfig()
@@ -90,8 +95,14 @@ class DiffusionObjective:
         self.validation = validation
         self.checkpoints = checkpoints
         self.study_seed = study_seed
-        self.device = device
+        self.device = resolve_device(device)
         self.on_result = on_result
+        self.pack = pack
+        self.packer = None
+        if pack > 1:
+            from .packed_trials import PackCoordinator
+
+            self.packer = PackCoordinator(self.data.train, size=pack, device=self.device)
 
     def config_for(self, trial: optuna.Trial) -> DiffusionConfig:
         search = self.search
@@ -103,11 +114,14 @@ class DiffusionObjective:
         return replace(self.base, **params, seed=derive_seed(self.study_seed, trial.number))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = self.config_for(trial)
-        x = self.data.train.to(self.device)
-        checkpoint, every = self._checkpoint(trial, cfg, x)
-        try:
-            res = run_diffusion(
+        if self.packer is None:
+            return self._run(trial)
+        with self.packer.trial():
+            return self._run(trial)
+
+    def _train_and_score(self, cfg: DiffusionConfig, checkpoint, every: int):
+        if self.packer is None:
+            return run_diffusion(
                 self.data.train,
                 cfg,
                 test=self.data.test,
@@ -116,6 +130,26 @@ class DiffusionObjective:
                 checkpoint=checkpoint,
                 checkpoint_every=every,
             )
+        member = self.packer.train(cfg, checkpoint, every)
+        if member.error is not None:
+            raise member.error
+        return score_model(
+            member.model,
+            member.schedule,
+            member.losses,
+            self.data.train,
+            cfg,
+            test=self.data.test,
+            validation=self.validation,
+            device=self.device,
+        )
+
+    def _run(self, trial: optuna.Trial) -> float:
+        cfg = self.config_for(trial)
+        x = self.data.train.to(self.device)
+        checkpoint, every = self._checkpoint(trial, cfg, x)
+        try:
+            res = self._train_and_score(cfg, checkpoint, every)
         except FloatingPointError as e:
             trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
             return math.nan  # Optuna records a NaN value as a failed trial; the study goes on
@@ -255,7 +289,7 @@ class VAEObjective:
             per-epoch total estimates the bound on all m at lower cost. The final bound always
             uses all m points.
         study_seed: per-trial seeds derive from it and the trial number.
-        device: torch device of the trial.
+        device: torch device of the trial ("auto": CUDA when present, else the CPU).
         on_result: optional hook ``(trial, VAEResult)`` after a trial's bound (artifacts).
         dynamic_binarize: resample x ~ Bernoulli(x) in every batch; None takes
             ``data.info["dynamic_binarize"]``.
@@ -278,7 +312,7 @@ class VAEObjective:
         validation: bool = False,
         bound_subset: int | None = None,
         study_seed: int = 0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = DEFAULT_DEVICE,
         on_result: TrialHook | None = None,
         dynamic_binarize: bool | None = None,
         hidden: tuple[int, ...] = (512, 256),
@@ -293,7 +327,7 @@ class VAEObjective:
         self.base = base or VAEConfig()
         self.validation = validation
         self.study_seed = study_seed
-        self.device = device
+        self.device = resolve_device(device)
         self.on_result = on_result
         if dynamic_binarize is None:
             dynamic_binarize = bool(data.info.get("dynamic_binarize", False))
@@ -337,7 +371,7 @@ class VAEObjective:
         spec: StudySpec,
         data: DataSplit,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = DEFAULT_DEVICE,
         on_result: TrialHook | None = None,
         artifact_store: Any | None = None,
     ) -> VAEObjective:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0  # train_score_model's default clipping norm
 
 PackCallback = Callable[[int, int, nn.Module], None]  # (member, step, model); may raise
+
+
+class PackStopped(KeyboardInterrupt):
+    """A pack's training was stopped from outside (Ctrl-C or SIGTERM in another thread)."""
 
 
 @dataclass
@@ -124,7 +129,9 @@ class _Pack:
             return
         r = torch.tensor(rows, device=self.device)
         self.members = [self.members[i] for i in rows]
-        self.params = {k: v.detach()[r].clone().requires_grad_(True) for k, v in self.params.items()}
+        self.params = {
+            k: v.detach()[r].clone().requires_grad_(True) for k, v in self.params.items()
+        }
         self.buffers = {k: v[r] for k, v in self.buffers.items()}
         self.exp_avg = {k: v[r] for k, v in self.exp_avg.items()}
         self.exp_avg_sq = {k: v[r] for k, v in self.exp_avg_sq.items()}
@@ -173,13 +180,15 @@ def train_packed(
     callback: PackCallback | None = None,
     callback_every: int = 0,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> list[PackMember]:
     """Train one score model per configuration on ``train``, all at once; see the module doc.
 
     ``callback(member, step, model)`` runs every ``callback_every`` steps for each member still
     training; an exception from it (optuna.TrialPruned, or any other) ends that member, whose
     PackMember then carries the error. A NaN or infinite loss ends a member with
-    FloatingPointError at the next checkpoint or at the end. Returns the members in order.
+    FloatingPointError at the next checkpoint or at the end. Setting ``stop`` ends training with
+    PackStopped at the next step. Returns the members in order.
     """
     check_packable(cfgs)
     device = resolve_device(device)
@@ -226,6 +235,8 @@ def train_packed(
     shape1 = (1,) * (x.dim() - 1)
     bar = tqdm(range(steps), desc=f"train pack of {len(cfgs)}", disable=not progress, leave=False)
     for step in bar:
+        if stop is not None and stop.is_set():
+            raise PackStopped("the pack was stopped")
         k = step % chunk
         if k == 0:  # each member draws its chunk from its own generator
             parts = [pack.draws[j].draw_chunk(step) for j in pack.members]

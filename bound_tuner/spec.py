@@ -10,7 +10,9 @@ created. The schema (every section optional except [study].name):
              .npz, .csv or .pt file or a folder of images, relative to the spec file), m
              (default "all"), seed, test_fraction (default 0.2), image_size, fit, binarize
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
-  [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...)
+  [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...;
+             tf32 = false keeps float32 matmuls exact on CUDA; pack = K trains K diffusion
+             trials at once as one ensemble, bound_tuner.pack)
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: R or the paper's r, mc_samples, bound_subset)
@@ -97,6 +99,8 @@ SECTIONS = {
         "width": int,
         "layers": int,
         "epochs": int,
+        "tf32": bool,
+        "pack": int,
     },
     "bound": {
         "variant": str,
@@ -461,6 +465,7 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
 
 # lowest allowed value of numeric settings and search parameters (None: no lower limit)
 _AT_LEAST = {
+    "training.pack": 1,
     "study.seed": 0,
     "data.seed": 0,
     "data.test_size": 1,
@@ -531,6 +536,18 @@ def _check_values(spec: StudySpec, where: str) -> None:
         raise SpecError(
             f"{where}: give bound.R or bound.r, not both (the paper's r is R = (1 + r)/sqrt(2))"
         )
+    pack = spec.training.get("pack", 1)
+    if pack > 1 and spec.model != "diffusion":
+        raise SpecError(f"{where}: training.pack = {pack} packs diffusion trials only; remove it")
+    if pack > 1:
+        from .pack import SHARED
+
+        searched = [k for k in SHARED if k in spec.search and not spec.search[k].is_fixed]
+        if searched:
+            raise SpecError(
+                f"{where}: training.pack = {pack} trains trials of one architecture and loop "
+                f"together, but search.{searched[0]} varies; fix it or set pack = 1"
+            )
     t_min = spec.training.get("t_min")
     if t_min is not None and t_min >= 1:
         raise SpecError(f"{where}: training.t_min = {t_min} must be below 1 (e.g. 1e-3)")
@@ -621,6 +638,15 @@ def parse_search(
     if model == "diffusion":
         _check_diffusion_space(StudySpec(name="search", search=out), "search", schedule=schedule)
     return out
+
+
+def with_pack(spec: StudySpec, pack: int) -> StudySpec:
+    """The spec with [training] pack set to ``pack`` (the --pack option), checked like a spec."""
+    import dataclasses
+
+    new = dataclasses.replace(spec, training={**spec.training, "pack": pack})
+    _check_values(new, "--pack")
+    return new
 
 
 def load_spec(path: str | Path) -> StudySpec:

@@ -28,9 +28,14 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     seed = cfg.get("seed", spec.seed)
     kind = cfg["type"]
     if kind == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=cfg.get("n_startup_trials", 10)
-        )
+        # packed trials run concurrently: the constant liar keeps them from all proposing alike
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=cfg.get("n_startup_trials", 10),
+                constant_liar=spec.training.get("pack", 1) > 1,
+            )
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "grid":
@@ -130,6 +135,7 @@ def build_objective(
             on_result=on_result,
             artifact_store=artifact_store,
             keep_models=spec.keep_models,
+            pack=spec.training.get("pack", 1),
         )
     from .objectives import VAEObjective
 

@@ -450,7 +450,7 @@ def run_worker(
     spec: StudySpec | str | Path,
     *,
     storage: str | None,
-    device: str = "cpu",
+    device: str = "auto",
     n_trials: int | None = None,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
@@ -500,7 +500,9 @@ def run_worker(
         spec, sampler={**spec.sampler, "seed": _sampler_seed(spec, worker_index)}
     )
     study = _open(seeded, url, interval, grace)
-    ident = f"{socket.gethostname()}:{os.getpid()}/{device}"
+    from .device import resolve_device
+
+    ident = f"{socket.gethostname()}:{os.getpid()}/{resolve_device(device)}"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         ident += f" (GPU {visible})"
@@ -510,18 +512,28 @@ def run_worker(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=target, initial=min(finished_count(study), target), unit="trial")
+    loop = {
+        "target": target,
+        "callbacks": [*extra, *callbacks],
+        "bar": bar,
+        "url": url,
+        "wait_for_running": not is_grpc(url),  # the proxy carries no heartbeat
+    }
+    pack = getattr(objective, "pack", 1)
     try:
-        optimize_until(
-            study,
-            objective,
-            target=target,
-            lock=lock,
-            ident=ident,
-            callbacks=[*extra, *callbacks],
-            bar=bar,
-            url=url,
-            wait_for_running=not is_grpc(url),  # the proxy carries no heartbeat
-        )
+        if pack > 1:  # K trial loops in K threads, trained together (bound_tuner.packed_trials)
+            from .packed_trials import ThreadLock, run_loops
+
+            shared = ThreadLock(lock)
+            run_loops(
+                pack,
+                lambda i: optimize_until(
+                    study, objective, lock=shared, ident=f"{ident} [{i + 1}/{pack}]", **loop
+                ),
+                abort=objective.packer.abort,
+            )
+        else:
+            optimize_until(study, objective, lock=lock, ident=ident, **loop)
     finally:
         lock.close()
         if bar is not None:
@@ -816,30 +828,14 @@ def run_pool(
 
 
 def check_device(device: str) -> None:
-    """Refuse a torch device this process cannot use, with one line (before any study exists)."""
-    import torch
+    """Refuse a torch device this process cannot use, with one line (before any study exists);
+    "auto" is always usable (``bound_tuner.device.resolve_device``)."""
+    from .device import DeviceError, resolve_device
 
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise WorkerConfigError(
-            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:0"
-        ) from None
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise WorkerConfigError(f"--device {device!r}: bound-tuner trains on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise WorkerConfigError(
-            f"--device {device} but this machine shows no CUDA GPU to this process "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-            "use --device cpu"
-        )
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise WorkerConfigError(
-            f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
-            "use cuda:0 .. cuda:N-1"
-        )
+        resolve_device(device)
+    except DeviceError as e:
+        raise WorkerConfigError(f"--{e}") from None
 
 
 def check_gpus(gpus: Sequence[int | str]) -> None:

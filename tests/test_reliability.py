@@ -184,6 +184,8 @@ WRONG_VALUE = {
         "width": 0,
         "layers": 0,
         "epochs": 0,
+        "tf32": None,
+        "pack": 0,
     },
     "bound": {
         "variant": "best",

@@ -1,0 +1,100 @@
+"""Studies whose trials train in packs ([training] pack, --pack): same trials, same bounds."""
+
+import math
+
+import pytest
+
+from bound_tuner.cli import main
+from bound_tuner.experiment import DiffusionConfig, run_diffusion
+from bound_tuner.spec import SpecError, load_spec, with_pack
+from bound_tuner.study import load_data, run_study
+
+PACKED = """
+[study]
+name = "packed"
+n_trials = {n_trials}
+seed = 0
+
+[data]
+name = "swiss_roll"
+m = 48
+test_size = 50
+
+[search]
+T = {{ grid = [0.3, 0.6, 0.9] }}
+lam = {lam}
+
+[training]
+steps = 40
+batch_size = 16
+width = 16
+checkpoints = 1
+pack = {pack}
+
+[bound]
+N = 10
+n_paths = 8
+train_draws = 2
+
+[sampler]
+type = "grid"
+"""
+
+
+def _spec(tmp_path, **kw):
+    vals = {"n_trials": 3, "lam": "1.0", "pack": 3, **kw}
+    path = tmp_path / "packed.toml"
+    path.write_text(PACKED.format(**vals))
+    return path
+
+
+def test_a_packed_study_trains_its_trials_together_with_their_own_bounds(tmp_path):
+    spec = load_spec(_spec(tmp_path))
+    study = run_study(spec, storage=f"sqlite:///{tmp_path}/p.db", device="cpu", progress=False)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert sorted(t.params["T"] for t in trials) == [0.3, 0.6, 0.9]
+    # one pack: every trial started before any finished, each in its own thread
+    assert max(t.datetime_start for t in trials) < min(t.datetime_complete for t in trials)
+    assert sorted(t.user_attrs["worker"][-5:] for t in trials) == ["[1/3]", "[2/3]", "[3/3]"]
+    data = load_data(spec).train
+    for t in trials:
+        assert list(t.intermediate_values) == [20]  # its own checkpoint report
+        cfg = DiffusionConfig(**t.user_attrs["config"])
+        alone = run_diffusion(data, cfg, device="cpu").report.total
+        assert t.value == pytest.approx(alone, rel=1e-3)  # the bound of the trial trained alone
+
+
+def test_more_trials_than_a_pack_and_a_last_smaller_pack(tmp_path):
+    spec = load_spec(_spec(tmp_path, n_trials=5, lam="{ grid = [0.0, 2.0] }", pack=2))
+    study = run_study(spec, storage=f"sqlite:///{tmp_path}/q.db", device="cpu", progress=False)
+    trials = study.get_trials()
+    assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials)
+    assert all(math.isfinite(t.value) for t in trials)
+
+
+def test_pack_settings_are_checked(tmp_path):
+    spec = load_spec(_spec(tmp_path, pack=1))
+    assert with_pack(spec, 4).training["pack"] == 4
+    with pytest.raises(SpecError, match="training.pack = 0 must be at least 1"):
+        with_pack(spec, 0)
+    bad = tmp_path / "w.toml"
+    bad.write_text(
+        PACKED.format(n_trials=3, lam="1.0", pack=2).replace(
+            "lam = 1.0", "lam = 1.0\nwidth = { grid = [8, 16] }"
+        )
+    )
+    with pytest.raises(SpecError, match="search.width varies"):
+        load_spec(bad)
+
+
+def test_cli_pack_option(tmp_path, capsys):
+    path = _spec(tmp_path, pack=1)
+    url = f"sqlite:///{tmp_path}/c.db"
+    assert main(["run", str(path), "--storage", url, "--pack", "0", "--quiet"]) == 2
+    assert "--pack" in capsys.readouterr().err
+    assert (
+        main(["run", str(path), "--storage", url, "--pack", "3", "--quiet", "--device", "cpu"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "3" in out
