@@ -65,11 +65,6 @@ def import_ray() -> Any:
     return ray
 
 
-def _task(index: int, device: str, payload: bytes, storage: str, options: dict) -> str | None:
-    """The body of one Ray task: the worker loop (``workers.work``)."""
-    return work(index, device, payload, storage, options)
-
-
 def _start_ray(ray: Any, address: str | None, n_workers: int | None) -> bool:
     """Connect to ``address`` (``None``/``""``: a new local instance); True if this call
     started or joined Ray (and so must shut it down), False if Ray was already initialized."""
@@ -191,7 +186,7 @@ def run_ray(
         study = _open(spec, url, interval, grace)
         device = "cuda" if gpus_per_trial > 0 else "cpu"
         env = {v: os.environ[v] for v in FORWARDED_ENV if v in os.environ}
-        remote = ray.remote(_task)
+        remote = ray.remote(work)  # each task: the worker loop of every executor
         task_options = {
             "num_cpus": 1,
             "num_gpus": gpus_per_trial,

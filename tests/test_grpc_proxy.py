@@ -44,7 +44,7 @@ test_size = 32
 T = {{ low = 0.2, high = 0.9 }}
 lr = {{ low = 1e-3, high = 5e-3, log = true }}
 [training]
-steps = 20
+steps = {steps}
 batch_size = 32
 width = 16
 checkpoints = 0
@@ -103,7 +103,7 @@ def study_name():
 @needs_pg
 def test_two_workers_through_the_proxy_reach_n_trials(tmp_path, study_name, proxy_url):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name=study_name, n_trials=6))
+    spec.write_text(SPEC.format(name=study_name, n_trials=6, steps=150))  # both workers get some
     run_workers(str(spec), storage=proxy_url, n_workers=2, progress=False, dashboard=False)
     # the workers had only the proxy's address; the database holds what they did
     trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
@@ -157,7 +157,7 @@ def test_resume_through_the_proxy_does_not_wait_for_others_trials(tmp_path, stud
     """A RUNNING trial of a worker that is gone stays RUNNING through the proxy (no heartbeat
     fails it); a worker that finds every slot taken returns rather than wait for it forever."""
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name=study_name, n_trials=2))
+    spec.write_text(SPEC.format(name=study_name, n_trials=2, steps=20))
     assert main(["worker", str(spec), "--storage", proxy_url, "--quiet", "--n-trials", "1"]) == 0
     study = optuna.load_study(study_name=study_name, storage=PG_URL)
     trial = study.ask()  # a worker that claimed a slot, then died
@@ -176,7 +176,7 @@ def test_resume_through_the_proxy_does_not_wait_for_others_trials(tmp_path, stud
 
 def test_unreachable_proxy_and_sqlite_behind_it_are_refused_with_one_line(tmp_path, capsys):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name="refused", n_trials=2))
+    spec.write_text(SPEC.format(name="refused", n_trials=2, steps=20))
     began = time.monotonic()
     rc = main(["run", str(spec), "--storage", f"grpc://127.0.0.1:{free_port()}", "--quiet"])
     err = capsys.readouterr().err.strip()
