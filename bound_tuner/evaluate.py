@@ -36,11 +36,12 @@ from .bounds.diffusion import (
 )
 from .bounds.report import BoundReport
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
-from .device import generator_for
+from .device import chunk_length, generator_for
+from .members import Members
 from .metrics import frechet_distance, kde_kl, knn_kl
 from .models import model_device
-from .sampling import generate
-from .sde import Schedule, prior_kl, sample_xt
+from .sampling import generate, generate_members
+from .sde import Schedule, prior_kl
 from .training import denoising_terms
 
 #: data of at most this many dimensions get the k-NN sample KL (docs/theory.md, section 4)
@@ -122,33 +123,77 @@ def negative_elbo(
     sampling of t by its ELBO weight, so the estimate has a small, finite variance. The draws come
     from a fixed seed (common random numbers: every model is scored on the same draws).
     """
-    model.eval()
-    dev = model_device(model)
+    return negative_elbo_members(
+        Members.single(model, schedule),
+        y,
+        T=[T],
+        t_min=t_min,
+        draws=draws,
+        seeds=[seed],
+        batch_size=batch_size,
+    )[0]
+
+
+@torch.no_grad()
+def negative_elbo_members(
+    members: Members,
+    y: torch.Tensor,
+    *,
+    T: Sequence[float],
+    t_min: float = 1e-3,
+    draws: int = 64,
+    seeds: Sequence[int],
+    batch_size: int = 4096,
+) -> list[ElboEstimate]:
+    """``negative_elbo`` of K models at once (``bound_tuner.members``), member j with its T[j],
+    schedule and seeds[j]; one ElboEstimate per member."""
+    k, dev = members.k, members.device
     y = y.to(dev)
     n, d = y.shape[0], y[0].numel()
-    lam_hi = float(schedule.log_snr(t_min))
-    lam_lo = float(schedule.log_snr(T))
-    width = lam_hi - lam_lo
-    a0, s0 = float(schedule.alpha(t_min)), float(schedule.sigma2(t_min))
-    decoder = 0.5 * d * math.log(2 * math.pi * math.e * s0 / a0**2)
-    prior = prior_kl(y, alpha=float(schedule.alpha(T)), sigma2=float(schedule.sigma2(T)))
-    g = generator_for(dev, seed)
-    s1 = torch.zeros(n, dtype=torch.float64, device=dev)
-    s2 = torch.zeros(n, dtype=torch.float64, device=dev)
+    extra = (1,) * (y.dim() - 1)
+    sch = members.schedules
+    ends = torch.tensor([[t_min, Tj] for Tj in T], dtype=torch.float64, device=dev)  # [K, 2]
+    lam = sch.log_snr(ends)
+    lam_hi, width = lam[:, 0], lam[:, 0] - lam[:, 1]
+    alpha, sigma2, _ = sch.coefficients(ends)
+    decoder = 0.5 * d * torch.log(2 * math.pi * math.e * sigma2[:, 0] / alpha[:, 0] ** 2)
+    prior = prior_kl(y, alpha=alpha[:, 1:], sigma2=sigma2[:, 1:])  # [K, n]
+    t_hi = ends[:, 1:]
+    gens = [generator_for(dev, s) for s in seeds]
+    chunk = chunk_length(n * d, draws)
+    s1 = torch.zeros(k, n, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(k, n, dtype=torch.float64, device=dev)
     for j in range(draws):
-        u = (j + torch.rand(n, generator=g, dtype=torch.float64, device=dev)) / draws
-        eps = torch.randn(y.shape, generator=g, dtype=y.dtype, device=dev)
-        t = schedule.time_at_log_snr(lam_hi - width * u).clamp(t_min, T)
+        c = j % chunk
+        if c == 0:  # each member draws the next draws' (u, eps) from its own generator
+            m = min(chunk, draws - j)
+            u_all = torch.stack(
+                [torch.rand((m, n), generator=g, dtype=torch.float64, device=dev) for g in gens]
+            )
+            eps_all = torch.stack(
+                [torch.randn((m, *y.shape), generator=g, dtype=y.dtype, device=dev) for g in gens]
+            )
+        u = (j + u_all[:, c]) / draws  # stratified: draw j lies in [j/draws, (j+1)/draws)
+        t = sch.time_at_log_snr(lam_hi[:, None] - width[:, None] * u)
+        t = torch.minimum(torch.maximum(t, ends[:, :1]), t_hi)
+        eps = eps_all[:, c]
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            xt, _ = sample_xt(y[sl], t[sl], schedule, noise=eps[sl])
-            err = (model(xt, t[sl].to(y.dtype)) - eps[sl]).pow(2).reshape(xt.shape[0], -1).sum(1)
-            v = 0.5 * width * err.double()
-            s1[sl] += v
-            s2[sl] += v * v
+            a, v2, _ = sch.coefficients(t[:, sl])
+            b = a.shape[1]
+            xt = (
+                a.to(y.dtype).view(k, b, *extra) * y[sl]
+                + v2.sqrt().to(y.dtype).view(k, b, *extra) * eps[:, sl]
+            )
+            err = (members.eps(xt, t[:, sl]) - eps[:, sl]).pow(2).reshape(k, b, -1).sum(2)
+            v = 0.5 * width[:, None] * err.double()
+            s1[:, sl] += v
+            s2[:, sl] += v * v
     mean = s1 / draws
     var = (s2 / draws - mean * mean).clamp(min=0) / max(draws - 1, 1)
-    return ElboEstimate((mean + prior + decoder).cpu(), var.cpu())
+    total = (mean + prior + decoder[:, None]).cpu()
+    var = var.cpu()
+    return [ElboEstimate(total[j], var[j]) for j in range(k)]
 
 
 def bits_per_dim(
@@ -220,67 +265,121 @@ def bound_terms(
     ``split_models`` are the two reference models of "elbo-split" (trained on the two halves of
     x, of sizes ``fold_sizes``; ``bound_tuner.experiment.train_split_models``)."""
     for v in variants:
-        check_variant(v)
         if v in SPLIT_VARIANTS and len(split_models) != 2:
             raise ValueError(f"variant {v!r} needs the two reference models; give split_models")
     T = schedule.check_T(T, t_min=t_min)
-    if l_estimator not in L_ESTIMATORS:
-        raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
-    x = x.to(model_device(model))
-    m = x.shape[0]
-    dsm = nelbo = None
+    dsm = None
     if "paper" in variants:
         dsm = denoising_loss_pass(
             model, x, schedule, T=T, draws=train_draws, t_min=t_min, seed=seed + 1
         )
+    terms = bound_terms_members(
+        Members.single(model, schedule),
+        x,
+        T=[T],
+        seeds=[seed],
+        variants=variants,
+        l_estimator=l_estimator,
+        n_steps=n_steps,
+        n_paths=n_paths,
+        mc_samples=mc_samples,
+        train_draws=train_draws,
+        t_min=t_min,
+        encoders=None if encoder is None else [encoder],
+        references=[Members.single(r, schedule) for r in split_models],
+        fold_sizes=fold_sizes,
+    )[0]
+    terms.dsm = dsm
+    return terms
+
+
+def bound_terms_members(
+    members: Members,
+    x: torch.Tensor,
+    *,
+    T: Sequence[float],
+    seeds: Sequence[int],
+    variants: tuple[str, ...] = ("elbo",),
+    l_estimator: str = "path-mean",
+    n_steps: int = 1000,
+    n_paths: int = 256,
+    mc_samples: int = 1,
+    train_draws: int = 64,
+    t_min: float = 1e-3,
+    encoders: Sequence[dict[str, float]] | None = None,
+    references: Sequence[Members] = (),
+    fold_sizes: Sequence[int] = (),
+) -> list[BoundTerms]:
+    """``bound_terms`` of K models at once (``bound_tuner.members``): member j with its T[j],
+    schedule and seeds[j]. The "paper" variant's denoising pass is left to ``bound_terms`` (its
+    ``dsm`` is None here); split references need K = 1."""
+    for v in variants:
+        check_variant(v)
+    if l_estimator not in L_ESTIMATORS:
+        raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
+    x = x.to(members.device)
+    m = x.shape[0]
+    nelbo: list[ElboEstimate | None] = [None] * members.k
     if any(v != "paper" for v in variants):
-        nelbo = negative_elbo(
-            model, x, schedule, T=T, t_min=t_min, draws=train_draws, seed=seed + 1
+        nelbo = negative_elbo_members(
+            members,
+            x,
+            T=T,
+            t_min=t_min,
+            draws=train_draws,
+            seeds=[s + 1 for s in seeds],
         )
-    run = generate(
-        model,
-        schedule,
+    runs = generate_members(
+        members,
         T=T,
         n=n_paths,
         shape=tuple(x.shape[1:]),
         n_steps=n_steps,
         t_min=t_min,
-        seed=seed + 3,
-        references=(None, *split_models),
+        seeds=[s + 3 for s in seeds],
+        references=(None, *references),
     )
-    l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
-    split = None
-    if split_models:
-        kls = [path_kl(run.ref_sq_dev[1 + j], schedule, T=T, t_min=t_min) for j in range(2)]
-        split = split_info(kls, list(fold_sizes))
-    if encoder is None and any(v in ENCODER_VARIANTS for v in variants):
-        encoder = encoder_terms(x, schedule, T=T, mc_samples=mc_samples, seed=seed)
-    settings = {
-        "R_data": reference_R(x),
-        "T": T,
-        "schedule": schedule.name,
-        **{f"schedule.{k}": v for k, v in schedule.params().items()},
-        "L_estimator": l_estimator,
-        "m": m,
-        "d": x[0].numel(),
-        "N": n_steps,
-        "k": mc_samples,
-        "n_paths": n_paths,
-        "train_draws": train_draws,
-        "t_min": t_min,
-        "alpha_T": float(schedule.alpha(T)),
-        "sigma2_T": float(schedule.sigma2(T)),
-    }
-    return BoundTerms(
-        dsm=dsm,
-        nelbo=nelbo,
-        l_hat=l_hat,
-        i_uniform=generator_info(l_hat, schedule, T=T, m=m, n_steps=n_steps, t_min=t_min),
-        i_girsanov=girsanov_info(run.ref_sq_dev[0], schedule, T=T, m=m, t_min=t_min),
-        encoder=encoder,
-        settings=settings,
-        split=split,
-    )
+    r_data = reference_R(x)
+    out = []
+    for j, (run, schedule) in enumerate(zip(runs, members.schedules.schedules, strict=True)):
+        Tj = T[j]
+        l_hat = l_hat_from_norms(run.score_norms, estimator=l_estimator)
+        split = None
+        if references:
+            kls = [path_kl(run.ref_sq_dev[1 + i], schedule, T=Tj, t_min=t_min) for i in range(2)]
+            split = split_info(kls, list(fold_sizes))
+        encoder = encoders[j] if encoders is not None else None
+        if encoder is None and any(v in ENCODER_VARIANTS for v in variants):
+            encoder = encoder_terms(x, schedule, T=Tj, mc_samples=mc_samples, seed=seeds[j])
+        settings = {
+            "R_data": r_data,
+            "T": Tj,
+            "schedule": schedule.name,
+            **{f"schedule.{k}": v for k, v in schedule.params().items()},
+            "L_estimator": l_estimator,
+            "m": m,
+            "d": x[0].numel(),
+            "N": n_steps,
+            "k": mc_samples,
+            "n_paths": n_paths,
+            "train_draws": train_draws,
+            "t_min": t_min,
+            "alpha_T": float(schedule.alpha(Tj)),
+            "sigma2_T": float(schedule.sigma2(Tj)),
+        }
+        out.append(
+            BoundTerms(
+                dsm=None,
+                nelbo=nelbo[j],
+                l_hat=l_hat,
+                i_uniform=generator_info(l_hat, schedule, T=Tj, m=m, n_steps=n_steps, t_min=t_min),
+                i_girsanov=girsanov_info(run.ref_sq_dev[0], schedule, T=Tj, m=m, t_min=t_min),
+                encoder=encoder,
+                settings=settings,
+                split=split,
+            )
+        )
+    return out
 
 
 def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = None) -> BoundReport:

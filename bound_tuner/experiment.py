@@ -6,7 +6,7 @@ This is the unit of work of every study: the Optuna objective, the T sweep and t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -15,7 +15,14 @@ from torch import nn
 from .bounds.diffusion import DEFAULT_VARIANT, SPLIT_VARIANTS
 from .bounds.report import BoundReport
 from .device import DEFAULT_DEVICE, DEFAULT_TF32, resolve_device, set_tf32
-from .evaluate import diffusion_bound, heldout_metrics
+from .evaluate import (
+    BoundTerms,
+    bound_terms_members,
+    diffusion_bound,
+    heldout_metrics,
+    variant_report,
+)
+from .members import Members
 from .models import build_score_model
 from .sde import Schedule, get_schedule
 from .seeding import seed_everything
@@ -159,9 +166,14 @@ def score_model(
     test: torch.Tensor | None = None,
     validation: bool = False,
     device: str | torch.device = DEFAULT_DEVICE,
+    terms: BoundTerms | None = None,
 ) -> DiffusionResult:
     """The bound (and, in validation mode, the held-out metrics) of a model trained with cfg on
-    ``train``: the second half of ``run_diffusion``, also used for the members of a pack."""
+    ``train``: the second half of ``run_diffusion``, also used for the members of a pack, whose
+    bound terms may come measured (``pack_terms``)."""
+    if terms is not None:
+        report = variant_report(terms, variant=cfg.variant, R=cfg.R)
+        return _with_heldout(report, model, schedule, losses, cfg, test, validation)
     split_models, fold_sizes = [], []
     if cfg.variant in SPLIT_VARIANTS:
         split_models, fold_sizes = train_split_models(train, cfg, device=device)
@@ -182,6 +194,10 @@ def score_model(
         split_models=split_models,
         fold_sizes=fold_sizes,
     )
+    return _with_heldout(report, model, schedule, losses, cfg, test, validation)
+
+
+def _with_heldout(report, model, schedule, losses, cfg, test, validation) -> DiffusionResult:
     heldout: dict[str, float] = {}
     if validation:
         heldout = heldout_metrics(
@@ -195,3 +211,39 @@ def score_model(
             seed=cfg.seed,
         )
     return DiffusionResult(report, heldout, model, losses)
+
+
+# variants whose terms a pack measures for all its members at once (``pack_terms``)
+PACKED_VARIANTS = ("elbo", "elbo-encoder")
+# bound settings the members of a pack must share to be measured at once
+_MEASURE = ("variant", "l_estimator", "n_steps", "n_paths", "mc_samples", "train_draws", "t_min")
+
+
+def pack_terms(
+    models: Sequence[nn.Module], cfgs: Sequence[DiffusionConfig], train: torch.Tensor
+) -> list[BoundTerms] | None:
+    """The bound terms of trained pack members (one architecture), measured for all at once
+    (``bound_tuner.members``); None when their variants or settings need them one by one."""
+    if not models:
+        return None
+    first = cfgs[0]
+    if first.variant not in PACKED_VARIANTS or any(
+        getattr(c, k) != getattr(first, k) for c in cfgs for k in _MEASURE
+    ):
+        return None
+    params, buffers = torch.func.stack_module_state(list(models))
+    schedules = [get_schedule(c.schedule, **c.schedule_params) for c in cfgs]
+    members = Members.stacked(models[0], params, buffers, schedules)
+    return bound_terms_members(
+        members,
+        train,
+        T=[c.T for c in cfgs],
+        seeds=[c.seed for c in cfgs],
+        variants=(first.variant,),
+        l_estimator=first.l_estimator,
+        n_steps=first.n_steps,
+        n_paths=first.n_paths,
+        mc_samples=first.mc_samples,
+        train_draws=first.train_draws,
+        t_min=first.t_min,
+    )

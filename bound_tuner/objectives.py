@@ -142,6 +142,7 @@ class DiffusionObjective:
             test=self.data.test,
             validation=self.validation,
             device=self.device,
+            terms=member.terms,
         )
 
     def _run(self, trial: optuna.Trial) -> float:

@@ -21,6 +21,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 
 from .device import DEFAULT_DEVICE, resolve_device, set_tf32
 from .experiment import DiffusionConfig
+from .members import MemberSchedules
 from .models import build_score_model
-from .sde import SCHEDULES, Schedule, get_schedule
+from .sde import Schedule, get_schedule
 from .seeding import seed_everything
 from .training import StepDraws, generator_surrogate
 
@@ -54,6 +56,7 @@ class PackMember:
     schedule: Schedule
     losses: list[float] | None = None
     error: BaseException | None = None
+    terms: Any = None  # evaluate.BoundTerms when measured with the pack (experiment.pack_terms)
 
 
 def check_packable(cfgs: Sequence[DiffusionConfig]) -> None:
@@ -67,36 +70,6 @@ def check_packable(cfgs: Sequence[DiffusionConfig]) -> None:
                 f"a pack's members must share {name} (got {sorted(values)}); fix {name} in "
                 "[training] or search it without packing"
             )
-
-
-class _Coefficients:
-    """alpha_t, sigma_t^2 and beta(t) for times [K, b], each row with its member's schedule: one
-    vectorized schedule per family, its parameters a [k, 1] tensor per family member."""
-
-    def __init__(self, schedules: Sequence[Schedule], device: torch.device) -> None:
-        self.groups: list[tuple[torch.Tensor, Schedule]] = []
-        for name, cls in SCHEDULES.items():
-            idx = [j for j, s in enumerate(schedules) if s.name == name]
-            if not idx:
-                continue
-            fields = list(cls.__dataclass_fields__)
-            params = {
-                f: torch.tensor(
-                    [getattr(schedules[j], f) for j in idx], dtype=torch.float64, device=device
-                )[:, None]
-                for f in fields
-            }
-            self.groups.append((torch.tensor(idx, device=device), cls(**params)))
-
-    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if len(self.groups) == 1:
-            _, s = self.groups[0]
-            return s.alpha(t), s.sigma2(t), s.beta(t)
-        alpha, sigma2, beta = (torch.empty_like(t) for _ in range(3))
-        for idx, s in self.groups:
-            ti = t[idx]
-            alpha[idx], sigma2[idx], beta[idx] = s.alpha(ti), s.sigma2(ti), s.beta(ti)
-        return alpha, sigma2, beta
 
 
 class _Pack:
@@ -121,7 +94,7 @@ class _Pack:
         self.T = col([c.T for c in cfgs])
         self.lam = col([c.lam for c in cfgs]).to(self.dtype)
         self.lr = [c.lr for c in cfgs]
-        self.coef = _Coefficients([self.schedules[j] for j in self.members], self.device)
+        self.coef = MemberSchedules([self.schedules[j] for j in self.members], self.device)
 
     def keep(self, rows: list[int]) -> None:
         """Keep the members at these rows of the stacked tensors (in order)."""
@@ -241,15 +214,16 @@ def train_packed(
         if k == 0:  # each member draws its chunk from its own generator
             parts = [pack.draws[j].draw_chunk(step) for j in pack.members]
             idx_c, t_c, eps_c = (torch.stack(z) for z in zip(*parts, strict=True))
+            coef_c = [c.to(x.dtype) for c in pack.coef.coefficients(t_c)]
         idx, t, eps = idx_c[:, k], t_c[:, k], eps_c[:, k]
-        alpha, sigma2, beta = pack.coef(t)
-        xt = alpha.to(x.dtype).view(*alpha.shape, *shape1) * x[idx]
-        xt = xt + sigma2.sqrt().to(x.dtype).view(*alpha.shape, *shape1) * eps
+        alpha, sigma2, beta = (c[:, k] for c in coef_c)
+        xt = alpha.view(*alpha.shape, *shape1) * x[idx]
+        xt = xt + sigma2.sqrt().view(*alpha.shape, *shape1) * eps
         eps_hat = forward(pack.params, pack.buffers, xt, t.to(x.dtype))
         flat = (eps_hat.shape[0], eps_hat.shape[1], -1)
         loss = 0.5 * (eps_hat - eps).pow(2).reshape(flat).sum(dim=2)
         total = loss.mean(dim=1)
-        wsq = beta.to(x.dtype) * eps_hat.pow(2).reshape(flat).sum(dim=2) / sigma2.to(x.dtype)
+        wsq = beta * eps_hat.pow(2).reshape(flat).sum(dim=2) / sigma2
         s = generator_surrogate(wsq, T=pack.T.to(x.dtype), m=m, t_min=t_min)
         total = total + torch.where(pack.lam > 0, pack.lam * s, torch.zeros_like(s))
         rows = torch.tensor(pack.members, device=device)
@@ -264,6 +238,7 @@ def train_packed(
                 break
             r = torch.tensor(rows, device=device)
             idx_c, t_c, eps_c = idx_c[r], t_c[r], eps_c[r]  # the chunk's draws of those kept
+            coef_c = [c[r] for c in coef_c]
     for row in range(len(pack.members)):
         j = pack.members[row]
         pack.model_of(row)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .experiment import DiffusionConfig
+from .experiment import DiffusionConfig, pack_terms
 from .pack import PackMember, PackStopped, train_packed
 
 DEFAULT_GRACE_S = 0.5
@@ -115,6 +115,10 @@ class PackCoordinator:
                 callback_every=every if any(s.callback for s in batch) else 0,
                 stop=self.stop,
             )
+            alive = [(mem, s.cfg) for mem, s in zip(members, batch, strict=True) if not mem.error]
+            terms = pack_terms([a[0].model for a in alive], [a[1] for a in alive], self.train_data)
+            for (mem, _), t in zip(alive, terms or [], strict=False):
+                mem.terms = t
         except BaseException:
             self.abort()
             raise

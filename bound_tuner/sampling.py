@@ -11,21 +11,16 @@ other data). Both stay on the model's device until the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .device import generator_for
-from .models import model_device, model_dtype
+from .device import chunk_length, generator_for
+from .members import Members
 from .sde import Schedule, reference_score, reverse_step, time_grid
-
-
-def score(model: nn.Module, y: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """s_theta(y, t) = -eps_theta(y, t) / sigma_t for an eps-predicting network."""
-    sigma = schedule.sigma2(t).sqrt().to(y.dtype).view((-1,) + (1,) * (y.dim() - 1))
-    return -model(y, t.to(y.dtype)) / sigma
 
 
 @dataclass
@@ -55,34 +50,93 @@ def generate(
 ) -> GeneratorRun:
     """Run n generator paths from pi = N(0, I) at T to t_min with N Euler-Maruyama steps.
 
-    The paths run on the model's device and in its dtype, with their noise drawn there from ``seed`` (the same
-    seed gives the same paths on the same device). ``references`` are the scores that ``ref_sq_dev``
-    compares s_theta with along the paths: None for the data-free -y, or eps-predicting models.
+    The paths run on the model's device and in its dtype, with their noise drawn there from
+    ``seed`` (the same seed gives the same paths on the same device). ``references`` are the
+    scores that ``ref_sq_dev`` compares s_theta with along the paths: None for the data-free -y,
+    or eps-predicting models.
     """
+    return generate_members(
+        Members.single(model, schedule),
+        T=[T],
+        n=n,
+        shape=shape,
+        n_steps=n_steps,
+        t_min=t_min,
+        seeds=[seed],
+        batch_size=batch_size,
+        references=[None if r is None else Members.single(r, schedule) for r in references],
+    )[0]
+
+
+@torch.no_grad()
+def generate_members(
+    members: Members,
+    *,
+    T: Sequence[float],
+    n: int,
+    shape: tuple[int, ...],
+    n_steps: int = 1000,
+    t_min: float = 1e-3,
+    seeds: Sequence[int],
+    batch_size: int = 4096,
+    references: Sequence[Members | None] = (None,),
+) -> list[GeneratorRun]:
+    """``generate`` for K models at once (``bound_tuner.members``): member j runs its n paths from
+    its T[j] with its schedule and its seeds[j]; returns one GeneratorRun per member. Reference
+    models (not None) need K = 1."""
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
-    model.eval()
-    device, dtype = model_device(model), model_dtype(model)
-    generator = generator_for(device, seed)
-    grid = time_grid(T, n_steps, t_min=t_min)
-    h = (T - t_min) / n_steps
-    betas = schedule.beta(grid).tolist()
+    k = members.k
+    if len(T) != k or len(seeds) != k:
+        raise ValueError(f"give one T and one seed per member ({k}); got {len(T)} and {len(seeds)}")
+    if k != 1 and any(r is not None for r in references):
+        raise ValueError("reference models need a single model (K = 1)")
+    device, dtype = members.device, members.dtype
+    gens = [generator_for(device, s) for s in seeds]
+    grids = torch.stack([time_grid(Tj, n_steps, t_min=t_min) for Tj in T])  # [K, N], CPU
+    h = torch.tensor([(Tj - t_min) / n_steps for Tj in T], dtype=torch.float64)
+    on_dev = grids.to(device)
+    sigma = members.schedules.sigma2(on_dev).sqrt()  # [K, N]
+    beta = members.schedules.beta(on_dev)
+    h = h.to(device)[:, None].expand_as(beta)
+    view = (k,) + (1,) * (len(shape) + 1)
     out, norms, devs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        y = torch.randn((b, *shape), generator=generator, dtype=dtype, device=device)
-        path_norms = torch.empty(n_steps, b, dtype=torch.float64, device=device)
-        path_devs = torch.empty(len(references), n_steps, b, dtype=torch.float64, device=device)
-        for k in range(n_steps):
-            t = torch.full((b,), float(grid[k]), dtype=torch.float64, device=device)
-            s = score(model, y, t, schedule)
-            path_norms[k] = s.reshape(b, -1).norm(dim=1)
+        chunk = chunk_length(b * math.prod(shape), n_steps)
+        y = torch.stack(
+            [torch.randn((b, *shape), generator=g, dtype=dtype, device=device) for g in gens]
+        )
+        path_norms = torch.empty(n_steps, k, b, dtype=torch.float64, device=device)
+        path_devs = torch.empty(len(references), n_steps, k, b, dtype=torch.float64, device=device)
+        for step in range(n_steps):
+            c = step % chunk
+            if c == 0:  # each member draws the noise of the next steps from its own generator
+                size = (min(chunk, n_steps - step), b, *shape)
+                z = torch.stack(
+                    [torch.randn(size, generator=g, dtype=dtype, device=device) for g in gens]
+                )
+            t = on_dev[:, step, None].expand(k, b)
+            # the score s_theta = -eps_theta / sigma_t of each member
+            s = -members.eps(y, t) / sigma[:, step].to(dtype).view(view)
+            path_norms[step] = s.reshape(k, b, -1).norm(dim=2)
             for r, ref in enumerate(references):
-                s_ref = reference_score(y) if ref is None else score(ref, y, t, schedule)
-                path_devs[r, k] = (s - s_ref).reshape(b, -1).pow(2).sum(dim=1)
-            z = torch.randn((b, *shape), generator=generator, dtype=dtype, device=device)
-            y = reverse_step(y, s, beta=betas[k], h=h, noise=z)
+                if ref is None:
+                    s_ref = reference_score(y)
+                else:
+                    s_ref = -ref.eps(y, t) / sigma[:, step].to(dtype).view(view)
+                path_devs[r, step] = (s - s_ref).reshape(k, b, -1).pow(2).sum(dim=2)
+            y = reverse_step(
+                y,
+                s,
+                beta=beta[:, step].to(dtype).view(view),
+                h=h[:, step].to(dtype).view(view),
+                noise=z[:, c],
+            )
         out.append(y)
         norms.append(path_norms.cpu())
         devs.append(path_devs.cpu())
-    return GeneratorRun(torch.cat(out), torch.cat(norms, dim=1), torch.cat(devs, dim=2), grid)
+    samples, norms_all, devs_all = torch.cat(out, dim=1), torch.cat(norms, 2), torch.cat(devs, 3)
+    return [
+        GeneratorRun(samples[j], norms_all[:, j], devs_all[:, :, j], grids[j]) for j in range(k)
+    ]

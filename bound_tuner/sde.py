@@ -198,17 +198,19 @@ def sample_xt(
     return alpha * x0 + sigma * eps, eps
 
 
-def prior_kl(x: torch.Tensor, *, alpha: float, sigma2: float) -> torch.Tensor:
-    """KL(E_T(x_i) || N(0, I)) = KL(N(alpha x_i, sigma2 I) || N(0, I)) per point, shape [m], float64.
+def prior_kl(x: torch.Tensor, *, alpha: TensorLike, sigma2: TensorLike) -> torch.Tensor:
+    """KL(E_T(x_i) || N(0, I)) = KL(N(alpha x_i, sigma2 I) || N(0, I)) per point, float64:
 
-    KL_i = 1/2 (alpha^2 ||x_i||^2 + d (sigma2 - 1 - ln sigma2))   (docs/theory.md, eq. 1.3).
-    """
+      KL_i = 1/2 (alpha^2 ||x_i||^2 + d (sigma2 - 1 - ln sigma2))   (docs/theory.md, eq. 1.3).
+
+    Shape [m] for numbers alpha and sigma2; [K, m] for [K, 1] tensors (one per pack member)."""
     x = x.reshape(x.shape[0], -1).double()
     d = x.shape[1]
-    alpha, sigma2 = float(alpha), float(sigma2)
-    if not (0 < sigma2 <= 1):
-        raise ValueError(f"sigma2={sigma2} must lie in (0, 1]")
-    return 0.5 * (alpha**2 * (x * x).sum(dim=1) + d * (sigma2 - 1.0 - math.log(sigma2)))
+    alpha = torch.as_tensor(alpha, dtype=torch.float64, device=x.device)
+    sigma2 = torch.as_tensor(sigma2, dtype=torch.float64, device=x.device)
+    if not bool(((sigma2 > 0) & (sigma2 <= 1)).all()):
+        raise ValueError(f"sigma2={sigma2.tolist()} must lie in (0, 1]")
+    return 0.5 * (alpha**2 * (x * x).sum(dim=1) + d * (sigma2 - 1.0 - torch.log(sigma2)))
 
 
 def time_grid(T: float, n_steps: int, *, t_min: float = 1e-3) -> torch.Tensor:
@@ -218,10 +220,16 @@ def time_grid(T: float, n_steps: int, *, t_min: float = 1e-3) -> torch.Tensor:
 
 
 def reverse_step(
-    y: torch.Tensor, score: torch.Tensor, *, beta: float, h: float, noise: torch.Tensor
+    y: torch.Tensor,
+    score: torch.Tensor,
+    *,
+    beta: TensorLike,
+    h: TensorLike,
+    noise: torch.Tensor,
 ) -> torch.Tensor:
-    """One Euler-Maruyama step of the reverse SDE dy = beta (s + y/2) dt' + sqrt(beta) dW."""
-    return y + h * beta * (score + 0.5 * y) + math.sqrt(beta * h) * noise
+    """One Euler-Maruyama step of the reverse SDE dy = beta (s + y/2) dt' + sqrt(beta) dW.
+    beta and h are numbers, or tensors that broadcast against y (one per member of a pack)."""
+    return y + h * beta * (score + 0.5 * y) + (beta * h) ** 0.5 * noise
 
 
 def reference_score(y: torch.Tensor) -> torch.Tensor:

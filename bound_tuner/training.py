@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .device import generator_for
+from .device import chunk_length, generator_for
 from .models import model_device
-from .sde import Schedule, sample_xt
+from .sde import Schedule
 
 
 def draw_times(
@@ -36,19 +36,28 @@ def draw_times(
     return t_min + (T - t_min) * torch.rand(n, generator=generator, dtype=torch.float64, device=dev)
 
 
+Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # alpha_t, sigma_t^2, beta(t)
+
+
+def coefficients(schedule: Schedule, t: torch.Tensor, dtype: torch.dtype) -> Coefficients:
+    """(alpha_t, sigma_t^2, beta(t)) at times t (computed in float64, returned in dtype)."""
+    return tuple(f(t).to(dtype) for f in (schedule.alpha, schedule.sigma2, schedule.beta))
+
+
 def denoising_loss(
     model: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor,
     eps: torch.Tensor,
-    schedule: Schedule,
+    coef: Coefficients,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample denoising loss [b] and per-sample beta(t)||s||^2 [b] for given draws (t, eps)."""
-    xt, _ = sample_xt(x, t, schedule, noise=eps)
+    """Per-sample denoising loss [b] and per-sample beta(t)||s||^2 [b] for given draws (t, eps)
+    and the schedule's coefficients at t (``coefficients``)."""
+    alpha, sigma2, beta = coef
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    xt = alpha.view(shape) * x + sigma2.sqrt().view(shape) * eps  # x_t ~ E_t(x), eq. 1.1
     eps_hat = model(xt, t.to(x.dtype))
     loss = 0.5 * (eps_hat - eps).pow(2).reshape(x.shape[0], -1).sum(dim=1)
-    sigma2 = schedule.sigma2(t).to(x.dtype)
-    beta = schedule.beta(t).to(x.dtype)
     sq_score = eps_hat.pow(2).reshape(x.shape[0], -1).sum(dim=1) / sigma2
     return loss, beta * sq_score
 
@@ -65,17 +74,14 @@ def denoising_terms(
     """``denoising_loss`` with one draw of (t, eps) per sample from ``generator`` (on x's device)."""
     t = draw_times(x.shape[0], T, t_min, generator)
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return denoising_loss(model, x, t.to(x.device), eps, schedule)
-
-
-# elements of noise drawn at once: training draws the (index, t, eps) of many steps per call
-NOISE_CHUNK_ELEMS = 1 << 21
-MAX_CHUNK_STEPS = 64
+    t = t.to(x.device)
+    return denoising_loss(model, x, t, eps, coefficients(schedule, t, x.dtype))
 
 
 class StepDraws:
     """The random numbers of training, drawn on the generator's device in chunks of steps:
-    mini-batch indices [b], times t ~ U(t_min, T) [b] (float64) and noise eps [b, ...] per step.
+    mini-batch indices [b], times t ~ U(t_min, T) [b] (float64) and noise eps [b, ...] per step,
+    with the schedule's coefficients at those times (computed per chunk, not per step).
 
     The chunk length depends only on (steps, batch, data shape), so a model trained alone and the
     same model trained in a pack (``bound_tuner.pack``) see the same numbers from the same seed.
@@ -92,13 +98,14 @@ class StepDraws:
         t_min: float,
         generator: torch.Generator,
         dtype: torch.dtype,
+        schedule: Schedule | None = None,
     ) -> None:
-        numel = batch * max(1, math.prod(shape))
-        self.chunk = max(1, min(steps, MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS // numel))
+        self.chunk = chunk_length(batch * math.prod(shape), steps)
         self.m, self.batch, self.shape, self.steps = m, batch, shape, steps
         self.T, self.t_min, self.g, self.dtype = T, t_min, generator, dtype
+        self.schedule = schedule
         self.start = -1
-        self.idx = self.t = self.eps = None
+        self.idx = self.t = self.eps = self.coef = None
 
     def draw_chunk(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The draws of the chunk that starts at ``step``: idx [c, b], t [c, b], eps [c, b, ...]."""
@@ -111,13 +118,14 @@ class StepDraws:
         )
         return idx, t, eps
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(idx, t, eps) of one step; steps must be asked for in order."""
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Coefficients]:
+        """(idx, t, eps, coefficients at t) of one step; steps must be asked for in order."""
         if self.start < 0 or step >= self.start + self.chunk:
             self.start = step
             self.idx, self.t, self.eps = self.draw_chunk(step)
+            self.coef = coefficients(self.schedule, self.t, self.dtype)
         k = step - self.start
-        return self.idx[k], self.t[k], self.eps[k]
+        return self.idx[k], self.t[k], self.eps[k], tuple(c[k] for c in self.coef)
 
 
 def check_finite(history: torch.Tensor, upto: int) -> None:
@@ -185,14 +193,15 @@ def train_score_model(
         t_min=t_min,
         generator=generator_for(x.device, seed),
         dtype=x.dtype,
+        schedule=schedule,
     )
     history = torch.empty(steps, dtype=x.dtype, device=x.device)
     every_bar = max(1, steps // 20)
     bar = tqdm(range(steps), desc=f"train T={T:g}", disable=not progress, leave=False)
     model.train()
     for step in bar:
-        idx, t, eps = draws(step)
-        loss, wsq = denoising_loss(model, x[idx], t, eps, schedule)
+        idx, t, eps, coef = draws(step)
+        loss, wsq = denoising_loss(model, x[idx], t, eps, coef)
         total = loss.mean()
         if lam > 0:
             total = total + lam * generator_surrogate(wsq, T=T, m=m, t_min=t_min)

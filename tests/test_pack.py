@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from bound_tuner.data import swiss_roll
-from bound_tuner.experiment import DiffusionConfig, train_model
+from bound_tuner.evaluate import bound_terms, variant_report
+from bound_tuner.experiment import DiffusionConfig, pack_terms, train_model
 from bound_tuner.pack import check_packable, train_packed
+from bound_tuner.sde import get_schedule
 
 BASE = DiffusionConfig(width=16, layers=2, steps=60, batch_size=32)
 MEMBERS = [
@@ -72,3 +74,42 @@ def test_members_must_share_the_architecture():
     other = BASE.__class__(**{**BASE.to_dict(), "width": 32})
     with pytest.raises(ValueError, match="share width"):
         check_packable([BASE, other])
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_pack_terms_equal_each_member_measured_alone(dtype, rtol):
+    x = swiss_roll(80, seed=0).to(dtype)
+    cfgs = [
+        DiffusionConfig(**{**c.to_dict(), "n_steps": 30, "n_paths": 24, "train_draws": 3})
+        for c in MEMBERS[:4]
+    ]
+    torch.set_default_dtype(dtype)
+    try:
+        packed = train_packed(x, cfgs, device="cpu")
+        terms = pack_terms([p.model for p in packed], cfgs, x)
+        assert terms is not None and len(terms) == 4
+        for p, cfg, got in zip(packed, cfgs, terms, strict=True):
+            alone = bound_terms(
+                p.model,
+                x,
+                get_schedule(cfg.schedule, **cfg.schedule_params),
+                T=cfg.T,
+                variants=("elbo",),
+                n_steps=30,
+                n_paths=24,
+                train_draws=3,
+                seed=cfg.seed,
+            )
+            assert got.nelbo.mean == pytest.approx(alone.nelbo.mean, rel=rtol)
+            assert got.i_girsanov == pytest.approx(alone.i_girsanov, rel=rtol)
+            assert got.l_hat == pytest.approx(alone.l_hat, rel=rtol)
+            assert got.settings == alone.settings
+            report = variant_report(got, variant="elbo")
+            assert report.total == pytest.approx(
+                variant_report(alone, variant="elbo").total, rel=rtol
+            )
+    finally:
+        torch.set_default_dtype(torch.float32)
+    # the paper's variant is measured one by one
+    paper = [DiffusionConfig(**{**c.to_dict(), "variant": "paper"}) for c in cfgs]
+    assert pack_terms([p.model for p in packed], paper, x.float()) is None
