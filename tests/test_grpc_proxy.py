@@ -103,7 +103,7 @@ def study_name():
 @needs_pg
 def test_two_workers_through_the_proxy_reach_n_trials(tmp_path, study_name, proxy_url):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name=study_name, n_trials=6, steps=150))  # both workers get some
+    spec.write_text(SPEC.format(name=study_name, n_trials=6, steps=60))  # both workers get some
     run_workers(str(spec), storage=proxy_url, n_workers=2, progress=False, dashboard=False)
     # the workers had only the proxy's address; the database holds what they did
     trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()

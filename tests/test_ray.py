@@ -100,7 +100,7 @@ def study_name():
 
 @needs_pg
 def test_two_ray_workers_reach_exactly_n_trials(tmp_path, study_name, local_ray, capsys):
-    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=6, steps=150)
+    spec = write_spec(tmp_path / "s.toml", study_name, n_trials=6, steps=60)
     argv = ["run", str(spec), "--storage", PG_URL, "--executor", "ray", "--workers", "2"]
     assert main([*argv, "--quiet"]) == 0
     assert f"study '{study_name}': 6 complete" in capsys.readouterr().out
