@@ -90,7 +90,7 @@ def _plain_loop(model, x, schedule, *, T, steps, batch, lr, seed) -> None:
         opt.step()
 
 
-def bench_unet(device: torch.device, steps: int, repeats: int) -> dict:
+def bench_unet(device: torch.device, steps: int, repeats: int, with_compile: bool) -> dict:
     x = load_dataset("fashion_mnist", m=256, test_size=1, model="diffusion").train.to(device)
     schedule = get_schedule("linear")
     model = build_score_model(tuple(x.shape[1:]), width=128).to(device)
@@ -102,14 +102,29 @@ def bench_unet(device: torch.device, steps: int, repeats: int) -> dict:
     def plain():
         _plain_loop(model, x, schedule, batch=64, **kw)
 
-    ours()  # warm-up of both
+    compiled = torch.compile(model)
+
+    def ours_compiled():
+        train_score_model(compiled, x, schedule, batch_size=64, **kw)
+
+    ours()  # warm-up of each
     plain()
-    t_ours, t_plain = [], []
+    compile_s = timed(ours_compiled, device) if with_compile else math.nan
+    t_ours, t_plain, t_comp = [], [], []
     for _ in range(repeats):
         t_ours.append(timed(ours, device))
         t_plain.append(timed(plain, device))
+        if with_compile:
+            t_comp.append(timed(ours_compiled, device))
     s_ours, s_plain = steps / statistics.median(t_ours), steps / statistics.median(t_plain)
-    return {"steps_per_s": s_ours, "plain_steps_per_s": s_plain, "ratio": s_ours / s_plain}
+    s_comp = steps / statistics.median(t_comp) if t_comp else math.nan
+    return {
+        "steps_per_s": s_ours,
+        "plain_steps_per_s": s_plain,
+        "ratio": s_ours / s_plain,
+        "compiled_steps_per_s": s_comp,
+        "compile_first_call_s": compile_s,
+    }
 
 
 def _configs(k: int, steps: int) -> list[DiffusionConfig]:
@@ -218,6 +233,8 @@ def main() -> None:
     ap.add_argument("--singles", type=int, default=4, help="trials run one at a time")
     ap.add_argument("--study-seconds", type=float, default=150.0)
     ap.add_argument("--skip-study", action="store_true")
+    ap.add_argument("--skip-pack", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time UNet training compiled")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -234,23 +251,31 @@ def main() -> None:
     r = out["mixture_kl"] = bench_mixture(device, m, args.repeats)
     print(f"mixture_kl m={r['m']} d={r['d']}: {r['seconds']:.3f} s (median of {args.repeats})")
 
-    r = out["unet"] = bench_unet(device, args.unet_steps or (200 if cuda else 20), args.repeats)
+    unet_steps = args.unet_steps or (200 if cuda else 20)
+    r = out["unet"] = bench_unet(device, unet_steps, args.repeats, args.compile)
     print(
         f"UNet training: {r['steps_per_s']:.1f} steps/s, plain PyTorch loop "
         f"{r['plain_steps_per_s']:.1f} steps/s, ratio {r['ratio']:.2f}x"
     )
+    if args.compile:
+        print(
+            f"UNet training through torch.compile: {r['compiled_steps_per_s']:.1f} steps/s, "
+            f"{r['compiled_steps_per_s'] / r['steps_per_s']:.2f}x eager (first call, compiling: "
+            f"{r['compile_first_call_s']:.1f} s)"
+        )
 
     packs = [int(k) for k in (args.packs or ("64,256" if cuda else "16")).split(",")]
     steps = args.pack_steps or (1000 if cuda else 200)
-    r = out["pack"] = bench_pack(device, packs, steps, args.singles)
-    print(f"2-D trials ({steps} steps, bound with the default settings), per trial:")
-    print("   K  train s  bound s  model-steps/s  trials/s  train x  trial x")
-    for row in r["rows"]:
-        print(
-            f"{row['k']:>4}  {row['train_s']:7.3f}  {row['bound_s']:7.3f}  "
-            f"{row['model_steps_per_s']:13.0f}  {row['trials_per_s']:8.2f}  "
-            f"{row['train_speedup']:7.1f}  {row['trial_speedup']:7.1f}"
-        )
+    if not args.skip_pack:
+        r = out["pack"] = bench_pack(device, packs, steps, args.singles)
+        print(f"2-D trials ({steps} steps, bound with the default settings), per trial:")
+        print("   K  train s  bound s  model-steps/s  trials/s  train x  trial x")
+        for row in r["rows"]:
+            print(
+                f"{row['k']:>4}  {row['train_s']:7.3f}  {row['bound_s']:7.3f}  "
+                f"{row['model_steps_per_s']:13.0f}  {row['trials_per_s']:8.2f}  "
+                f"{row['train_speedup']:7.1f}  {row['trial_speedup']:7.1f}"
+            )
     if not args.skip_study:
         r = out["study"] = bench_study(device, args.study_seconds)
         if r["trials"]:

@@ -56,6 +56,7 @@ class DiffusionConfig:
     heldout_n_steps: int | None = None
     seed: int = 0
     tf32: bool = DEFAULT_TF32  # TF32 matmuls on CUDA
+    compile: bool = False  # train through torch.compile (pays for the image UNet on a GPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +82,8 @@ def train_model(
     """Build and train cfg's score model on ``train``; returns (model, schedule, losses).
 
     ``device`` "auto" is CUDA when present, else the CPU; on CUDA, cfg.tf32 sets the float32
-    matmul precision (``bound_tuner.device.set_tf32``)."""
+    matmul precision (``bound_tuner.device.set_tf32``). With cfg.compile the training steps run
+    through ``torch.compile`` (the returned model is the plain module, with the trained weights)."""
     schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
     schedule.check_T(cfg.T, t_min=cfg.t_min)
     device = resolve_device(device)
@@ -92,7 +94,7 @@ def train_model(
     model = build_score_model(tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers)
     model = model.to(device, x.dtype)  # the data's device and precision
     losses = train_score_model(
-        model,
+        torch.compile(model) if cfg.compile else model,
         x,
         schedule,
         T=cfg.T,

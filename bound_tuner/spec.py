@@ -11,8 +11,9 @@ created. The schema (every section optional except [study].name):
              (default "all"), seed, test_fraction (default 0.2), image_size, fit, binarize
   [search]   parameter = fixed value | {low, high, log?, step?} | {choices=[...]} | {grid=[...]}
   [training] fixed training settings (steps, batch_size, checkpoints, t_min, epochs, ...;
-             tf32 = false keeps float32 matmuls exact on CUDA; pack = K trains K diffusion
-             trials at once as one ensemble, bound_tuner.pack)
+             tf32 = false keeps float32 matmuls exact on CUDA; compile = true trains through
+             torch.compile; pack = K trains K diffusion trials at once as one ensemble,
+             bound_tuner.pack)
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: R or the paper's r, mc_samples, bound_subset)
@@ -100,6 +101,7 @@ SECTIONS = {
         "layers": int,
         "epochs": int,
         "tf32": bool,
+        "compile": bool,
         "pack": int,
     },
     "bound": {

@@ -85,3 +85,13 @@ def test_generator_paths_stay_on_the_model_device():
     again = generate(model, get_schedule("linear"), T=0.5, n=64, shape=(2,), n_steps=20, seed=3)
     assert run.samples.device.type == "cuda" and run.score_norms.device.type == "cpu"
     assert torch.equal(run.samples, again.samples)  # a seed repeats on the same device
+
+
+def test_compiled_training_matches_eager_on_cuda():
+    x = swiss_roll(200, seed=0)
+    cfg = DiffusionConfig(T=0.6, steps=60, seed=1)
+    _, _, eager = train_model(x, cfg, device="cuda")
+    _, _, compiled = train_model(
+        x, DiffusionConfig(**{**cfg.to_dict(), "compile": True}), device="cuda"
+    )
+    assert compiled == pytest.approx(eager, rel=1e-2, abs=1e-2)

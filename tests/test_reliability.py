@@ -185,6 +185,7 @@ WRONG_VALUE = {
         "layers": 0,
         "epochs": 0,
         "tf32": None,
+        "compile": None,
         "pack": 0,
     },
     "bound": {
