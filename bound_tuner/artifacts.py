@@ -363,7 +363,11 @@ def build_model(payload: dict) -> nn.Module:
         from .models import build_score_model
 
         model = build_score_model(
-            tuple(build["shape"]), width=int(cfg["width"]), layers=int(cfg["layers"])
+            tuple(build["shape"]),
+            width=int(cfg["width"]),
+            layers=int(cfg["layers"]),
+            # weights kept before `channels` existed: the UNet then took max(8, width // 4)
+            channels=int(cfg.get("channels", max(8, int(cfg["width"]) // 4))),
         )
     else:
         from .models.vae import MLPVAE, ConvVAE

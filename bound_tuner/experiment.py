@@ -23,7 +23,7 @@ from .evaluate import (
     variant_report,
 )
 from .members import Members
-from .models import build_score_model
+from .models import DEFAULT_CHANNELS, build_score_model
 from .sde import Schedule, get_schedule
 from .seeding import seed_everything
 from .training import train_score_model
@@ -38,8 +38,9 @@ class DiffusionConfig:
     schedule_params: dict[str, float] = field(default_factory=dict)
     lam: float = 0.0
     lr: float = 2e-3
-    width: int = 128
-    layers: int = 3
+    width: int = 128  # hidden units of the MLP for point data
+    layers: int = 3  # hidden layers of the MLP for point data
+    channels: int = DEFAULT_CHANNELS  # base channels of the UNet for images
     steps: int = 3000
     batch_size: int = 256
     t_min: float = 1e-3
@@ -49,7 +50,7 @@ class DiffusionConfig:
     l_estimator: str = "path-mean"
     n_steps: int = 500
     n_paths: int = 256
-    mc_samples: int = 1
+    mix_draws: int = 1  # draws per point of the mixture KL C_mix (the paper's k)
     train_draws: int = 64  # draws per training point of the evaluation pass (NELBO or DSM)
     # held-out metrics (validation mode only)
     heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
@@ -91,7 +92,9 @@ def train_model(
         set_tf32(cfg.tf32)
     seed_everything(cfg.seed)
     x = train.to(device)
-    model = build_score_model(tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers)
+    model = build_score_model(
+        tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
+    )
     model = model.to(device, x.dtype)  # the data's device and precision
     losses = train_score_model(
         torch.compile(model) if cfg.compile else model,
@@ -189,7 +192,7 @@ def score_model(
         l_estimator=cfg.l_estimator,
         n_steps=cfg.n_steps,
         n_paths=cfg.n_paths,
-        mc_samples=cfg.mc_samples,
+        mc_samples=cfg.mix_draws,
         train_draws=cfg.train_draws,
         t_min=cfg.t_min,
         seed=cfg.seed,
@@ -218,7 +221,7 @@ def _with_heldout(report, model, schedule, losses, cfg, test, validation) -> Dif
 # variants whose terms a pack measures for all its members at once (``pack_terms``)
 PACKED_VARIANTS = ("elbo", "elbo-encoder")
 # bound settings the members of a pack must share to be measured at once
-_MEASURE = ("variant", "l_estimator", "n_steps", "n_paths", "mc_samples", "train_draws", "t_min")
+_MEASURE = ("variant", "l_estimator", "n_steps", "n_paths", "mix_draws", "train_draws", "t_min")
 
 
 def pack_terms(
@@ -245,7 +248,7 @@ def pack_terms(
         l_estimator=first.l_estimator,
         n_steps=first.n_steps,
         n_paths=first.n_paths,
-        mc_samples=first.mc_samples,
+        mc_samples=first.mix_draws,
         train_draws=first.train_draws,
         t_min=first.t_min,
     )

@@ -31,6 +31,7 @@ from .experiment import DiffusionConfig, run_diffusion, score_model
 from .models.vae import MLPVAE, ConvVAE
 from .sde import get_schedule
 from .seeding import derive_seed, seed_everything
+from .settings import config_kwargs
 from .space import sample_diffusion_params, suggest
 from .spec import DEFAULT_KEEP_MODELS, Param, SpecError, StudySpec, parse_search
 from .vae_training import train_vae
@@ -377,10 +378,10 @@ class VAEObjective:
         artifact_store: Any | None = None,
     ) -> VAEObjective:
         """The objective of a VAE study spec: [search], fixed values from [training] (epochs,
-        batch_size, lr) and [bound] (R or r, mc_samples, bound_subset)."""
-        tr, bd = spec.training, spec.bound
-        kw: dict[str, Any] = {k: tr[k] for k in ("epochs", "batch_size", "lr") if k in tr}
-        kw.update({k: bd[k] for k in ("r", "R", "mc_samples") if k in bd})
+        batch_size, lr) and [bound] (R or r, mc_samples, bound_subset); the keys and fields are
+        those of ``bound_tuner.settings``."""
+        bd = spec.bound
+        kw = config_kwargs("vae", {"training": spec.training, "bound": bd})
         try:
             return cls(
                 data,

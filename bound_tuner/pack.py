@@ -36,7 +36,7 @@ from .seeding import seed_everything
 from .training import StepDraws, generator_surrogate
 
 # settings every member of a pack must share (the architecture and the training loop)
-SHARED = ("width", "layers", "steps", "batch_size", "t_min")
+SHARED = ("width", "layers", "channels", "steps", "batch_size", "t_min")
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, used by train_score_model
 ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0  # train_score_model's default clipping norm
@@ -178,7 +178,9 @@ def train_packed(
         if c.lam < 0:
             raise ValueError(f"lam={c.lam} must be >= 0")
         seed_everything(c.seed)  # the initialization train_model gives the same configuration
-        model = build_score_model(tuple(x.shape[1:]), width=c.width, layers=c.layers)
+        model = build_score_model(
+            tuple(x.shape[1:]), width=c.width, layers=c.layers, channels=c.channels
+        )
         model = model.to(device, x.dtype)
         models.append(model)
         schedules.append(sched)

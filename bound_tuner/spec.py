@@ -37,6 +37,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DATASETS, IMAGE_SETS
+from .settings import schema, unused_key
 
 # the bound and schedule names live beside torch code; they are imported where a spec is checked,
 # so that `bound-tuner --help` and `report` never load torch
@@ -58,6 +59,7 @@ DIFFUSION_PARAMS: dict[str, type] = {
     "lr": float,
     "width": int,
     "layers": int,
+    "channels": int,
     "steps": int,
     "batch_size": int,
 }
@@ -91,33 +93,8 @@ SECTIONS = {
         "binarize": str,
         "pad_to_32": bool,
     },
-    "training": {
-        "steps": int,
-        "batch_size": int,
-        "checkpoints": int,
-        "t_min": float,
-        "lr": float,
-        "width": int,
-        "layers": int,
-        "epochs": int,
-        "tf32": bool,
-        "compile": bool,
-        "pack": int,
-    },
-    "bound": {
-        "variant": str,
-        "R": (float, str),
-        "L_estimator": str,
-        "N": int,
-        "k": int,
-        "n_paths": int,
-        "train_draws": int,
-        "r": float,
-        "mc_samples": int,
-        "bound_subset": int,
-        "heldout_samples": int,
-        "heldout_steps": int,
-    },
+    "training": schema("training"),  # bound_tuner.settings: every key and the field it sets
+    "bound": schema("bound"),
     "sampler": {"type": str, "seed": int, "n_startup_trials": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
     "storage": {"heartbeat_interval": int, "grace_period": int},
@@ -389,10 +366,17 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
             "on the command line (--device cuda, or --gpus 0,1 for workers)"
         )
     spec.training = _check_section("training", raw.get("training", {}), where)
-    for key in ("steps", "batch_size", "checkpoints", "epochs", "width", "layers"):
+    for key in ("steps", "batch_size", "checkpoints", "epochs", "width", "layers", "channels"):
         if key in spec.training and spec.training[key] < (0 if key == "checkpoints" else 1):
             raise SpecError(f"{where}: training.{key} = {spec.training[key]} is too small")
     spec.bound = _check_section("bound", raw.get("bound", {}), where)
+    unused = unused_key(spec.model, {"training": spec.training, "bound": spec.bound})
+    if unused is not None:
+        users = " and ".join(unused.fields)
+        raise SpecError(
+            f"{where}: {unused.section}.{unused.key} ({unused.help}) is a {users} setting; "
+            f"a {spec.model} study does not use it; remove it"
+        )
     r = spec.bound.get("R", 1.0)
     if isinstance(r, str) and r not in R_SOURCES:
         raise SpecError(f'{where}: bound.R = {r!r}; give a positive number, "estimate" or "data"')
@@ -481,6 +465,7 @@ _AT_LEAST = {
     "bound.heldout_steps": 1,
     "search.width": 1,
     "search.layers": 1,
+    "search.channels": 1,
     "search.steps": 1,
     "search.batch_size": 1,
     "search.latent": 1,

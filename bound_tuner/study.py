@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import fields
-from typing import Any
 
 import optuna
 
 from .data import DataSplit, load_dataset
 from .device import DEFAULT_TF32, resolve_device, set_tf32
 from .experiment import DiffusionConfig
+from .settings import config_kwargs
 from .space import grid_space
 from .spec import SpecError, StudySpec
 from .storage import make_storage
@@ -79,26 +78,22 @@ def load_data(spec: StudySpec) -> DataSplit:
 
 
 def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
-    """Defaults for everything the search space leaves out, from [training] and [bound]."""
-    tr, bd = spec.training, spec.bound
-    known = {f.name for f in fields(DiffusionConfig)}
-    kw: dict[str, Any] = {k: v for k, v in tr.items() if k in known}
-    if "R" in bd:
-        kw["R"] = bd["R"] if isinstance(bd["R"], str) else float(bd["R"])
-    kw["l_estimator"] = bd.get("L_estimator", "path-mean")
-    if "variant" in bd:
-        kw["variant"] = bd["variant"]
-    for src, dst in (
-        ("N", "n_steps"),
-        ("k", "mc_samples"),
-        ("n_paths", "n_paths"),
-        ("train_draws", "train_draws"),
-        ("heldout_samples", "heldout_n_generated"),
-        ("heldout_steps", "heldout_n_steps"),
-    ):
-        if src in bd:
-            kw[dst] = bd[src]
-    return DiffusionConfig(**kw)
+    """Defaults for everything the search space leaves out, from [training] and [bound]
+    (``bound_tuner.settings``: the one table of spec keys and config fields)."""
+    fixed = {"training": spec.training, "bound": spec.bound}
+    return DiffusionConfig(**config_kwargs("diffusion", fixed))
+
+
+def check_architecture_keys(spec: StudySpec, *, images: bool) -> None:
+    """Refuse the architecture keys that the data's score network does not have: ``width`` and
+    ``layers`` shape the MLP of point data, ``channels`` the UNet of images (one line)."""
+    for key in ("width", "layers", "channels"):
+        if (key in spec.training or key in spec.search) and (key == "channels") != images:
+            net, mend = ("UNet", "channels") if images else ("MLP", "width and layers")
+            kind = "images" if images else "point data"
+            raise SpecError(
+                f"{spec.path}: {key} does not shape the {net} of {kind}; it takes {mend}"
+            )
 
 
 def build_objective(
@@ -123,6 +118,8 @@ def build_objective(
         artifact_store = getattr(on_result, "artifact_store", None)
     if spec.model == "diffusion":
         from .objectives import DiffusionObjective
+
+        check_architecture_keys(spec, images=data.train.dim() > 2)
 
         return DiffusionObjective(
             data,

@@ -117,8 +117,7 @@ T = {{ grid = [0.3, 0.6, 0.9] }}
 [training]
 steps = {steps}
 batch_size = 16
-width = {width}
-layers = 2
+{arch}
 checkpoints = 0
 [bound]
 N = 6
@@ -131,11 +130,13 @@ type = "none"
 """
 
 
-def _spec(tmp_path, *, name="own", keep=2, path="x.npy", extra="", steps=15, width=16):
+def _spec(
+    tmp_path, *, name="own", keep=2, path="x.npy", extra="", steps=15, arch="width = 16\nlayers = 2"
+):
     p = tmp_path / f"{name}.toml"
     p.write_text(
         textwrap.dedent(
-            SPEC.format(name=name, keep=keep, path=path, extra=extra, steps=steps, width=width)
+            SPEC.format(name=name, keep=keep, path=path, extra=extra, steps=steps, arch=arch)
         )
     )
     return p
@@ -156,7 +157,9 @@ def test_cli_export_and_sample_round_trip(tmp_path, capsys):
     assert meta["trial"] == best.number and meta["config"] == best.user_attrs["config"]
     assert meta["bound"] == pytest.approx(best.value)
     cfg = DiffusionConfig(**meta["config"])
-    model = build_score_model(tuple(meta["shape"]), width=cfg.width, layers=cfg.layers)
+    model = build_score_model(
+        tuple(meta["shape"]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
+    )
     model.load_state_dict(sd)
     want = _samples_of(model, cfg, (2,), seed=7, n=5)
 
@@ -215,7 +218,7 @@ def test_image_study_sample_png(tmp_path):
     for i in range(10):
         Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
     url = f"sqlite:///{tmp_path}/i.db"
-    spec = load_spec(_spec(tmp_path, name="img", path="imgs", steps=3, width=8, keep=1))
+    spec = load_spec(_spec(tmp_path, name="img", path="imgs", steps=3, arch="channels = 8", keep=1))
     run_study(spec, storage=url, progress=False, n_trials=1)
     png = tmp_path / "grid.png"
     argv = ["sample", "--study", "img", "--storage", url, "--n", "16", "--out", str(png)]

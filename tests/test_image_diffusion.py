@@ -94,7 +94,7 @@ def test_tiny_image_study_on_real_fashion_mnist(tmp_path):
             "study": {"name": "img", "n_trials": 2, "validation": True},
             "data": {"name": "fashion_mnist", "m": 8, "test_size": 8},
             "search": {"T": {"grid": [0.5, 1.0]}},
-            "training": {"steps": 5, "batch_size": 8, "width": 32, "checkpoints": 0},
+            "training": {"steps": 5, "batch_size": 8, "channels": 8, "checkpoints": 0},
             "bound": {
                 "N": 5,
                 "n_paths": 4,

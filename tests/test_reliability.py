@@ -183,6 +183,7 @@ WRONG_VALUE = {
         "lr": 0.0,
         "width": 0,
         "layers": 0,
+        "channels": 0,
         "epochs": 0,
         "tf32": None,
         "compile": None,

@@ -9,13 +9,23 @@ from .mlp import ScoreMLP
 __all__ = ["ScoreMLP", "build_score_model", "model_device", "model_dtype"]
 
 
-def build_score_model(data_shape: tuple[int, ...], *, width: int = 128, layers: int = 3):
-    """An MLP for vector data [d], a small UNet for images [C, 28, 28]."""
+DEFAULT_CHANNELS = 32  # base channels of the image UNet (about 1.03M parameters)
+
+
+def build_score_model(
+    data_shape: tuple[int, ...],
+    *,
+    width: int = 128,
+    layers: int = 3,
+    channels: int = DEFAULT_CHANNELS,
+):
+    """An MLP (``width`` hidden units, ``layers`` hidden layers) for vector data [d]; a small UNet
+    (``channels`` base channels) for images [C, H, W]."""
     if len(data_shape) == 1:
         return ScoreMLP(data_shape[0], hidden=width, layers=layers)
     from .unet import SmallUNet
 
-    return SmallUNet(channels=data_shape[0], base=max(8, width // 4))
+    return SmallUNet(channels=data_shape[0], base=channels)
 
 
 def model_device(model) -> torch.device:
