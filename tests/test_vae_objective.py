@@ -239,6 +239,11 @@ def test_fashion_mnist_vae_study_spec_parses():
     assert spec.model == "vae" and spec.sampler["type"] == "tpe"
     assert {"beta", "lam", "latent", "lr"} <= {n for n, p in spec.search.items() if not p.is_fixed}
     assert spec.data["binarize"] == "fixed"
+    # the shipped scale is the measured one of docs/theory.md 5.2-5.3, not the paper's r
+    from bound_tuner.bounds.vae import MEASURED_R
+
+    assert spec.bound["R"] == MEASURED_R and "r" not in spec.bound
+    assert spec.data["m"] == 5000 and "epochs" in spec.search
 
 
 def test_R_settings_in_a_vae_study(binary_images, vae_spec, tmp_path):
