@@ -14,8 +14,8 @@ keeps the gradient finite where u = 0 (MI is exactly 0 at initialization). MI is
 a batch estimate can come out negative; the clamp then passes no gradient. ``lam = 0`` is plain
 training: theta_0 is not evaluated and the random draws are the same as with ``lam > 0``.
 
-Random draws (shuffling, dynamic binarization, z) all come from one CPU generator seeded with
-``seed``; the model's initial weights are the caller's.
+Random draws (shuffling, dynamic binarization, z) all come from one generator on the training
+device, seeded with ``seed``; the model's initial weights are the caller's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .bounds.vae import vae_batch_terms
 from .data.images import binarize_batch
+from .device import generator_for
 
 __all__ = ["complexity_surrogate", "train_vae"]
 
@@ -90,13 +91,13 @@ def train_vae(
         decoder0 = decoder0.to(device).eval().requires_grad_(False)
     else:
         decoder0 = None
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(device, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, epochs + 1), desc="vae", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(m, generator=g).to(device)
+        perm = torch.randperm(m, generator=g, device=device)
         # accumulated on the device: no host sync per step; checked once per epoch
         sums = torch.zeros(5, dtype=torch.float64, device=device)
         bad_steps = torch.zeros((), dtype=torch.int64, device=device)

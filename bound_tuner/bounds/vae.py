@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..device import generator_for
 from .diffusion import R_SOURCES, estimate_R
 from .report import BoundReport
 
@@ -167,7 +168,9 @@ def vae_batch_terms(
     b = x.shape[0]
     mu, logvar = model.encode(x)
     kld = gaussian_kl(mu, logvar)
-    eps = torch.randn((mc_samples, *mu.shape), generator=generator, dtype=mu.dtype).to(mu.device)
+    eps = torch.randn(
+        (mc_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device
+    )
     z = (mu + torch.exp(0.5 * logvar) * eps).reshape(mc_samples * b, -1)
     xr = x.reshape(1, b, -1).expand(mc_samples, b, -1).reshape(mc_samples * b, -1)
     nll = neg_log_bernoulli(model.decode(z), xr).reshape(mc_samples, b)
@@ -257,7 +260,7 @@ def vae_bound(
         raise ValueError("decoder0 is required: pass model.initial_decoder() (theta_0)")
     m = int(train_x.shape[0])
     d = int(train_x[0].numel())
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(_device(model), seed)
     t = vae_terms(
         model, train_x, decoder0=decoder0, mc_samples=mc_samples, batch_size=batch_size, generator=g
     )
@@ -275,7 +278,7 @@ def vae_bound(
         "rec_half_range": (t.rec_max - t.rec_min) / 2.0,
     }
     if test_x is not None:
-        gt = torch.Generator().manual_seed(seed + 1)
+        gt = generator_for(_device(model), seed + 1)
         rec_t, kld_t, *_ = vae_terms(
             model, test_x, decoder0=None, mc_samples=mc_samples, batch_size=batch_size, generator=gt
         )

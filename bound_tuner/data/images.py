@@ -270,9 +270,9 @@ def load_image_arrays(
 def binarize_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """x ~ Bernoulli(x) elementwise, same dtype and device (dynamic binarization, one batch).
 
-    The uniforms are drawn on the CPU from ``generator`` so the result does not depend on device.
+    The uniforms are drawn on x's device from ``generator`` (a generator on that device).
     """
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
     return (u < x).to(x.dtype)
 
 

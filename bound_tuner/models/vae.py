@@ -47,8 +47,8 @@ class VAEBase(nn.Module):
         *,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """z = mu + exp(logvar / 2) * eps; eps drawn on the CPU from ``generator``."""
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+        """z = mu + exp(logvar / 2) * eps; eps drawn on mu's device from ``generator``."""
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def forward(
