@@ -6,6 +6,7 @@ the input's dtype (a torch.randn(shape) with no dtype=, a CPU draw moved over), 
 that on CUDA mixes a CPU tensor into GPU work. Scalars (0-dim) may mix, as they may across devices.
 """
 
+import math
 import traceback
 
 import torch
@@ -90,4 +91,19 @@ def test_diffusion_pipeline_follows_the_data_dtype():
             x, [cfg, DiffusionConfig(**{**cfg.to_dict(), "T": 0.9})], device="cpu"
         )
     assert all(m.error is None for m in packed)
+    assert not mode.found, "ops mixing dtypes:\n" + "\n".join(mode.found[:5])
+
+
+def test_vae_pipeline_follows_the_data_dtype():
+    from bound_tuner.bounds.vae import vae_bound
+    from bound_tuner.models.vae import MLPVAE
+    from bound_tuner.vae_training import train_vae
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(48, 1, 4, 4, generator=g) < 0.5).double()
+    model = MLPVAE(input_dim=16, hidden=(8,), latent=2).double()
+    with MixedPrecisionOps() as mode:
+        train_vae(model, x, epochs=2, batch_size=16, lam=1.0, dynamic_binarize=True)
+        rep = vae_bound(model, x, decoder0=model.initial_decoder(), test_x=x[:16], mc_samples=2)
+    assert math.isfinite(rep.total)
     assert not mode.found, "ops mixing dtypes:\n" + "\n".join(mode.found[:5])

@@ -272,7 +272,7 @@ def binarize_batch(x: torch.Tensor, generator: torch.Generator | None = None) ->
 
     The uniforms are drawn on x's device from ``generator`` (a generator on that device).
     """
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return (u < x).to(x.dtype)
 
 
