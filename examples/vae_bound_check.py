@@ -100,7 +100,7 @@ def plot_curves(result: dict, path: Path) -> None:
 
 
 def study_name(settings: dict) -> str:
-    return f"vae-check-{settings['dataset']}-m{settings['m']}"
+    return f"vae-check-{settings['dataset']}-m{settings['m']}-{settings['epochs']}epochs"
 
 
 def save_to_dashboard(result: dict, storage: str) -> str:
