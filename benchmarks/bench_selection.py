@@ -176,6 +176,8 @@ def build_tasks(
 def vae_tasks(cases: str, seeds: int) -> list[Task]:
     """(f), (g): 16 configurations drawn uniformly (log-uniformly where the spec says log) from
     the search space of studies/fashion_mnist_vae.toml, the same 16 for every m and seed."""
+    if not any(c in cases for c in VAE_CASES):
+        return []
     from pathlib import Path
 
     from bound_tuner.objectives import VAEConfig
