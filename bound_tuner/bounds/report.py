@@ -16,8 +16,8 @@ TERM_LABELS: dict[str, tuple[str, str]] = {
     "generator_info": ("I_gen", "√2 R · √I_gen"),
     "split_info": ("C_split", "√2 R · C_split"),
     "rec": ("REC", "REC"),
-    "kld": ("KLD", "(1+r) √KLD"),
-    "mi": ("MI", "(1+r) √(MI/m)"),
+    "kld": ("KLD", "√2 R · √KLD"),  # the paper's (1+r) √KLD when R = (1+r)/√2
+    "mi": ("MI", "√2 R · √(MI/m)"),
 }
 
 
