@@ -487,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bound-tuner: error: {scrub(e, storage)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # the run is over: a late second Ctrl-C must not turn exit status 130 into a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # CPython remembers a KeyboardInterrupt that passed through code run by exec or eval of
+        # a string (libraries do that) and then ends the process by SIGINT, status -2, even
+        # though it was handled here; evaluating a string resets that record (run_eval_code_obj)
+        exec("")
         print(INTERRUPTED_MESSAGE, file=sys.stderr)
         return 130
     finally:
