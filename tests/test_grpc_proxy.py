@@ -8,7 +8,6 @@ BOUND_TUNER_TEST_PG_URL.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,42 +20,14 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
+from worker_spec import PG_URL, needs_pg, worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.storage import make_storage
 from bound_tuner.workers import WORKER_ATTR, finished_count, run_workers
 
 pytest.importorskip("grpc")
-PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
 REPO = Path(__file__).parent.parent
-
-SPEC = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-seed = 0
-[data]
-name = "swiss_roll"
-m = 32
-test_size = 32
-[search]
-T = {{ low = 0.2, high = 0.9 }}
-lr = {{ low = 1e-3, high = 5e-3, log = true }}
-[training]
-steps = {steps}
-batch_size = 32
-width = 16
-checkpoints = 0
-[bound]
-N = 10
-n_paths = 8
-train_draws = 2
-[sampler]
-type = "random"
-[pruner]
-type = "none"
-"""
 
 
 def free_port() -> int:
@@ -103,7 +74,7 @@ def study_name():
 @needs_pg
 def test_two_workers_through_the_proxy_reach_n_trials(tmp_path, study_name, proxy_url):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name=study_name, n_trials=6, steps=60))  # both workers get some
+    spec.write_text(worker_spec(study_name, n_trials=6, steps=60, lr=True))  # both workers get some
     run_workers(str(spec), storage=proxy_url, n_workers=2, progress=False, dashboard=False)
     # the workers had only the proxy's address; the database holds what they did
     trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
@@ -157,7 +128,7 @@ def test_resume_through_the_proxy_does_not_wait_for_others_trials(tmp_path, stud
     """A RUNNING trial of a worker that is gone stays RUNNING through the proxy (no heartbeat
     fails it); a worker that finds every slot taken returns rather than wait for it forever."""
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name=study_name, n_trials=2, steps=20))
+    spec.write_text(worker_spec(study_name, n_trials=2, steps=20, lr=True))
     assert main(["worker", str(spec), "--storage", proxy_url, "--quiet", "--n-trials", "1"]) == 0
     study = optuna.load_study(study_name=study_name, storage=PG_URL)
     trial = study.ask()  # a worker that claimed a slot, then died
@@ -176,7 +147,7 @@ def test_resume_through_the_proxy_does_not_wait_for_others_trials(tmp_path, stud
 
 def test_unreachable_proxy_and_sqlite_behind_it_are_refused_with_one_line(tmp_path, capsys):
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC.format(name="refused", n_trials=2, steps=20))
+    spec.write_text(worker_spec("refused", n_trials=2, steps=20, lr=True))
     began = time.monotonic()
     rc = main(["run", str(spec), "--storage", f"grpc://127.0.0.1:{free_port()}", "--quiet"])
     err = capsys.readouterr().err.strip()

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
+from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.dashboard import host_warning
@@ -27,40 +28,11 @@ from bound_tuner.storage import StorageError, check_storage, redact, scrub
 from bound_tuner.study import run_study
 from bound_tuner.workers import INTERRUPTED, WORKER_ATTR, counts, finished_count
 
-PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
 SECRET = "s3cretPW9"
-
-SPEC = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-seed = 0
-[data]
-name = "swiss_roll"
-m = 32
-test_size = 32
-[search]
-T = {{ low = 0.2, high = 0.9 }}
-[training]
-steps = {steps}
-batch_size = 32
-width = 16
-checkpoints = 0
-[bound]
-N = 10
-n_paths = 8
-train_draws = 2
-[sampler]
-type = "random"
-[pruner]
-type = "none"
-"""
 
 
 def write_spec(path: Path, name: str = "rel", *, n_trials: int = 2, steps: int = 10) -> Path:
-    path.write_text(SPEC.format(name=name, n_trials=n_trials, steps=steps))
-    return path
+    return write_worker_spec(path, name, n_trials=n_trials, steps=steps)
 
 
 def one_line_error(capsys) -> str:

@@ -15,46 +15,17 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.workers import INTERRUPTED, WORKER_ATTR, finished_count, run_pool
 
-PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
 REPO = Path(__file__).parent.parent
 
-SPEC = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-seed = 0
-[data]
-name = "swiss_roll"
-m = 32
-test_size = 32
-[search]
-T = {{ low = 0.2, high = 0.9 }}
-[training]
-steps = {steps}
-batch_size = 32
-width = 16
-checkpoints = 0
-[bound]
-N = 10
-n_paths = 8
-train_draws = 2
-[sampler]
-type = "random"
-[pruner]
-type = "none"
-[storage]
-heartbeat_interval = 1
-grace_period = 2
-"""
+HEARTBEAT = "[storage]\nheartbeat_interval = 1\ngrace_period = 2\n"
 
 
 def write_spec(path: Path, name: str, *, n_trials: int = 2, steps: int = 10) -> Path:
-    path.write_text(SPEC.format(name=name, n_trials=n_trials, steps=steps))
-    return path
+    return write_worker_spec(path, name, n_trials=n_trials, steps=steps, extra=HEARTBEAT)
 
 
 def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:

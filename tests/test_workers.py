@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import TrialState
+from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.workers import (
@@ -28,45 +29,13 @@ from bound_tuner.workers import (
     run_workers,
 )
 
-PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(
-    not PG_URL,
-    reason="BOUND_TUNER_TEST_PG_URL is unset (PostgreSQL URL of a test database; .ci/run sets it)",
-)
-
 
 def write_spec(
     path: Path, name: str, *, steps: int = 20, storage: str = "", n_trials: int = 9
 ) -> Path:
-    path.write_text(
-        f"""
-[study]
-name = "{name}"
-n_trials = {n_trials}
-seed = 0
-[data]
-name = "swiss_roll"
-m = 32
-test_size = 32
-[search]
-T = {{ low = 0.2, high = 0.9 }}
-lr = {{ low = 1e-3, high = 5e-3, log = true }}
-[training]
-steps = {steps}
-batch_size = 32
-checkpoints = 0
-[bound]
-N = 10
-n_paths = 8
-train_draws = 2
-[sampler]
-type = "random"
-[pruner]
-type = "none"
-{storage}
-"""
+    return write_worker_spec(
+        path, name, n_trials=n_trials, steps=steps, lr=True, width=None, extra=storage + "\n"
     )
-    return path
 
 
 @pytest.fixture

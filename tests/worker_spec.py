@@ -1,0 +1,60 @@
+"""What the worker, reliability, Ray and proxy tests share: the PostgreSQL marker and the small
+Swiss-roll study they run (fractions of a second a trial at the default steps)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+needs_pg = pytest.mark.skipif(
+    not PG_URL,
+    reason="BOUND_TUNER_TEST_PG_URL is unset (PostgreSQL URL of a test database; .ci/run sets it)",
+)
+
+
+def worker_spec(
+    name: str,
+    *,
+    n_trials: int,
+    steps: int,
+    lr: bool = False,
+    width: int | None = 16,
+    extra: str = "",
+) -> str:
+    """The study's TOML: T searched (and lr with ``lr``), random sampler, no pruner; ``width``
+    None keeps the MLP's default; ``extra`` is appended (a [storage] table, say)."""
+    lr_line = "lr = { low = 1e-3, high = 5e-3, log = true }\n" if lr else ""
+    width_line = f"width = {width}\n" if width is not None else ""
+    return f"""
+[study]
+name = "{name}"
+n_trials = {n_trials}
+seed = 0
+[data]
+name = "swiss_roll"
+m = 32
+test_size = 32
+[search]
+T = {{ low = 0.2, high = 0.9 }}
+{lr_line}[training]
+steps = {steps}
+batch_size = 32
+{width_line}checkpoints = 0
+[bound]
+N = 10
+n_paths = 8
+train_draws = 2
+[sampler]
+type = "random"
+[pruner]
+type = "none"
+{extra}"""
+
+
+def write_worker_spec(path: Path, name: str, **kw) -> Path:
+    """``worker_spec(name, **kw)`` written to ``path``; returns the path."""
+    path.write_text(worker_spec(name, **kw))
+    return path
