@@ -71,6 +71,18 @@ class DiffusionResult:
     losses: list[float]
 
 
+def initial_model(cfg: DiffusionConfig, x: torch.Tensor) -> tuple[nn.Module, Schedule]:
+    """cfg's freshly initialized score model (seeded by cfg.seed) on x's device and dtype, and its
+    schedule, checked at cfg.T: the start of training alone and in a pack."""
+    schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
+    schedule.check_T(cfg.T, t_min=cfg.t_min)
+    seed_everything(cfg.seed)
+    model = build_score_model(
+        tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
+    )
+    return model.to(x.device, x.dtype), schedule
+
+
 def train_model(
     train: torch.Tensor,
     cfg: DiffusionConfig,
@@ -85,17 +97,11 @@ def train_model(
     ``device`` "auto" is CUDA when present, else the CPU; on CUDA, cfg.tf32 sets the float32
     matmul precision (``bound_tuner.device.set_tf32``). With cfg.compile the training steps run
     through ``torch.compile`` (the returned model is the plain module, with the trained weights)."""
-    schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
-    schedule.check_T(cfg.T, t_min=cfg.t_min)
     device = resolve_device(device)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
-    seed_everything(cfg.seed)
     x = train.to(device)
-    model = build_score_model(
-        tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
-    )
-    model = model.to(device, x.dtype)  # the data's device and precision
+    model, schedule = initial_model(cfg, x)
     losses = train_score_model(
         torch.compile(model) if cfg.compile else model,
         x,

@@ -27,12 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .device import DEFAULT_DEVICE, resolve_device, set_tf32
-from .experiment import DiffusionConfig
+from .device import DEFAULT_DEVICE, generator_for, resolve_device, set_tf32
+from .experiment import DiffusionConfig, initial_model
 from .members import MemberSchedules
-from .models import build_score_model
-from .sde import Schedule, get_schedule
-from .seeding import seed_everything
+from .sde import Schedule
 from .training import StepDraws, generator_surrogate
 
 # settings every member of a pack must share (the architecture and the training loop)
@@ -93,7 +91,8 @@ class _Pack:
 
         self.T = col([c.T for c in cfgs])
         self.lam = col([c.lam for c in cfgs]).to(self.dtype)
-        self.lr = [c.lr for c in cfgs]
+        self.lr = col([c.lr for c in cfgs]).to(self.dtype)
+        self.rows = torch.tensor(self.members, device=self.device)  # rows of the history
         self.coef = MemberSchedules([self.schedules[j] for j in self.members], self.device)
 
     def keep(self, rows: list[int]) -> None:
@@ -124,7 +123,7 @@ def _adam_step(pack: _Pack, step: int) -> None:
     b1, b2 = ADAM_BETAS
     bias1 = 1 - b1**step
     bias2_sqrt = math.sqrt(1 - b2**step)
-    lr = torch.tensor(pack.lr, dtype=pack.dtype, device=pack.device)
+    lr = pack.lr
     with torch.no_grad():
         for k, p in pack.params.items():
             g = p.grad
@@ -173,15 +172,9 @@ def train_packed(
     first = cfgs[0]
     b = min(first.batch_size, m)
     for c in cfgs:
-        sched = get_schedule(c.schedule, **c.schedule_params)
-        sched.check_T(c.T, t_min=c.t_min)
         if c.lam < 0:
             raise ValueError(f"lam={c.lam} must be >= 0")
-        seed_everything(c.seed)  # the initialization train_model gives the same configuration
-        model = build_score_model(
-            tuple(x.shape[1:]), width=c.width, layers=c.layers, channels=c.channels
-        )
-        model = model.to(device, x.dtype)
+        model, sched = initial_model(c, x)  # the initialization of training it alone
         models.append(model)
         schedules.append(sched)
         draws.append(
@@ -192,7 +185,7 @@ def train_packed(
                 steps=c.steps,
                 T=c.T,
                 t_min=c.t_min,
-                generator=torch.Generator(device=device).manual_seed(c.seed),
+                generator=generator_for(device, c.seed),
                 dtype=x.dtype,
             )
         )
@@ -228,8 +221,7 @@ def train_packed(
         wsq = beta * eps_hat.pow(2).reshape(flat).sum(dim=2) / sigma2
         s = generator_surrogate(wsq, T=pack.T.to(x.dtype), m=m, t_min=t_min)
         total = total + torch.where(pack.lam > 0, pack.lam * s, torch.zeros_like(s))
-        rows = torch.tensor(pack.members, device=device)
-        history[rows, step] = total.detach()
+        history[pack.rows, step] = total.detach()
         total.sum().backward()
         _clip(pack, GRAD_CLIP)
         _adam_step(pack, step + 1)
