@@ -20,7 +20,6 @@ import pickle
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ from .workers import (
     _StudyLock,
     _target,
     finished_count,
+    save_final_charts,
     work,
 )
 
@@ -229,12 +229,7 @@ def run_ray(
             ray.shutdown()
 
     if dashboard:
-        from .dashboard import save_charts
-
-        try:  # the last trials' charts; worker 0 built the earlier ones
-            save_charts(study)
-        except Exception as e:  # charts are a view; the study is done
-            warnings.warn(f"could not save the dashboard charts: {e}", stacklevel=2)
+        save_final_charts(study)
     if failed:
         parts = [f"worker {i} ({device}): {msg}" for i, msg in sorted(failed.items())]
         raise WorkerError(

@@ -803,12 +803,7 @@ def run_pool(
             bar.close()
 
     if dashboard:
-        from .dashboard import save_charts
-
-        try:  # the last trials' charts; worker 0 built the earlier ones
-            save_charts(study)
-        except Exception as e:  # charts are a view; the study is done
-            warnings.warn(f"could not save the dashboard charts: {e}", stacklevel=2)
+        save_final_charts(study)
 
     messages: dict[int, str] = {}
     while not errors.empty():
@@ -825,6 +820,17 @@ def run_pool(
             f"{finished_count(study)} of {target} finished trials"
         )
     return study
+
+
+def save_final_charts(study: optuna.Study) -> None:
+    """The dashboard charts of a finished pool (worker 0 built the earlier ones); a failure is a
+    warning, since charts are a view and the study is done."""
+    from .dashboard import save_charts
+
+    try:
+        save_charts(study)
+    except Exception as e:
+        warnings.warn(f"could not save the dashboard charts: {e}", stacklevel=3)
 
 
 def check_device(device: str) -> None:
