@@ -1,8 +1,11 @@
 import textwrap
+import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from worker_spec import PG_URL
 
 torch.set_num_threads(1)
 
@@ -68,3 +71,15 @@ def tiny_spec(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture
+def study_name(request):
+    """A fresh study name; the study is deleted from the PostgreSQL test database afterwards."""
+    name = f"{request.module.__name__}-{uuid.uuid4().hex[:10]}"
+    yield name
+    if PG_URL:
+        try:
+            optuna.delete_study(study_name=name, storage=PG_URL)
+        except KeyError:
+            pass

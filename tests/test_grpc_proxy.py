@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -58,17 +57,6 @@ def proxy_url():
     proc.terminate()
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "storage proxy stopped" in err, err
-
-
-@pytest.fixture
-def study_name():
-    name = f"test-grpc-{uuid.uuid4().hex[:10]}"
-    yield name
-    if PG_URL:
-        try:
-            optuna.delete_study(study_name=name, storage=PG_URL)
-        except KeyError:
-            pass
 
 
 @needs_pg

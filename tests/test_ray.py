@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -54,17 +53,6 @@ def local_ray(tmp_path_factory):
         os.environ.pop("BOUND_TUNER_ARTIFACTS")
     else:
         os.environ["BOUND_TUNER_ARTIFACTS"] = old
-
-
-@pytest.fixture
-def study_name():
-    name = f"test-ray-{uuid.uuid4().hex[:10]}"
-    yield name
-    if PG_URL:
-        try:
-            optuna.delete_study(study_name=name, storage=PG_URL)
-        except KeyError:
-            pass
 
 
 @needs_pg

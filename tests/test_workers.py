@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -36,17 +35,6 @@ def write_spec(
     return write_worker_spec(
         path, name, n_trials=n_trials, steps=steps, lr=True, width=None, extra=storage + "\n"
     )
-
-
-@pytest.fixture
-def study_name():
-    name = f"test-workers-{uuid.uuid4().hex[:10]}"
-    yield name
-    if PG_URL:
-        try:
-            optuna.delete_study(study_name=name, storage=PG_URL)
-        except KeyError:
-            pass
 
 
 def pg_trials(name: str) -> list[optuna.trial.FrozenTrial]:
