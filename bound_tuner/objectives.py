@@ -30,7 +30,7 @@ from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, run_diffusion, score_model
 from .models.vae import MLPVAE, ConvVAE
 from .sde import get_schedule
-from .seeding import derive_seed, seed_everything
+from .seeding import seed_everything, trial_seed
 from .settings import config_kwargs
 from .space import sample_diffusion_params, suggest
 from .spec import DEFAULT_KEEP_MODELS, Param, SpecError, StudySpec, parse_search
@@ -112,7 +112,7 @@ class DiffusionObjective:
         params = sample_diffusion_params(trial, search)
         if "schedule" not in self.search:
             params["schedule_params"] = {**self.base.schedule_params, **params["schedule_params"]}
-        return replace(self.base, **params, seed=derive_seed(self.study_seed, trial.number))
+        return replace(self.base, **params, seed=trial_seed(trial, self.study_seed))
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.packer is None:
@@ -431,7 +431,7 @@ class VAEObjective:
 
     def config_for(self, trial: optuna.Trial) -> VAEConfig:
         params = {name: suggest(trial, p) for name, p in self.search.items()}
-        return replace(self.base, **params, seed=derive_seed(self.study_seed, trial.number))
+        return replace(self.base, **params, seed=trial_seed(trial, self.study_seed))
 
     def build_model(self, cfg: VAEConfig) -> nn.Module:
         """A fresh VAE of ``cfg.arch`` (weights from the torch seed set by the caller)."""
