@@ -18,12 +18,15 @@ import torch
 from torch import nn
 
 from .bounds.diffusion import (
+    CV_R_SOURCE,
     DEFAULT_R,
     ENCODER_VARIANTS,
+    FOLD_VARIANTS,
     L_ESTIMATORS,
     R_SOURCES,
     SPLIT_VARIANTS,
     assemble_diffusion_bound,
+    assemble_kfold_bound,
     check_variant,
     encoder_terms,
     estimate_R,
@@ -34,11 +37,13 @@ from .bounds.diffusion import (
     reference_R,
     split_info,
 )
+from .bounds.kfold import cross_fitted, cv_summary, fold_info
+from .bounds.kfold import fold_sizes as kfold_sizes
 from .bounds.report import BoundReport
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
 from .device import chunk_length, generator_for
 from .members import Members
-from .metrics import frechet_distance, kde_kl, knn_kl
+from .metrics import frechet_distance, kde_kl, knn_kl, memorized_share
 from .models import model_device
 from .sampling import generate, generate_members
 from .sde import Schedule, prior_kl
@@ -239,6 +244,19 @@ class BoundTerms:
     encoder: dict[str, float] | None
     settings: dict
     split: float | None = None  # (1/m) sum_i sqrt(KL_i) against the half-trained references
+    fold: dict[str, float] | None = None  # the K-fold references' terms (``fold_terms``)
+
+
+def fold_terms(
+    per_ref: torch.Tensor, mc_var: torch.Tensor, folds: torch.Tensor
+) -> dict[str, float]:
+    """Cross-fitting from every reference's per-point NELBO [K, m] (docs/theory.md 2.10-2.11):
+    the K-fold cross-validated NELBO, its standard error, the cross-fitted scale R_cv, and the
+    plain 80/20 split's held-out NELBO (reference 0 on fold 0) as a baseline."""
+    folds = folds.to(per_ref.device)
+    out = cv_summary(cross_fitted(per_ref, folds), cross_fitted(mc_var, folds))
+    out["holdout_nelbo"] = float(per_ref[0, folds == 0].double().mean())
+    return out
 
 
 def bound_terms(
@@ -258,15 +276,21 @@ def bound_terms(
     encoder: dict[str, float] | None = None,
     split_models: Sequence[nn.Module] = (),
     fold_sizes: Sequence[int] = (),
+    fold_models: Sequence[nn.Module] = (),
+    folds: torch.Tensor | None = None,
 ) -> BoundTerms:
     """Run the model once for what ``variants`` need: the evaluation passes on fixed draws, one
     set of generator paths (every generator term comes from them) and the encoder terms.
 
     ``split_models`` are the two reference models of "elbo-split" (trained on the two halves of
-    x, of sizes ``fold_sizes``; ``bound_tuner.experiment.train_split_models``)."""
+    x, of sizes ``fold_sizes``; ``bound_tuner.experiment.train_split_models``); ``fold_models``
+    the K references of "elbo-kfold" with ``folds``, the fold of each point
+    (``bound_tuner.experiment.train_fold_models``)."""
     for v in variants:
         if v in SPLIT_VARIANTS and len(split_models) != 2:
             raise ValueError(f"variant {v!r} needs the two reference models; give split_models")
+        if v in FOLD_VARIANTS and (not fold_models or folds is None):
+            raise ValueError(f"variant {v!r} needs the K-fold references; give fold_models")
     T = schedule.check_T(T, t_min=t_min)
     dsm = None
     if "paper" in variants:
@@ -288,6 +312,10 @@ def bound_terms(
         encoders=None if encoder is None else [encoder],
         references=[Members.single(r, schedule) for r in split_models],
         fold_sizes=fold_sizes,
+        fold_refs=Members.of_models(fold_models, [schedule] * len(fold_models))
+        if fold_models
+        else None,
+        folds=folds,
     )[0]
     terms.dsm = dsm
     return terms
@@ -309,25 +337,57 @@ def bound_terms_members(
     encoders: Sequence[dict[str, float]] | None = None,
     references: Sequence[Members] = (),
     fold_sizes: Sequence[int] = (),
+    fold_refs: Members | None = None,
+    folds: torch.Tensor | None = None,
 ) -> list[BoundTerms]:
     """``bound_terms`` of K models at once (``bound_tuner.members``): member j with its T[j],
     schedule and seeds[j]. The "paper" variant's denoising pass is left to ``bound_terms`` (its
-    ``dsm`` is None here); split references need K = 1."""
+    ``dsm`` is None here); split references and the K-fold references ``fold_refs`` (stacked,
+    reference k trained without the points whose ``folds`` entry is k) need K = 1.
+
+    Images (x of shape [m, C, H, W], bin centres in [-1, 1]) are scored as the discrete data they
+    are: the NELBO of uniformly dequantized points plus d ln(256/2), an upper bound on -ln P(k) in
+    nats per image (docs/theory.md 1.3), the units of held-out bits per dim times d ln 2."""
     for v in variants:
         check_variant(v)
     if l_estimator not in L_ESTIMATORS:
         raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
     x = x.to(members.device)
     m = x.shape[0]
+    x_eval, offset = x, 0.0
+    if x.dim() == 4:  # images: the same dequantization for every model scored with these seeds
+        x_eval = dequantize(x, generator=generator_for(x.device, seeds[0] + 5))
+        offset = -x[0].numel() * LOG_BIN_VOLUME_PER_DIM
     nelbo: list[ElboEstimate | None] = [None] * members.k
     if any(v != "paper" for v in variants):
-        nelbo = negative_elbo_members(
-            members,
-            x,
-            T=T,
+        nelbo = [
+            ElboEstimate(e.per_point + offset, e.mc_var)
+            for e in negative_elbo_members(
+                members,
+                x_eval,
+                T=T,
+                t_min=t_min,
+                draws=train_draws,
+                seeds=[s + 1 for s in seeds],
+            )
+        ]
+    fold = None
+    if fold_refs is not None:
+        if members.k != 1 or folds is None:
+            raise ValueError("K-fold references need a single model and the fold of each point")
+        # each reference's NELBO of every point, on the model's draws (common random numbers)
+        per_ref = negative_elbo_members(
+            fold_refs,
+            x_eval,
+            T=[T[0]] * fold_refs.k,
             t_min=t_min,
             draws=train_draws,
-            seeds=[s + 1 for s in seeds],
+            seeds=[seeds[0] + 1] * fold_refs.k,
+        )
+        fold = fold_terms(
+            torch.stack([e.per_point for e in per_ref]) + offset,
+            torch.stack([e.mc_var for e in per_ref]),
+            folds,
         )
     runs = generate_members(
         members,
@@ -337,7 +397,7 @@ def bound_terms_members(
         n_steps=n_steps,
         t_min=t_min,
         seeds=[s + 3 for s in seeds],
-        references=(None, *references),
+        references=(None, *references) + (() if fold_refs is None else (fold_refs,)),
     )
     r_data = reference_R(x)
     out = []
@@ -348,6 +408,19 @@ def bound_terms_members(
         if references:
             kls = [path_kl(run.ref_sq_dev[1 + i], schedule, T=Tj, t_min=t_min) for i in range(2)]
             split = split_info(kls, list(fold_sizes))
+        if fold is not None:
+            first = 1 + len(references)
+            kls = [
+                path_kl(run.ref_sq_dev[first + i], schedule, T=Tj, t_min=t_min)
+                for i in range(fold_refs.k)
+            ]
+            sizes = kfold_sizes(folds, fold_refs.k)
+            fold.update(
+                C_fold=fold_info(kls, sizes),
+                folds=fold_refs.k,
+                fold_kl_max=max(kls),
+                memorized_share=memorized_share(run.samples, x),
+            )
         encoder = encoders[j] if encoders is not None else None
         if encoder is None and any(v in ENCODER_VARIANTS for v in variants):
             encoder = encoder_terms(x, schedule, T=Tj, mc_samples=mc_samples, seed=seeds[j])
@@ -377,6 +450,7 @@ def bound_terms_members(
                 encoder=encoder,
                 settings=settings,
                 split=split,
+                fold=fold,
             )
         )
     return out
@@ -389,7 +463,11 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
     settings say which (R_source)."""
     check_variant(variant)
     needed = terms.dsm if variant == "paper" else terms.nelbo
-    if needed is None or (variant in SPLIT_VARIANTS and terms.split is None):
+    if (
+        needed is None
+        or (variant in SPLIT_VARIANTS and terms.split is None)
+        or (variant in FOLD_VARIANTS and terms.fold is None)
+    ):
         raise ValueError(f"the terms were measured without what variant {variant!r} needs")
     if variant == "paper":
         per_sample, mc_se, i_gen = terms.dsm, math.nan, terms.i_uniform
@@ -399,9 +477,12 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
     R_est = estimate_R(per_sample)
     if R is None:
         R = DEFAULT_R[variant]
-    if isinstance(R, str) and R not in R_SOURCES:
-        raise ValueError(f"R={R!r}: give a positive number or one of {', '.join(R_SOURCES)}")
+    allowed = R_SOURCES + ((CV_R_SOURCE,) if variant in FOLD_VARIANTS else ())
+    if isinstance(R, str) and R not in allowed:
+        raise ValueError(f"R={R!r}: give a positive number or one of {', '.join(allowed)}")
     sources = {"estimate": R_est, "data": terms.settings["R_data"]}
+    if terms.fold is not None:
+        sources[CV_R_SOURCE] = terms.fold["R_cv"]
     r_value = sources[R] if isinstance(R, str) else float(R)
     settings = {
         "variant": variant,
@@ -415,6 +496,18 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
         "C_split": math.nan if terms.split is None else terms.split,
         "train_mc_se": mc_se,
     }
+    if variant in FOLD_VARIANTS:
+        fold = terms.fold
+        settings.update({k: v for k, v in fold.items() if k not in ("cv_nelbo", "cv_se")})
+        return assemble_kfold_bound(
+            train_nelbo=float(per_sample.mean()),
+            c_fold=fold["C_fold"],
+            R=r_value,
+            cv_nelbo=fold["cv_nelbo"],
+            cv_se=fold["cv_se"],
+            train_mc_se=mc_se,
+            settings=settings,
+        )
     enc = terms.encoder or {}
     return assemble_diffusion_bound(
         variant=variant,

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .bounds.diffusion import DEFAULT_VARIANT, SPLIT_VARIANTS
+from .bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS, SPLIT_VARIANTS
+from .bounds.kfold import DEFAULT_FOLDS, fold_assignment, fold_rows
 from .bounds.report import BoundReport
 from .device import DEFAULT_DEVICE, DEFAULT_TF32, resolve_device, set_tf32
 from .evaluate import (
@@ -52,6 +53,10 @@ class DiffusionConfig:
     n_paths: int = 256
     mix_draws: int = 1  # draws per point of the mixture KL C_mix (the paper's k)
     train_draws: int = 64  # draws per training point of the evaluation pass (NELBO or DSM)
+    folds: int = DEFAULT_FOLDS  # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9)
+    # the evaluation draws (NELBO, generator paths, folds): fixed per study, not per trial, so
+    # that two trials differ only by their models (common random numbers)
+    eval_seed: int = 0
     # held-out metrics (validation mode only)
     heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
     heldout_n_steps: int | None = None
@@ -140,6 +145,26 @@ def train_split_models(
     return models, [len(h) for h in halves]
 
 
+def train_fold_models(
+    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = DEFAULT_DEVICE
+) -> tuple[list[nn.Module], torch.Tensor]:
+    """The K references of "elbo-kfold" (docs/theory.md 2.9): the training set is cut into
+    cfg.folds folds by a permutation from cfg.eval_seed (the same folds for every trial of a
+    study), and reference k is trained with cfg's settings, initialization and noise draws on
+    the points outside fold k. The K references train at once as one vmapped pack. Returns the
+    models and the fold of each point."""
+    from .pack import train_packed  # pack imports this module (DiffusionConfig, initial_model)
+
+    folds = fold_assignment(train.shape[0], cfg.folds, seed=cfg.eval_seed + 7)
+    members = train_packed(
+        train, [cfg] * cfg.folds, device=device, rows=fold_rows(folds, cfg.folds)
+    )
+    for mem in members:
+        if mem.error is not None:
+            raise mem.error
+    return [mem.model for mem in members], folds
+
+
 def run_diffusion(
     train: torch.Tensor,
     cfg: DiffusionConfig,
@@ -185,9 +210,11 @@ def score_model(
     if terms is not None:
         report = variant_report(terms, variant=cfg.variant, R=cfg.R)
         return _with_heldout(report, model, schedule, losses, cfg, test, validation)
-    split_models, fold_sizes = [], []
+    split_models, fold_sizes, fold_models, folds = [], [], [], None
     if cfg.variant in SPLIT_VARIANTS:
         split_models, fold_sizes = train_split_models(train, cfg, device=device)
+    if cfg.variant in FOLD_VARIANTS:
+        fold_models, folds = train_fold_models(train, cfg, device=device)
     report = diffusion_bound(
         model,
         train,
@@ -201,9 +228,11 @@ def score_model(
         mc_samples=cfg.mix_draws,
         train_draws=cfg.train_draws,
         t_min=cfg.t_min,
-        seed=cfg.seed,
+        seed=cfg.eval_seed,
         split_models=split_models,
         fold_sizes=fold_sizes,
+        fold_models=fold_models,
+        folds=folds,
     )
     return _with_heldout(report, model, schedule, losses, cfg, test, validation)
 
@@ -242,14 +271,13 @@ def pack_terms(
         getattr(c, k) != getattr(first, k) for c in cfgs for k in _MEASURE
     ):
         return None
-    params, buffers = torch.func.stack_module_state(list(models))
     schedules = [get_schedule(c.schedule, **c.schedule_params) for c in cfgs]
-    members = Members.stacked(models[0], params, buffers, schedules)
+    members = Members.of_models(models, schedules)
     return bound_terms_members(
         members,
         train,
         T=[c.T for c in cfgs],
-        seeds=[c.seed for c in cfgs],
+        seeds=[c.eval_seed for c in cfgs],
         variants=(first.variant,),
         l_estimator=first.l_estimator,
         n_steps=first.n_steps,

@@ -115,3 +115,12 @@ class Members:
 
         first = next(iter(params.values()))
         return cls(eps, schedules, device=first.device, dtype=first.dtype)
+
+    @classmethod
+    def of_models(cls, models: Sequence[nn.Module], schedules: Sequence[Schedule]) -> Members:
+        """Trained models of one architecture, stacked (``stack_module_state``) into one vmap."""
+        models = list(models)
+        for mod in models:
+            mod.eval()
+        params, buffers = torch.func.stack_module_state(models)
+        return cls.stacked(models[0], params, buffers, schedules)

@@ -75,3 +75,23 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     # and >= 0 for positive semi-definite C_a, C_b (rank-deficient ones included)
     ev = np.clip(np.linalg.eigvals(ca @ cb).real, 0.0, None)
     return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(ev).sum())
+
+
+#: a generated sample is a copy of a training point when its nearest training point is nearer
+#: than this fraction of the distance to the second nearest (Favero, Sclocchi and Wyart 2025)
+MEMORIZED_RATIO = 1.0 / 3.0
+
+
+def memorized_share(samples: torch.Tensor, train: torch.Tensor) -> float:
+    """The share of generated samples whose nearest training point is much nearer than the second
+    nearest (||x - NN1|| / ||x - NN2|| < MEMORIZED_RATIO): a memorization statistic computed from
+    the training data alone (docs/theory.md 2.11). NaN with fewer than two training points or
+    non-finite samples."""
+    if train.shape[0] < 2 or samples.shape[0] == 0:
+        return math.nan
+    a = samples.reshape(samples.shape[0], -1).double()
+    b = train.reshape(train.shape[0], -1).double().to(a.device)
+    if not bool(torch.isfinite(a).all()):
+        return math.nan
+    two = torch.cdist(a, b).topk(2, dim=1, largest=False).values
+    return float((two[:, 0] < MEMORIZED_RATIO * two[:, 1]).double().mean())

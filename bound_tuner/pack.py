@@ -73,8 +73,9 @@ def check_packable(cfgs: Sequence[DiffusionConfig]) -> None:
 class _Pack:
     """The stacked state of the members still training: parameters, Adam moments, settings."""
 
-    def __init__(self, models, cfgs, schedules, draws, device, dtype) -> None:
+    def __init__(self, models, cfgs, schedules, draws, device, dtype, sizes) -> None:
         self.members = list(range(len(models)))
+        self.sizes = sizes  # each member's number of training points
         self.models, self.cfgs, self.schedules, self.draws = models, cfgs, schedules, draws
         params, self.buffers = torch.func.stack_module_state(models)
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -91,6 +92,7 @@ class _Pack:
 
         self.T = col([c.T for c in cfgs])
         self.lam = col([c.lam for c in cfgs]).to(self.dtype)
+        self.m = col([self.sizes[j] for j in self.members]).to(self.dtype)
         self.lr = col([c.lr for c in cfgs]).to(self.dtype)
         self.rows = torch.tensor(self.members, device=self.device)  # rows of the history
         self.coef = MemberSchedules([self.schedules[j] for j in self.members], self.device)
@@ -153,6 +155,7 @@ def train_packed(
     callback_every: int = 0,
     progress: bool = False,
     stop: threading.Event | None = None,
+    rows: Sequence[torch.Tensor | None] | None = None,
 ) -> list[PackMember]:
     """Train one score model per configuration on ``train``, all at once; see the module doc.
 
@@ -160,7 +163,9 @@ def train_packed(
     training; an exception from it (optuna.TrialPruned, or any other) ends that member, whose
     PackMember then carries the error. A NaN or infinite loss ends a member with
     FloatingPointError at the next checkpoint or at the end. Setting ``stop`` ends training with
-    PackStopped at the next step. Returns the members in order.
+    PackStopped at the next step. ``rows[j]`` (K-fold references, docs/theory.md 2.9) restricts
+    member j to those rows of ``train``: its batches are drawn among them and its regularizer
+    counts their number as m. Returns the members in order.
     """
     check_packable(cfgs)
     device = resolve_device(device)
@@ -171,7 +176,11 @@ def train_packed(
     models, schedules, draws = [], [], []
     first = cfgs[0]
     b = min(first.batch_size, m)
-    for c in cfgs:
+    rows = list(rows) if rows is not None else [None] * len(cfgs)
+    if len(rows) != len(cfgs):
+        raise ValueError(f"{len(rows)} row sets for {len(cfgs)} configurations")
+    sizes = [m if r is None else r.numel() for r in rows]
+    for c, r in zip(cfgs, rows, strict=True):
         if c.lam < 0:
             raise ValueError(f"lam={c.lam} must be >= 0")
         model, sched = initial_model(c, x)  # the initialization of training it alone
@@ -187,10 +196,11 @@ def train_packed(
                 t_min=c.t_min,
                 generator=generator_for(device, c.seed),
                 dtype=x.dtype,
+                rows=None if r is None else r.to(device),
             )
         )
     out = [PackMember(mod, s) for mod, s in zip(models, schedules, strict=True)]
-    pack = _Pack(models, cfgs, schedules, draws, device, x.dtype)
+    pack = _Pack(models, cfgs, schedules, draws, device, x.dtype, sizes)
     base = copy.deepcopy(models[0]).to("meta")
 
     def one(params, buffers, xt, t):
@@ -219,7 +229,7 @@ def train_packed(
         loss = 0.5 * (eps_hat - eps).pow(2).reshape(flat).sum(dim=2)
         total = loss.mean(dim=1)
         wsq = beta * eps_hat.pow(2).reshape(flat).sum(dim=2) / sigma2
-        s = generator_surrogate(wsq, T=pack.T.to(x.dtype), m=m, t_min=t_min)
+        s = generator_surrogate(wsq, T=pack.T.to(x.dtype), m=pack.m, t_min=t_min)
         total = total + torch.where(pack.lam > 0, pack.lam * s, torch.zeros_like(s))
         history[pack.rows, step] = total.detach()
         total.sum().backward()

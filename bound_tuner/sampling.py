@@ -83,7 +83,8 @@ def generate_members(
 ) -> list[GeneratorRun]:
     """``generate`` for K models at once (``bound_tuner.members``): member j runs its n paths from
     its T[j] with its schedule and its seeds[j]; returns one GeneratorRun per member. Reference
-    models (not None) need K = 1."""
+    models (not None) need K = 1; a reference may hold several models (the K-fold references of
+    docs/theory.md 2.9), each giving its own row of ``ref_sq_dev``."""
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be at least 1")
     k = members.k
@@ -100,6 +101,7 @@ def generate_members(
     beta = members.schedules.beta(on_dev)
     h = h.to(device)[:, None].expand_as(beta)
     view = (k,) + (1,) * (len(shape) + 1)
+    n_rows = sum(1 if r is None else r.k for r in references)
     out, norms, devs = [], [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -108,7 +110,7 @@ def generate_members(
             [torch.randn((b, *shape), generator=g, dtype=dtype, device=device) for g in gens]
         )
         path_norms = torch.empty(n_steps, k, b, dtype=torch.float64, device=device)
-        path_devs = torch.empty(len(references), n_steps, k, b, dtype=torch.float64, device=device)
+        path_devs = torch.empty(n_rows, n_steps, k, b, dtype=torch.float64, device=device)
         for step in range(n_steps):
             c = step % chunk
             if c == 0:  # each member draws the noise of the next steps from its own generator
@@ -120,12 +122,17 @@ def generate_members(
             # the score s_theta = -eps_theta / sigma_t of each member
             s = -members.eps(y, t) / sigma[:, step].to(dtype).view(view)
             path_norms[step] = s.reshape(k, b, -1).norm(dim=2)
-            for r, ref in enumerate(references):
+            row = 0
+            for ref in references:
                 if ref is None:
-                    s_ref = reference_score(y)
-                else:
-                    s_ref = -ref.eps(y, t) / sigma[:, step].to(dtype).view(view)
-                path_devs[r, step] = (s - s_ref).reshape(k, b, -1).pow(2).sum(dim=2)
+                    dev = (s - reference_score(y)).reshape(k, b, -1).pow(2).sum(dim=2)[None]
+                else:  # k = 1 here: the model's paths y [1, b, ...] go to every reference model
+                    kr = ref.k
+                    yr, tr = y.expand(kr, *y.shape[1:]), t.expand(kr, b)
+                    s_ref = -ref.eps(yr, tr) / sigma[:, step].to(dtype).view(view)
+                    dev = (s - s_ref).reshape(kr, b, -1).pow(2).sum(dim=2)[:, None]
+                path_devs[row : row + dev.shape[0], step] = dev
+                row += dev.shape[0]
             y = reverse_step(
                 y,
                 s,

@@ -34,3 +34,25 @@ def pick_rank(scores: Sequence[float], truth: Sequence[float]) -> int:
     """The rank (1 = best) of the score's pick among the candidates by the ground truth."""
     pick = int(np.argmin(scores))
     return int(1 + sum(float(t) < float(truth[pick]) for t in truth))
+
+
+def regret_diff(scores: Sequence[float], truth: Sequence[float]) -> float:
+    """truth(pick) - truth(best), pick = argmin score: the regret on entropy-offset truths such as
+    a held-out NELBO (nats) or bits per dim, where a ratio is undefined or compressed."""
+    pick = int(np.argmin(scores))
+    return float(truth[pick]) - float(np.min(truth))
+
+
+def validity(
+    scores: Sequence[float], truth: Sequence[float], truth_se: Sequence[float], *, n_se: float = 2.0
+) -> dict[str, float]:
+    """Does a score lie at or above the held-out quantity it bounds? The share of models with
+    score >= truth - n_se * se (the held-out estimate's standard error), and the mean and worst
+    (smallest) excess score - truth."""
+    s, t, se = (np.asarray(v, dtype=float) for v in (scores, truth, truth_se))
+    excess = s - t
+    return {
+        "share_above": float(np.mean(excess >= -n_se * se)),
+        "mean_excess": float(np.mean(excess)),
+        "worst_excess": float(np.min(excess)),
+    }

@@ -85,6 +85,8 @@ class StepDraws:
 
     The chunk length depends only on (steps, batch, data shape), so a model trained alone and the
     same model trained in a pack (``bound_tuner.pack``) see the same numbers from the same seed.
+    With ``rows`` (a K-fold reference, docs/theory.md 2.9) the indices are drawn among those rows;
+    the times and the noise are the same as the full model's from the same seed.
     """
 
     def __init__(
@@ -99,8 +101,10 @@ class StepDraws:
         generator: torch.Generator,
         dtype: torch.dtype,
         schedule: Schedule | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
         self.chunk = chunk_length(batch * math.prod(shape), steps)
+        self.rows = rows  # the rows of the data a fold reference trains on (None: all m)
         self.m, self.batch, self.shape, self.steps = m, batch, shape, steps
         self.T, self.t_min, self.g, self.dtype = T, t_min, generator, dtype
         self.schedule = schedule
@@ -111,7 +115,10 @@ class StepDraws:
         """The draws of the chunk that starts at ``step``: idx [c, b], t [c, b], eps [c, b, ...]."""
         c = min(self.chunk, self.steps - step)
         dev = self.g.device
-        idx = torch.randint(self.m, (c, self.batch), generator=self.g, device=dev)
+        n = self.m if self.rows is None else self.rows.numel()
+        idx = torch.randint(n, (c, self.batch), generator=self.g, device=dev)
+        if self.rows is not None:
+            idx = self.rows[idx]
         t = draw_times((c, self.batch), self.T, self.t_min, self.g)
         eps = torch.randn(
             (c, self.batch, *self.shape), generator=self.g, dtype=self.dtype, device=dev
@@ -141,7 +148,7 @@ def generator_surrogate(
     weighted_sq_score: torch.Tensor,
     *,
     T: float | torch.Tensor,
-    m: int,
+    m: int | torch.Tensor,
     t_min: float = 1e-3,
 ) -> torch.Tensor:
     """S(theta) of the module docstring from per-sample beta(t)||s||^2 values [..., b] (the mean
