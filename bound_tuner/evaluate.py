@@ -37,7 +37,7 @@ from .bounds.diffusion import (
     reference_R,
     split_info,
 )
-from .bounds.kfold import cross_fitted, cv_summary, fold_info
+from .bounds.kfold import Z95, cross_fitted, cv_summary, fold_info
 from .bounds.kfold import fold_sizes as kfold_sizes
 from .bounds.report import BoundReport
 from .data.preprocess import LOG_BIN_VOLUME_PER_DIM, dequantize
@@ -45,7 +45,7 @@ from .device import chunk_length, generator_for
 from .members import Members
 from .metrics import frechet_distance, kde_kl, knn_kl, memorized_share
 from .models import model_device
-from .sampling import generate, generate_members
+from .sampling import generate, generate_members, sample_scale
 from .sde import Schedule, prior_kl
 from .training import denoising_terms
 
@@ -439,6 +439,7 @@ def bound_terms_members(
             "t_min": t_min,
             "alpha_T": float(schedule.alpha(Tj)),
             "sigma2_T": float(schedule.sigma2(Tj)),
+            "sample_scale": sample_scale(run.samples, x),
         }
         out.append(
             BoundTerms(
@@ -509,7 +510,7 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
             settings=settings,
         )
     enc = terms.encoder or {}
-    return assemble_diffusion_bound(
+    report = assemble_diffusion_bound(
         variant=variant,
         train_loss=float(per_sample.mean()),
         i_gen=i_gen,
@@ -518,6 +519,9 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
         c_prior=enc.get("c_prior", 0.0),
         settings=settings,
     )
+    if math.isfinite(mc_se):  # the 95% certificate: the training NELBO's Monte Carlo error
+        report.extras["total_upper95"] = report.total + Z95 * mc_se
+    return report
 
 
 def diffusion_bound(

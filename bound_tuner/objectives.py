@@ -21,7 +21,13 @@ import optuna
 import torch
 from torch import nn
 
-from .bounds.diffusion import ENCODER_VARIANTS, R_SOURCES, SPLIT_VARIANTS, encoder_terms
+from .bounds.diffusion import (
+    ENCODER_VARIANTS,
+    FOLD_VARIANTS,
+    R_SOURCES,
+    SPLIT_VARIANTS,
+    encoder_terms,
+)
 from .bounds.report import BoundReport
 from .bounds.vae import assemble_vae_bound, reference_vae_R, vae_bound
 from .data import DataSplit, prepare_for
@@ -29,6 +35,7 @@ from .device import DEFAULT_DEVICE, resolve_device
 from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, run_diffusion, score_model
 from .models.vae import MLPVAE, ConvVAE
+from .sampling import DIVERGED_SCALE
 from .sde import get_schedule
 from .seeding import seed_everything, trial_seed
 from .settings import config_kwargs
@@ -112,7 +119,14 @@ class DiffusionObjective:
         params = sample_diffusion_params(trial, search)
         if "schedule" not in self.search:
             params["schedule_params"] = {**self.base.schedule_params, **params["schedule_params"]}
-        return replace(self.base, **params, seed=trial_seed(trial, self.study_seed))
+        # the evaluation draws are the study's (common random numbers): trials differ only by
+        # their models, each trained from its own seed
+        return replace(
+            self.base,
+            **params,
+            seed=trial_seed(trial, self.study_seed),
+            eval_seed=self.study_seed,
+        )
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.packer is None:
@@ -164,6 +178,14 @@ class DiffusionObjective:
         if not math.isfinite(report.total):
             trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
             return math.nan
+        scale = report.settings.get("sample_scale", 0.0)
+        if not scale <= DIVERGED_SCALE:  # a likelihood pick must not hand over unusable samples
+            trial.set_user_attr(
+                "fail_reason",
+                f"the generator diverges at N={cfg.n_steps} steps (samples reach {scale:.3g} "
+                "times the data's largest norm); raise [bound] N or search a smaller T",
+            )
+            return math.nan
         if self.on_result is not None:
             self.on_result(trial, res)
         if self.keeper is not None:
@@ -181,11 +203,12 @@ class DiffusionObjective:
         def report_partial(step: int, model: nn.Module) -> None:
             if step >= cfg.steps:
                 return
-            # "elbo-split" trains its reference models at the end only: its checkpoints
-            # report the "elbo" bound of the model so far (README, pruning)
-            variant = "elbo" if cfg.variant in SPLIT_VARIANTS else cfg.variant
+            # "elbo-split" and "elbo-kfold" train their reference models at the end only:
+            # their checkpoints report the "elbo" bound of the model so far (README, pruning)
+            refs = cfg.variant in SPLIT_VARIANTS or cfg.variant in FOLD_VARIANTS
+            variant = "elbo" if refs else cfg.variant
             if not enc and variant in ENCODER_VARIANTS:
-                enc.update(encoder_terms(x, schedule, T=cfg.T, mc_samples=1, seed=cfg.seed))
+                enc.update(encoder_terms(x, schedule, T=cfg.T, mc_samples=1, seed=cfg.eval_seed))
             partial = diffusion_bound(
                 model,
                 x,
@@ -198,7 +221,7 @@ class DiffusionObjective:
                 n_paths=64,
                 train_draws=4,
                 t_min=cfg.t_min,
-                seed=cfg.seed,
+                seed=cfg.eval_seed,
                 encoder=enc or None,
             ).total
             model.train()
@@ -509,6 +532,14 @@ class VAEObjective:
             trial.set_user_attr(f"heldout.{key}", value)
         if not math.isfinite(report.total):
             trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
+            return math.nan
+        scale = report.settings.get("sample_scale", 0.0)
+        if not scale <= DIVERGED_SCALE:  # a likelihood pick must not hand over unusable samples
+            trial.set_user_attr(
+                "fail_reason",
+                f"the generator diverges at N={cfg.n_steps} steps (samples reach {scale:.3g} "
+                "times the data's largest norm); raise [bound] N or search a smaller T",
+            )
             return math.nan
         if self.on_result is not None:
             self.on_result(trial, VAEResult(report, heldout, model, history, rows))

@@ -147,3 +147,18 @@ def generate_members(
     return [
         GeneratorRun(samples[j], norms_all[:, j], devs_all[:, :, j], grids[j]) for j in range(k)
     ]
+
+
+#: generated samples farther than this many times the training data's largest norm count as a
+#: diverged generator (docs/theory.md 2.11): a model whose samples are unusable is never picked
+DIVERGED_SCALE = 10.0
+
+
+def sample_scale(samples: torch.Tensor, data: torch.Tensor) -> float:
+    """The largest norm of the generated samples over the largest norm of the data points
+    (inf when a sample is not finite): the generator's stability at the bound's N steps."""
+    s = samples.reshape(samples.shape[0], -1).double()
+    if not bool(torch.isfinite(s).all()):
+        return math.inf
+    d = data.reshape(data.shape[0], -1).double().to(s.device)
+    return float(s.norm(dim=1).max() / d.norm(dim=1).max().clamp(min=1e-12))

@@ -76,7 +76,14 @@ SETTINGS: tuple[Setting, ...] = (
         "R",
         (float, str),
         {"diffusion": "R", "vae": "R"},
-        'sub-Gaussian scale: a number, "data" or "estimate"',
+        'sub-Gaussian scale: a number, "data" or "estimate" ("cv" for elbo-kfold)',
+    ),
+    Setting(
+        "bound",
+        "folds",
+        int,
+        {"diffusion": "folds"},
+        "K of the K-fold references (elbo-kfold)",
     ),
     Setting(
         "bound",

@@ -15,6 +15,9 @@ TERM_LABELS: dict[str, tuple[str, str]] = {
     "prior_kl_sqrt": ("C_prior", "√2 R · C_prior"),
     "generator_info": ("I_gen", "√2 R · √I_gen"),
     "split_info": ("C_split", "√2 R · C_split"),
+    "fold_info": ("C_fold", "√2 R · C_fold"),
+    "cv_nelbo": ("NELBO_cv", "NELBO_cv"),
+    "cv_margin": ("2 se_cv", "2 se_cv"),
     "rec": ("REC", "REC"),
     "kld": ("KLD", "√2 R · √KLD"),  # the paper's (1+r) √KLD when R = (1+r)/√2
     "mi": ("MI", "√2 R · √(MI/m)"),

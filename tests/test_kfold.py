@@ -1,0 +1,212 @@
+"""K-fold references (docs/theory.md 2.9-2.11): folds, the fold information term against known
+answers, packed references, common random numbers and the default bound's assembly."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from bound_tuner.bounds.diffusion import DEFAULT_VARIANT, assemble_kfold_bound
+from bound_tuner.bounds.kfold import (
+    cross_fitted,
+    cv_summary,
+    fold_assignment,
+    fold_info,
+    fold_rows,
+    fold_sizes,
+)
+from bound_tuner.evaluate import bound_terms, variant_report
+from bound_tuner.experiment import DiffusionConfig, score_model, train_model
+from bound_tuner.metrics import memorized_share
+from bound_tuner.pack import train_packed
+from bound_tuner.sde import get_schedule
+
+
+class GaussianOracle(nn.Module):
+    """The exact eps-prediction for data N(0, s^2 I): it depends on no training point."""
+
+    def __init__(self, schedule, s: float) -> None:
+        super().__init__()
+        self.schedule, self.s2 = schedule, s * s
+        self.dummy = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a2 = self.schedule.alpha(t.double()) ** 2
+        v2 = self.schedule.sigma2(t.double())
+        return (y * (v2.sqrt() / (a2 * self.s2 + v2))[:, None]).to(y.dtype)
+
+
+class Memorizer(nn.Module):
+    """The exact eps-prediction for the empirical distribution of ``points``: a model that has
+    memorized its training set."""
+
+    def __init__(self, schedule, points: torch.Tensor) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("points", points.double())
+        self.dummy = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.schedule.alpha(t.double())[:, None]
+        v2 = self.schedule.sigma2(t.double())[:, None]
+        d2 = (
+            y.double().pow(2).sum(1, keepdim=True)
+            - 2 * a * y.double() @ self.points.T
+            + a**2 * self.points.pow(2).sum(1)[None]
+        )
+        w = torch.softmax(-d2 / (2 * v2), dim=1)
+        mean = w @ self.points
+        return ((y.double() - a * mean) / v2.sqrt()).to(y.dtype)
+
+
+def test_folds_partition_the_points_and_no_point_trains_its_own_reference():
+    folds = fold_assignment(23, 5, seed=3)
+    assert sorted(fold_sizes(folds, 5)) == [4, 4, 5, 5, 5]
+    rows = fold_rows(folds, 5)
+    for k, r in enumerate(rows):
+        assert not bool((folds[r] == k).any())  # no point of fold k in reference k's rows
+        assert r.numel() == 23 - int((folds == k).sum())  # and every other point is there
+    assert torch.equal(folds, fold_assignment(23, 5, seed=3))
+    assert not torch.equal(folds, fold_assignment(23, 5, seed=4))
+    with pytest.raises(ValueError, match="at least 10 training points"):
+        fold_assignment(9, 5, seed=0)
+
+
+def test_fold_info_and_cross_fitting_by_hand():
+    # (1/m) sum_k sqrt(n_k KL_k) with m = 10: (sqrt(4 * 1) + sqrt(6 * 6)) / 10
+    assert fold_info([1.0, 6.0], [4, 6]) == pytest.approx((2 + 6) / 10)
+    per_ref = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    folds = torch.tensor([1, 0, 1, 0])
+    assert cross_fitted(per_ref, folds).tolist() == [10.0, 2.0, 30.0, 4.0]
+    s = cv_summary(torch.tensor([10.0, 2.0, 30.0, 4.0]))
+    assert s["cv_nelbo"] == pytest.approx(11.5)
+    assert s["R_cv"] == pytest.approx(float(torch.tensor([10.0, 2.0, 30.0, 4.0]).std()))
+    assert s["cv_se"] == pytest.approx(s["R_cv"] / 2)
+    assert s["R_cv_half_range"] == pytest.approx(14.0)
+
+
+def _terms(model, refs, x, folds, schedule, T):
+    return bound_terms(
+        model,
+        x,
+        schedule,
+        T=T,
+        variants=("elbo-kfold",),
+        n_steps=100,
+        n_paths=128,
+        train_draws=32,
+        seed=0,
+        fold_models=refs,
+        folds=folds,
+    )
+
+
+def test_fold_information_is_zero_for_a_model_that_ignores_its_data_and_large_for_a_memorizer():
+    torch.manual_seed(0)
+    schedule, T, K = get_schedule("linear"), 0.3, 4
+    x = (2.0 * torch.randn(40, 2)).double()
+    folds = fold_assignment(40, K, seed=1)
+    rows = fold_rows(folds, K)
+
+    oracle = GaussianOracle(schedule, 2.0)
+    blind = _terms(oracle, [GaussianOracle(schedule, 2.0) for _ in range(K)], x, folds, schedule, T)
+    assert blind.fold["C_fold"] == 0.0
+    # a model that ignores its data generalizes: cross-fitted and training NELBO agree
+    assert abs(blind.fold["cv_nelbo"] - blind.nelbo.mean) < 1e-9
+
+    mem = _terms(
+        Memorizer(schedule, x), [Memorizer(schedule, x[r]) for r in rows], x, folds, schedule, T
+    )
+    assert mem.fold["C_fold"] > 0.5  # nats: the references disagree where the model memorized
+    # memorization shows in cross-fitting: far worse on the points the reference did not see
+    assert mem.fold["cv_nelbo"] > mem.nelbo.mean + 5.0
+    assert mem.fold["memorized_share"] > 0.5  # its samples copy training points
+    assert blind.fold["memorized_share"] < 0.1
+    rep = variant_report(mem, variant="elbo-kfold")
+    assert rep.settings["R_source"] == "cv" and rep.settings["R"] == mem.fold["R_cv"]
+    assert rep.total == pytest.approx(min(rep.extras["info_bound"], rep.extras["cv_bound"]))
+    assert sum(rep.contributions.values()) == pytest.approx(rep.total)
+
+
+def test_a_packed_reference_trains_like_a_model_trained_alone_on_its_rows():
+    torch.manual_seed(0)
+    x = torch.randn(30, 2)
+    rows = torch.arange(30)[torch.arange(30) % 3 != 0]
+    cfg = DiffusionConfig(T=0.6, steps=40, batch_size=8, width=16, layers=2, seed=5, lam=0.5)
+    alone, _, losses = train_model(x[rows], cfg, device="cpu")
+    (member,) = train_packed(x, [cfg], device="cpu", rows=[rows])
+    assert member.losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    for (name, p), q in zip(alone.named_parameters(), member.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_evaluation_draws_are_the_studys_not_the_trials():
+    torch.manual_seed(0)
+    x = torch.randn(40, 2)
+    cfg = DiffusionConfig(
+        T=0.5, steps=30, batch_size=20, width=16, layers=2, n_steps=50, n_paths=32, folds=4
+    )
+    model, schedule, losses = train_model(x, cfg, device="cpu")
+    # the same model scored in two trials of a study (two training seeds, one eval seed)
+    a = score_model(
+        model,
+        schedule,
+        losses,
+        x,
+        DiffusionConfig(**{**cfg.to_dict(), "seed": 1, "variant": "elbo"}),
+    )
+    b = score_model(
+        model,
+        schedule,
+        losses,
+        x,
+        DiffusionConfig(**{**cfg.to_dict(), "seed": 2, "variant": "elbo"}),
+    )
+    assert a.report.total == b.report.total
+    c = score_model(
+        model,
+        schedule,
+        losses,
+        x,
+        DiffusionConfig(**{**cfg.to_dict(), "eval_seed": 9, "variant": "elbo"}),
+    )
+    assert c.report.total != a.report.total
+
+
+def test_the_objective_gives_every_trial_the_studys_evaluation_seed():
+    from bound_tuner.data import load_dataset
+    from bound_tuner.objectives import DiffusionObjective
+
+    split = load_dataset("swiss_roll", m=20, seed=0, test_size=10)
+    obj = DiffusionObjective(
+        split, search={"T": {"low": 0.3, "high": 1.0}}, study_seed=17, checkpoints=0
+    )
+    study = optuna.create_study()
+    cfgs = [obj.config_for(study.ask()) for _ in range(3)]
+    assert {c.eval_seed for c in cfgs} == {17}
+    assert len({c.seed for c in cfgs}) == 3  # training seeds stay per trial
+
+
+def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
+    assert DEFAULT_VARIANT == "elbo-kfold"
+    info = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1)
+    assert info.total == pytest.approx(2.0 + math.sqrt(2) * 0.1)
+    assert set(info.contributions) == {"train_nelbo", "fold_info"}
+    cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5)
+    assert cv.total == pytest.approx(5.0)
+    assert set(cv.contributions) == {"cv_nelbo", "cv_margin"}
+    for rep in (info, cv):
+        assert sum(rep.contributions.values()) == pytest.approx(rep.total)
+        assert rep.extras["total_upper95"] >= rep.total
+
+
+def test_memorized_share_counts_copies_of_training_points():
+    train = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    copies = train + 0.01
+    assert memorized_share(copies, train) == 1.0
+    between = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # equidistant: not copies
+    assert memorized_share(between, train) == 0.0
