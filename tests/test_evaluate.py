@@ -104,11 +104,13 @@ def test_variant_totals_follow_their_formulas():
 def test_every_variant_from_one_model_run():
     x = swiss_roll(40, seed=0)
     cfg = DiffusionConfig(T=0.5, steps=30, width=16, batch_size=40)
-    from bound_tuner.experiment import train_model, train_split_models
+    from bound_tuner.experiment import train_fold_models, train_model, train_split_models
 
     model, schedule, _ = train_model(x, cfg)
     refs, sizes = train_split_models(x, cfg)
     assert sizes == [20, 20]
+    fold_models, folds = train_fold_models(x, cfg)
+    assert len(fold_models) == cfg.folds and folds.shape == (40,)
     terms = bound_terms(
         model,
         x,
@@ -120,8 +122,14 @@ def test_every_variant_from_one_model_run():
         train_draws=4,
         split_models=refs,
         fold_sizes=sizes,
+        fold_models=fold_models,
+        folds=folds,
     )
     reports = {v: variant_report(terms, variant=v) for v in VARIANTS}
+    kfold = reports["elbo-kfold"]
+    assert kfold.settings["R_source"] == "cv" and kfold.settings["R"] == terms.fold["R_cv"]
+    assert kfold.terms["train_nelbo"] == pytest.approx(terms.nelbo.mean)
+    assert kfold.total <= kfold.extras["info_bound"] and kfold.total <= kfold.extras["cv_bound"]
     assert reports["paper"].settings["R"] == 5.0  # the paper's R unless told otherwise
     r_data = 0.5 * (x.double() ** 2).sum(1)
     assert terms.settings["R_data"] == pytest.approx(float(r_data.max() - r_data.min()) / 2)

@@ -35,6 +35,7 @@ VALUES = {
     "k": 3,
     "n_paths": 19,
     "train_draws": 5,
+    "folds": 4,
     "r": 0.5,
     "mc_samples": 2,
     "bound_subset": 11,
