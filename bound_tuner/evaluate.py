@@ -55,6 +55,21 @@ SAMPLE_KL_MAX_DIM = 10
 HELDOUT_DEFAULTS = {"points": (10_000, 1000), "images": (256, 100)}
 
 
+#: draws x training points of the bound's evaluation pass when none are given: the Monte Carlo
+#: error of the training NELBO then hardly depends on m (200 points get 256 draws each)
+DRAW_BUDGET = 51_200
+DRAWS_RANGE = (64, 1024)
+
+
+def draws_for(m: int, draws: int | None = None) -> int:
+    """Draws per training point of the evaluation pass: ``draws`` when given, else
+    DRAW_BUDGET / m within DRAWS_RANGE."""
+    if draws is not None:
+        return int(draws)
+    lo, hi = DRAWS_RANGE
+    return int(min(hi, max(lo, math.ceil(DRAW_BUDGET / max(m, 1)))))
+
+
 @torch.no_grad()
 def denoising_loss_pass(
     model: nn.Module,

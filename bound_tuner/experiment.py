@@ -20,6 +20,7 @@ from .evaluate import (
     BoundTerms,
     bound_terms_members,
     diffusion_bound,
+    draws_for,
     heldout_metrics,
     variant_report,
 )
@@ -52,7 +53,8 @@ class DiffusionConfig:
     n_steps: int = 500
     n_paths: int = 256
     mix_draws: int = 1  # draws per point of the mixture KL C_mix (the paper's k)
-    train_draws: int = 64  # draws per training point of the evaluation pass (NELBO or DSM)
+    # draws per training point of the evaluation pass (NELBO or DSM); None: evaluate.draws_for(m)
+    train_draws: int | None = None
     folds: int = DEFAULT_FOLDS  # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9)
     # the evaluation draws (NELBO, generator paths, folds): fixed per study, not per trial, so
     # that two trials differ only by their models (common random numbers)
@@ -226,7 +228,7 @@ def score_model(
         n_steps=cfg.n_steps,
         n_paths=cfg.n_paths,
         mc_samples=cfg.mix_draws,
-        train_draws=cfg.train_draws,
+        train_draws=draws_for(train.shape[0], cfg.train_draws),
         t_min=cfg.t_min,
         seed=cfg.eval_seed,
         split_models=split_models,
@@ -283,6 +285,6 @@ def pack_terms(
         n_steps=first.n_steps,
         n_paths=first.n_paths,
         mc_samples=first.mix_draws,
-        train_draws=first.train_draws,
+        train_draws=draws_for(train.shape[0], first.train_draws),
         t_min=first.t_min,
     )

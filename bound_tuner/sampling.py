@@ -151,7 +151,7 @@ def generate_members(
 
 #: generated samples farther than this many times the training data's largest norm count as a
 #: diverged generator (docs/theory.md 2.11): a model whose samples are unusable is never picked
-DIVERGED_SCALE = 10.0
+DIVERGED_SCALE = 100.0
 
 
 def sample_scale(samples: torch.Tensor, data: torch.Tensor) -> float:

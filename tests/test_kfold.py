@@ -210,3 +210,59 @@ def test_memorized_share_counts_copies_of_training_points():
     assert memorized_share(copies, train) == 1.0
     between = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # equidistant: not copies
     assert memorized_share(between, train) == 0.0
+
+
+def test_evaluation_draws_follow_the_number_of_points_unless_given():
+    from bound_tuner.evaluate import draws_for
+
+    assert draws_for(200) == 256  # 51,200 draws in all
+    assert draws_for(32) == 1024  # at most 1,024 per point
+    assert draws_for(60_000) == 64  # at least 64
+    assert draws_for(200, 7) == 7
+
+
+def test_a_study_scores_a_trial_as_the_benchmark_scores_its_configuration():
+    """The benchmark's rows and a study's trials come from the same function on the same draws:
+    a trial's value equals run_diffusion on the configuration it recorded."""
+    from bound_tuner.data import load_dataset
+    from bound_tuner.experiment import run_diffusion
+    from bound_tuner.objectives import DiffusionObjective
+
+    split = load_dataset("swiss_roll", m=20, seed=0, test_size=10)
+    base = DiffusionConfig(
+        steps=20, batch_size=20, width=16, layers=2, n_steps=200, n_paths=16, folds=4
+    )
+    obj = DiffusionObjective(
+        split, search={"T": {"low": 0.3, "high": 1.0}}, base=base, study_seed=3, checkpoints=0
+    )
+    study = optuna.create_study()
+    study.optimize(obj, n_trials=2)
+    for t in study.trials:
+        cfg = DiffusionConfig(**t.user_attrs["config"])
+        assert cfg.eval_seed == 3 and t.user_attrs["bound.variant"] == "elbo-kfold"
+        again = run_diffusion(obj.data.train, cfg, device="cpu")
+        assert again.report.total == pytest.approx(t.value, rel=1e-9)
+        assert t.user_attrs["bound.total_upper95"] >= t.value
+
+
+def test_a_trial_whose_generator_diverges_fails_with_the_reason(monkeypatch):
+    from bound_tuner import objectives
+    from bound_tuner.data import load_dataset
+    from bound_tuner.sampling import sample_scale
+
+    data = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert sample_scale(torch.tensor([[30.0, 40.0]]), data) == pytest.approx(10.0)
+    assert sample_scale(torch.tensor([[math.nan, 0.0]]), data) == math.inf
+
+    split = load_dataset("swiss_roll", m=20, seed=0, test_size=10)
+    base = DiffusionConfig(
+        steps=10, batch_size=20, width=16, layers=2, n_steps=50, n_paths=16, variant="elbo"
+    )
+    obj = objectives.DiffusionObjective(split, search={"T": 0.5}, base=base, checkpoints=0)
+    monkeypatch.setattr(objectives, "DIVERGED_SCALE", 1e-3)  # every generator "diverges"
+    study = optuna.create_study()
+    study.optimize(obj, n_trials=1)
+    (t,) = study.trials
+    assert t.state == optuna.trial.TrialState.FAIL
+    assert "generator diverges at N=50" in t.user_attrs["fail_reason"]
+    assert t.user_attrs["bound.sample_scale"] > 1e-3
