@@ -48,10 +48,11 @@ SCORES = (
     "elbo-kfold (default)",
     "elbo-kfold, 95% certificate",
     "kfold information, R=cv",
+    "kfold information, R=cv std",
     "kfold information, R=data",
     "kfold information, R=cv half-range",
-    "elbo-kfold with R=max(cv, data)",
-    "elbo-kfold with R=max(cv, data), 95%",
+    "elbo-kfold with R=max(cv std, data)",
+    "elbo-kfold with R=max(cv std, data), 95%",
     "K-fold CV NELBO",
     "80/20 held-out NELBO",
     "train NELBO",
@@ -497,7 +498,7 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
         "paper": bound("paper", 5.0),
         "train DSM": raw["train_dsm"],
     }
-    if "fold.C_fold" in raw:
+    if "fold.R_cv_std" in raw:  # rows before R_cv became the sub-Gaussian scale: not scored
         nelbo, c_fold = raw["train_nelbo"], raw["fold.C_fold"]
         from bound_tuner.sampling import DIVERGED_SCALE
 
@@ -513,19 +514,20 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
         alt = assemble_kfold_bound(
             train_nelbo=nelbo,
             c_fold=c_fold,
-            R=max(raw["fold.R_cv"], raw["R_data"]),
+            R=max(raw["fold.R_cv_std"], raw["R_data"]),
             cv_nelbo=raw["fold.cv_nelbo"],
             cv_se=raw["fold.cv_se"],
             train_mc_se=raw["train_nelbo_mc_se"],
         )
-        out["elbo-kfold with R=max(cv, data)"] = alt.total if stable else math.inf
-        out["elbo-kfold with R=max(cv, data), 95%"] = (
+        out["elbo-kfold with R=max(cv std, data)"] = alt.total if stable else math.inf
+        out["elbo-kfold with R=max(cv std, data), 95%"] = (
             alt.extras["total_upper95"] if stable else math.inf
         )
         out["elbo-kfold (default)"] = kfold.total if stable else math.inf
         out["elbo-kfold, 95% certificate"] = kfold.extras["total_upper95"] if stable else math.inf
         for label, R in (
             ("R=cv", raw["fold.R_cv"]),
+            ("R=cv std", raw.get("fold.R_cv_std", math.nan)),
             ("R=data", raw["R_data"]),
             ("R=cv half-range", raw["fold.R_cv_half_range"]),
         ):

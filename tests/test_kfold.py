@@ -84,8 +84,9 @@ def test_fold_info_and_cross_fitting_by_hand():
     assert cross_fitted(per_ref, folds).tolist() == [10.0, 2.0, 30.0, 4.0]
     s = cv_summary(torch.tensor([10.0, 2.0, 30.0, 4.0]))
     assert s["cv_nelbo"] == pytest.approx(11.5)
-    assert s["R_cv"] == pytest.approx(float(torch.tensor([10.0, 2.0, 30.0, 4.0]).std()))
-    assert s["cv_se"] == pytest.approx(s["R_cv"] / 2)
+    assert s["R_cv_std"] == pytest.approx(float(torch.tensor([10.0, 2.0, 30.0, 4.0]).std()))
+    assert s["cv_se"] == pytest.approx(s["R_cv_std"] / 2)
+    assert s["R_cv"] >= s["R_cv_std"]  # the sub-Gaussian scale of a long upper tail
     assert s["R_cv_half_range"] == pytest.approx(14.0)
 
 
@@ -266,3 +267,14 @@ def test_a_trial_whose_generator_diverges_fails_with_the_reason(monkeypatch):
     assert t.state == optuna.trial.TrialState.FAIL
     assert "generator diverges at N=50" in t.user_attrs["fail_reason"]
     assert t.user_attrs["bound.sample_scale"] > 1e-3
+
+
+def test_the_subgaussian_scale_is_the_std_of_a_gaussian_and_larger_for_a_long_upper_tail():
+    from bound_tuner.bounds.kfold import subgaussian_scale
+
+    g = torch.Generator().manual_seed(0)
+    gauss = 2 * torch.randn(100_000, generator=g, dtype=torch.float64)
+    assert subgaussian_scale(gauss) == pytest.approx(float(gauss.std()), rel=0.01)
+    tail = torch.empty(2000, dtype=torch.float64).exponential_(generator=g)
+    assert subgaussian_scale(tail) > 1.4 * float(tail.std())
+    assert subgaussian_scale(-tail) < 1.05 * float(tail.std())  # a long lower tail does not count

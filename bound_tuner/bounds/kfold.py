@@ -69,7 +69,8 @@ def cross_fitted(per_member: torch.Tensor, assignment: torch.Tensor) -> torch.Te
 def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict[str, float]:
     """The cross-fitted NELBO's mean (eq. 2.10), its standard error as an estimate of the
     references' population NELBO (points and draws), and the cross-fitted scale R_cv, the
-    standard deviation of the per-point values (eq. 2.11), with their half range beside it."""
+    sub-Gaussian scale of the per-point values (eq. 2.11a), with their standard deviation and
+    half range beside it."""
     v = values.double()
     n = v.numel()
     std = float(v.std()) if n > 1 else math.inf
@@ -77,4 +78,27 @@ def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict
     if mc_var is not None:  # the points' spread already holds the draws' part; keep the larger
         se = max(se, float(mc_var.double().sum().sqrt()) / n)
     half_range = float(v.max() - v.min()) / 2
-    return {"cv_nelbo": float(v.mean()), "cv_se": se, "R_cv": std, "R_cv_half_range": half_range}
+    return {
+        "cv_nelbo": float(v.mean()),
+        "cv_se": se,
+        "R_cv": subgaussian_scale(v),
+        "R_cv_std": std,
+        "R_cv_half_range": half_range,
+    }
+
+
+def subgaussian_scale(values: torch.Tensor, *, grid: int = 400) -> float:
+    """The sample's sub-Gaussian scale: the smallest s with mean exp(lam (v - mean)) <=
+    exp(lam^2 s^2 / 2) for every lam >= 0 on a grid (the upper tail, which bounds a gap from
+    above), with Bessel's correction. It is the standard deviation for a Gaussian sample and
+    exceeds it for a sample with a long upper tail (docs/theory.md 2.11a)."""
+    v = values.double()
+    c = v - v.mean()
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    if not std > 0:
+        return 0.0
+    lam = torch.logspace(-3, 2, grid, dtype=torch.float64) / std
+    m = v.numel()
+    log_mgf = torch.logsumexp(lam[:, None] * c[None], dim=1) - math.log(m)
+    # m/(m-1): Bessel's correction, so that the small-lam limit is the sample variance
+    return float((2 * log_mgf / lam**2).clamp(min=0).max() * m / (m - 1)) ** 0.5
