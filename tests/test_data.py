@@ -26,7 +26,29 @@ def test_load_dataset_split_and_seed():
     c = load_dataset("swiss_roll", m=100, seed=2, test_size=50)
     assert torch.equal(a.train, b.train) and not torch.equal(a.train, c.train)
     assert a.test.shape == (50, 2)
-    assert not torch.equal(a.train[:50], a.test)
+
+
+def _shared_points(train: torch.Tensor, test: torch.Tensor) -> int:
+    """How many test points are also training points (exactly equal rows)."""
+    return int((test[:, None, :] == train[None, :, :]).all(-1).any(-1).sum())
+
+
+@pytest.mark.parametrize("name", ["swiss_roll", "gaussian", "two_moons", "ring"])
+def test_no_test_point_is_a_training_point(name):
+    split = load_dataset(name, m=300, seed=4, test_size=500)
+    assert split.train.shape[0] == 300 and split.test.shape[0] == 500
+    assert _shared_points(split.train, split.test) == 0
+    # the check itself finds a shared point
+    assert _shared_points(split.train, torch.cat([split.test, split.train[7:8]])) == 1
+
+
+def test_a_split_of_the_users_points_keeps_test_points_out_of_training():
+    x = torch.arange(200, dtype=torch.float32).reshape(100, 2)  # 100 distinct points
+    split = load_dataset("tensors", train=x, test_fraction=0.25, seed=3)
+    assert split.train.shape[0] + split.test.shape[0] == 100 and split.test.shape[0] == 25
+    assert _shared_points(split.train, split.test) == 0
+    both = torch.cat([split.train, split.test])
+    assert torch.equal(both[both[:, 0].argsort()], x)  # every point on exactly one side
 
 
 @pytest.mark.parametrize(

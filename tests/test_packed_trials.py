@@ -2,6 +2,7 @@
 
 import math
 
+import optuna
 import pytest
 
 from bound_tuner.cli import main
@@ -97,4 +98,10 @@ def test_cli_pack_option(tmp_path, capsys):
         main(["run", str(path), "--storage", url, "--pack", "3", "--quiet", "--device", "cpu"]) == 0
     )
     out = capsys.readouterr().out
-    assert "3" in out
+    assert out.startswith("study 'packed': 3 complete\n"), out
+    trials = optuna.load_study(study_name="packed", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    # --pack 3: the three trials ran in one pack, each in its own thread of the pack
+    assert sorted(t.user_attrs["worker"][-5:] for t in trials) == ["[1/3]", "[2/3]", "[3/3]"]
+    best = min(trials, key=lambda t: t.value)
+    assert f"best trial #{best.number}: bound {best.value:.4f}" in out
