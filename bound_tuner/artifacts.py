@@ -22,6 +22,7 @@ changed, truncated or replaced raises ``ArtifactError`` (one line) instead of be
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
 if TYPE_CHECKING:
@@ -52,6 +54,9 @@ FORMAT = 1
 ATTR_ID = "model.artifact_id"
 ATTR_SHA = "model.sha256"
 ATTR_STORE = "model.store"
+STUDY_ATTR_STORE = "bound_tuner.artifacts"  # study user attr: the artifact folder of its runs
+
+_log = logging.getLogger(__name__)
 
 
 class ArtifactError(ValueError):
@@ -67,10 +72,17 @@ def _sha256(path: str | Path) -> str:
 
 
 def _exists(store: Any, artifact_id: str) -> bool:
+    """Whether ``store`` holds ``artifact_id``. A missing file is False; an unreadable one (no
+    permission, an I/O error) raises ArtifactError saying so."""
     try:
         reader = store.open_reader(artifact_id)
-    except Exception:
+    except ArtifactNotFound:
         return False
+    except (OSError, ValueError) as e:  # ValueError: an id that is not a file name
+        where = getattr(store, "path", None) or getattr(store, "_base_path", "the store")
+        raise ArtifactError(
+            f"cannot read artifact {artifact_id} in {where}: {getattr(e, 'strerror', None) or e}"
+        ) from None
     reader.close()
     return True
 
@@ -125,8 +137,15 @@ class ModelKeeper:
         for _, _, t in ranked[self.keep :]:
             try:
                 self.artifact_store.remove(t.user_attrs[ATTR_ID])
-            except Exception:  # already gone (another process, a manual cleanup)
-                pass
+            except ArtifactNotFound:  # already gone (another process, a manual cleanup)
+                continue
+            except OSError as e:  # the trial is kept; the old file stays behind
+                _log.warning(
+                    "trial %d: could not remove the weights of trial %d that it pushed out: %s",
+                    trial.number,
+                    t.number,
+                    e,
+                )
         return artifact_id
 
     def _kept_trials(self, trial: optuna.Trial) -> list[FrozenTrial]:
@@ -138,9 +157,18 @@ class ModelKeeper:
             if ATTR_ID in t.user_attrs
             and t.value is not None
             and math.isfinite(t.value)
-            and _exists(self.artifact_store, t.user_attrs[ATTR_ID])
+            and self._present(t)
         ]
         return out
+
+    def _present(self, t: FrozenTrial) -> bool:
+        """Whether trial ``t``'s weights are in the store; a file there that cannot be read
+        counts as present (logged): it still takes a place, and is removed when pushed out."""
+        try:
+            return _exists(self.artifact_store, t.user_attrs[ATTR_ID])
+        except ArtifactError as e:
+            _log.warning("trial %d: %s; counted as kept", t.number, e)
+            return True
 
     def _upload(self, trial: optuna.Trial, model: nn.Module) -> str:
         import torch
@@ -263,9 +291,10 @@ def _storage_of(study: Any, storage: str | None):
 
     if isinstance(study, optuna.Study):
         return study, None
-    from .storage import StorageError, resolve_url
+    from .storage import StorageError, require_database, resolve_url
 
     url = resolve_url(storage)
+    require_database(url)  # export and sample read; they create no database
     store = make_storage(url)
     names = [s.study_name for s in store.get_all_studies()]
     if study not in names:
@@ -312,18 +341,38 @@ def _kept_numbers(study: optuna.Study, store: Any) -> list[int]:
     ]
 
 
-def _artifact_store(t: FrozenTrial, url: str | None, artifacts: str | os.PathLike | None):
+def _artifact_store(
+    study: optuna.Study, t: FrozenTrial, url: str | None, artifacts: str | os.PathLike | None
+):
+    """The store that holds trial ``t``'s weights: ``artifacts`` if given; else the first
+    folder that has them of $BOUND_TUNER_ARTIFACTS, the folder the trial recorded, the folder
+    its study's runs recorded, and the default folder of the storage (``artifact_dir_for``),
+    so a study is exported from any working directory and a SQLite file moved with its
+    ``_artifacts`` folder still finds its weights."""
     from optuna.artifacts import FileSystemArtifactStore
 
     from .dashboard import ARTIFACTS_ENV, artifact_dir_for
 
     if artifacts is not None:
         path = Path(artifacts).expanduser()
-    elif url is not None or os.environ.get(ARTIFACTS_ENV) or ATTR_STORE not in t.user_attrs:
-        path = artifact_dir_for(url)
-    else:
-        path = Path(t.user_attrs[ATTR_STORE])
-    return FileSystemArtifactStore(path), path
+        return FileSystemArtifactStore(path), path
+    candidates = [
+        os.environ.get(ARTIFACTS_ENV),
+        t.user_attrs.get(ATTR_STORE),
+        study.user_attrs.get(STUDY_ATTR_STORE),
+        str(artifact_dir_for(url)) if url is not None else None,
+    ]
+    paths: list[Path] = []
+    for c in candidates:
+        if c and Path(c).expanduser() not in paths:
+            paths.append(Path(c).expanduser())
+    if not paths:
+        paths.append(artifact_dir_for(url))
+    for path in paths:
+        store = FileSystemArtifactStore(path)
+        if ATTR_ID in t.user_attrs and path.is_dir() and _exists(store, t.user_attrs[ATTR_ID]):
+            return store, path
+    return FileSystemArtifactStore(paths[0]), paths[0]
 
 
 def read_weights(path: str | Path, *, expected_sha256: str | None, what: str) -> dict:
@@ -407,7 +456,7 @@ def load_model(
     """
     study, url = _storage_of(study, storage)
     t = find_trial(study, trial)
-    store, path = _artifact_store(t, url, artifacts)
+    store, path = _artifact_store(study, t, url, artifacts)
     if ATTR_ID not in t.user_attrs or not _exists(store, t.user_attrs[ATTR_ID]):
         kept = _kept_numbers(study, store)
         why = (

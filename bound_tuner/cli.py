@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,15 +39,39 @@ def _storage_help() -> str:
     return "SQLAlchemy URL of the study database (default: $BOUND_TUNER_STORAGE or sqlite:///bound_tuner.db)"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _spec_of(args: argparse.Namespace):
+    """The spec of ``run`` and ``worker``, with --pack and --study-name applied."""
+    import dataclasses
+
     from .spec import load_spec, with_pack
 
     spec = load_spec(args.spec)
     if args.pack is not None:
         spec = with_pack(spec, args.pack)
+    if args.study_name is not None:
+        if not args.study_name.strip():
+            raise SpecError("--study-name is empty; give the name of the study to run")
+        spec = dataclasses.replace(spec, name=args.study_name)
+    if args.max_failures is not None and args.max_failures < 1:
+        raise SpecError(f"--max-failures {args.max_failures} must be at least 1")
+    return spec
+
+
+def _study_options(args: argparse.Namespace) -> dict:
+    """The options of ``run`` and ``worker`` that every executor takes."""
+    return {
+        "heartbeat_interval": args.heartbeat_interval,
+        "grace_period": args.grace_period,
+        "max_consecutive_failures": args.max_failures,
+        "allow_changed_spec": args.allow_changed_spec,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _spec_of(args)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
-    hb = {"heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
+    hb = _study_options(args)
     if args.executor == "ray":
         return _run_on_ray(args, spec, hb)
     if args.ray_address is not None or args.gpus_per_trial is not None:
@@ -130,9 +155,6 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import os
-
-    from .spec import load_spec, with_pack
     from .storage import ENV_VAR
     from .workers import run_worker
 
@@ -140,18 +162,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise WorkerConfigError(
             "a worker needs the study's shared database: --storage postgresql://user@host/db"
         )
-    spec = load_spec(args.spec)
-    if args.pack is not None:
-        spec = with_pack(spec, args.pack)
+    spec = _spec_of(args)
     study = run_worker(
         spec,
         storage=args.storage,
         device=args.device,
         n_trials=args.n_trials,
-        heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period,
         progress=not args.quiet,
         dashboard_charts=args.charts,
+        **_study_options(args),
     )
     return _print_summary(spec.name, study)
 
@@ -178,8 +197,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     import optuna
 
     from .reporting import plot_study, selection_lines, trials_json, trials_table
-    from .storage import make_storage
+    from .storage import make_storage, require_database, resolve_url
 
+    require_database(resolve_url(args.storage))  # a read-only command creates no database
     store = make_storage(args.storage)
     names = [s.study_name for s in store.get_all_studies()]
     if args.study not in names:
@@ -204,6 +224,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _heartbeat_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``run`` and ``worker`` beyond the spec: study name, failures, heartbeat."""
+    p.add_argument(
+        "--study-name",
+        metavar="NAME",
+        help="run the spec under this study name instead of its [study] name (a new study for "
+        "a changed spec)",
+    )
+    p.add_argument(
+        "--allow-changed-spec",
+        action="store_true",
+        help="continue a study that was created from a different spec (data, fixed settings, "
+        "search space or bound); its new trials record what changed (user attr spec.changed)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="stop a worker after N trials in a row whose objective raised "
+        "(default: [study] max_consecutive_failures or 5)",
+    )
     p.add_argument(
         "--heartbeat-interval",
         type=int,
@@ -462,13 +502,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _thread_warning(args, storage: str | None) -> None:
-    """One line for an error in a helper thread (a heartbeat the database refused), not a
-    traceback; the run itself reports what it means."""
-    text = str(args.exc_value).strip().splitlines()
-    what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
-    name = args.thread.name if args.thread is not None else "a thread"
-    print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
+def thread_excepthook(previous, storage: str | None):
+    """A threading.excepthook that writes one line for a database error in a helper thread (a
+    heartbeat the database refused; the run itself reports what it means) and hands every
+    other exception to ``previous`` (Python's traceback)."""
+    from .storage import storage_errors
+
+    kinds = storage_errors()
+
+    def hook(args) -> None:
+        if not isinstance(args.exc_value, kinds):
+            previous(args)
+            return
+        text = str(args.exc_value).strip().splitlines()
+        what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
+        name = args.thread.name if args.thread is not None else "a thread"
+        print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
+
+    return hook
+
+
+class _OneLine(logging.Handler):
+    """bound_tuner's warnings (a study with nothing left to run, a chart not saved) as
+    ``bound-tuner: ...`` lines on stderr, passwords masked."""
+
+    def __init__(self, storage: str | None) -> None:
+        super().__init__(logging.WARNING)
+        self.storage = storage
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = scrub(record.getMessage(), self.storage)
+            print(f"bound-tuner: {text}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed or gone: nothing left to tell
+            self.handleError(record)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``report | head``): point stdout at /dev/null, so that Python's
+    final flush does not fail again (the recipe of Python's signal documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (captured)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -477,9 +556,18 @@ def main(argv: list[str] | None = None) -> int:
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
     storage = getattr(args, "storage", None)
     old_hook = threading.excepthook
-    threading.excepthook = lambda a: _thread_warning(a, storage)
+    threading.excepthook = thread_excepthook(old_hook, storage)
+    ours = logging.getLogger("bound_tuner")
+    handler = _OneLine(storage)
+    ours.addHandler(handler)
+    propagate, ours.propagate = ours.propagate, False
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return code
+    except BrokenPipeError:  # the reader of our output went away (report ... | head)
+        _quiet_stdout()
+        return 141  # as a process ended by SIGPIPE, the shell's 128 + 13
     except USER_ERRORS as e:
         print(f"bound-tuner: error: {scrub(e, storage)}", file=sys.stderr)
         return 2
@@ -497,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         threading.excepthook = old_hook
+        ours.removeHandler(handler)
+        ours.propagate = propagate
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
 

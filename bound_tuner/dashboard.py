@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -37,7 +38,7 @@ from optuna.trial import FrozenTrial
 
 from .bounds.report import TERM_LABELS
 from .reporting import heldout_key, rank_correlation, selection_stats, trials_json
-from .storage import StorageError, normalize_url, resolve_url
+from .storage import is_grpc, normalize_url, require_database, resolve_url
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -65,16 +66,27 @@ _log = logging.getLogger(__name__)
 
 
 def artifact_dir_for(storage_url: str | None = None) -> Path:
-    """Where a study's artifacts live: $BOUND_TUNER_ARTIFACTS, else ``<db name>_artifacts`` next
-    to a SQLite file, else ./bound_tuner_artifacts."""
+    """Where a study's artifacts go by default: $BOUND_TUNER_ARTIFACTS, else
+    ``<db name>_artifacts`` next to a SQLite file, else a folder of the working directory named
+    after the database server, ``<backend>_<host>_<port>_<database>_artifacts``
+    (``grpc_<host>_<port>_artifacts`` for a storage proxy), so that a PostgreSQL study and a SQLite
+    study of one name never share a folder. A run records the absolute folder in its study
+    (user attr ``bound_tuner.artifacts``), and each trial the folder of its weights."""
     env = os.environ.get(ARTIFACTS_ENV)
     if env:
         return Path(env).expanduser()
-    u = normalize_url(resolve_url(storage_url))
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        db = Path(u.database).expanduser()
-        return db.with_name(f"{db.stem}_artifacts")
-    return Path("bound_tuner_artifacts")
+    url = resolve_url(storage_url)
+    if is_grpc(url):
+        host, _, port = url.strip()[len("grpc://") :].partition(":")
+        parts = ["grpc", host, port.strip("/")]
+    else:
+        u = normalize_url(url)
+        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+            db = Path(u.database).expanduser()
+            return db.with_name(f"{db.stem}_artifacts")
+        parts = [u.get_backend_name(), u.host or "local", str(u.port or ""), u.database or ""]
+    tag = "_".join(p for p in parts if p)
+    return Path(re.sub(r"[^A-Za-z0-9._\-]+", "-", tag) + "_artifacts")
 
 
 class FolderArtifactStore(FileSystemArtifactStore):
@@ -585,16 +597,6 @@ def dashboard_hooks(
 # ----------------------------------------------------------------------------- server
 
 
-def _check_exists(url: str) -> None:
-    u = normalize_url(url)
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        if not Path(u.database).expanduser().exists():
-            raise StorageError(
-                f"no study database at {u.database}; run `bound-tuner run SPEC --storage {url}` "
-                "first or give the right --storage"
-            )
-
-
 def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | None = None):
     """The optuna-dashboard WSGI app on a study storage and its artifact store."""
     from optuna_dashboard import wsgi
@@ -602,7 +604,7 @@ def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | 
     from .storage import make_storage
 
     url = resolve_url(storage_url)
-    _check_exists(url)
+    require_database(url)
     store = make_storage(url)
     path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
     return wsgi(store, artifact_store=FileSystemArtifactStore(path))
@@ -648,7 +650,7 @@ def serve(
     if warning:
         print(warning, file=sys.stderr, flush=True)
     url = resolve_url(storage_url)
-    _check_exists(url)
+    require_database(url)
     path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
     print(f"optuna-dashboard on http://{host}:{port}/dashboard/ (artifacts in {path})", flush=True)
     run_server(

@@ -58,9 +58,21 @@ def set_tf32(enabled: bool = True) -> None:
     On by default for CUDA trials (``[training] tf32``): the models here are small and trained
     with noisy gradients, where TF32's 10-bit mantissa inputs change nothing that a seed does not.
     No effect on the CPU."""
-    mode = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    set_fp32_precision(torch.backends.cuda.matmul, torch.backends.cudnn, enabled)
+
+
+def set_fp32_precision(matmul, cudnn, enabled: bool) -> None:
+    """TF32 on or off through whichever switch this torch has: ``fp32_precision`` ("tf32" or
+    "ieee"; torch 2.9 and later, where the older flags are deprecated) or ``allow_tf32``
+    (torch 2.4 to 2.8). ``matmul`` and ``cudnn`` are ``torch.backends.cuda.matmul`` and
+    ``torch.backends.cudnn``."""
+    if hasattr(matmul, "fp32_precision"):
+        mode = "tf32" if enabled else "ieee"
+        matmul.fp32_precision = mode
+        cudnn.conv.fp32_precision = mode
+    else:
+        matmul.allow_tf32 = enabled
+        cudnn.allow_tf32 = enabled
 
 
 def generator_for(device: torch.device | str, seed: int) -> torch.Generator:

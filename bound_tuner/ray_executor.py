@@ -39,6 +39,7 @@ from .workers import (
     _StudyLock,
     _target,
     finished_count,
+    nothing_left,
     save_final_charts,
     work,
 )
@@ -144,6 +145,8 @@ def run_ray(
     grace_period: int | None = None,
     dashboard: bool = True,
     max_retries: int = DEFAULT_MAX_RETRIES,
+    max_consecutive_failures: int | None = None,
+    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """Run the spec's study on Ray with ``n_workers`` tasks until it has ``n_trials`` in all.
 
@@ -154,7 +157,8 @@ def run_ray(
     trains on ``cuda``. Ray reruns a task whose process or node died up to ``max_retries``
     times; a task that still fails does not stop the others and raises WorkerError at the end.
     The storage must be a database every node reaches (PostgreSQL, or a ``grpc://`` proxy);
-    SQLite is refused. Ctrl-C cancels the tasks: their trials end as interrupted and are retried
+    SQLite is refused. ``max_consecutive_failures`` and ``allow_changed_spec``: see
+    ``bound_tuner.workers.run_worker``. Ctrl-C cancels the tasks: their trials end as interrupted and are retried
     when the study resumes; KeyboardInterrupt is raised.
     """
     from .study import build_objective, load_data
@@ -183,7 +187,20 @@ def run_ray(
     study, bar = None, None
     try:
         k = _slots(ray, n_workers, gpus_per_trial)  # before the study exists
-        study = _open(spec, url, interval, grace)
+        from .dashboard import artifact_dir_for
+
+        study = _open(
+            spec,
+            url,
+            interval,
+            grace,
+            allow_changed_spec=allow_changed_spec,
+            artifact_dir=str(artifact_dir_for(url).resolve()),
+        )
+        done = nothing_left(study, target)
+        if done is not None:
+            logging.getLogger(__name__).warning(done)
+            return study
         device = "cuda" if gpus_per_trial > 0 else "cpu"
         env = {v: os.environ[v] for v in FORWARDED_ENV if v in os.environ}
         remote = ray.remote(work)  # each task: the worker loop of every executor
@@ -202,6 +219,9 @@ def run_ray(
             "heartbeat_interval": interval,
             "grace_period": grace,
             "dashboard": dashboard,
+            "max_consecutive_failures": max_consecutive_failures,
+            "allow_changed_spec": allow_changed_spec,
+            "existing_trials": len(study.get_trials(deepcopy=False)),
         }
         if progress:
             from tqdm.auto import tqdm

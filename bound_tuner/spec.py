@@ -4,7 +4,9 @@ Every problem raises SpecError with one line naming the field and the mend, befo
 created. The schema (every section optional except [study].name):
 
   [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed, keep_models (the
-             best trials whose trained weights are kept: a number, default 5, or "all")
+             best trials whose trained weights are kept: a number, default 5, or "all"),
+             max_consecutive_failures (trials in a row whose objective raised before a worker
+             stops; default 5)
   [data]     name, m (an integer; "all" for every image of an image set), seed, test_size
              (+ binarize, pad_to_32 for image sets), or for a user's own data path (a .npy,
              .npz, .csv or .pt file or a folder of images, relative to the spec file), m
@@ -80,6 +82,7 @@ SECTIONS = {
         "validation": bool,
         "seed": int,
         "keep_models": (int, str),
+        "max_consecutive_failures": int,
     },
     "data": {
         "name": str,
@@ -112,6 +115,8 @@ SCHEDULE_PARAMS = {
 
 # complete trials whose trained weights are kept as artifacts (the best ones by the bound)
 DEFAULT_KEEP_MODELS = 5
+# trials in a row whose objective raised (out of memory, a bug) before a worker stops
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 5
 
 
 @dataclass
@@ -148,6 +153,7 @@ class StudySpec:
     validation: bool = False
     seed: int = 0
     keep_models: int | None = DEFAULT_KEEP_MODELS  # None: every complete trial keeps its model
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     data: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Param] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -350,6 +356,14 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
         raise SpecError(f"{where}: study.keep_models = {keep} must be at least 0 (0: none)")
     else:
         spec.keep_models = keep
+    spec.max_consecutive_failures = study.get(
+        "max_consecutive_failures", DEFAULT_MAX_CONSECUTIVE_FAILURES
+    )
+    if spec.max_consecutive_failures < 1:
+        raise SpecError(
+            f"{where}: study.max_consecutive_failures = {spec.max_consecutive_failures} must be "
+            "at least 1"
+        )
 
     spec.data = _check_section("data", raw.get("data", {}), where)
     _check_data(spec, where, base)
@@ -461,6 +475,7 @@ _AT_LEAST = {
     "pruner.n_warmup_steps": 0,
     "storage.heartbeat_interval": 1,
     "storage.grace_period": 1,
+    "bound.folds": 2,
     "bound.heldout_samples": 1,
     "bound.heldout_steps": 1,
     "search.width": 1,
@@ -639,10 +654,71 @@ def with_pack(spec: StudySpec, pack: int) -> StudySpec:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and check a study spec from a TOML file."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise SpecError(
+            f"spec path {str(p)!r} is a folder; give the path of a .toml study spec file in it"
+        )
+    if not p.exists():
         raise SpecError(f"spec file {str(p)!r} not found; give the path of a .toml study spec")
     try:
-        raw = tomllib.loads(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{p}: not UTF-8 text (byte {e.start}); a study spec is a TOML text file, save it "
+            "as UTF-8"
+        ) from None
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {p}: {e.strerror or e}") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML ({e}); fix the syntax") from None
     return parse_spec(raw, where=str(p), base=p.resolve().parent)
+
+
+# settings that change how a study runs, not what its trials are: left out of the fingerprint
+_RUN_SETTINGS = frozenset(
+    {
+        "data.test_size",  # held-out points only; the training points do not depend on it
+        "training.pack",
+        "training.compile",
+        "training.tf32",
+        "bound.heldout_samples",  # validation mode's held-out metrics, never the objective
+        "bound.heldout_steps",
+    }
+)
+
+
+def _param_record(p: Param) -> Any:
+    if p.choices is not None:
+        return {"choices": list(p.choices)}
+    if p.is_fixed:
+        return p.fixed
+    out: dict[str, Any] = {"low": p.low, "high": p.high}
+    if p.log:
+        out["log"] = True
+    if p.step is not None:
+        out["step"] = p.step
+    return out
+
+
+def fingerprint(spec: StudySpec) -> dict[str, Any]:
+    """What defines a study's trials, as flat ``section.key`` entries of plain values: the
+    model, the study seed, the data, the search space and the fixed [training] and [bound]
+    settings. Not in it: n_trials, the sampler and pruner, keep_models, the storage, heartbeat,
+    device, workers and packing, validation's held-out settings (``_RUN_SETTINGS``). Two specs
+    with the same fingerprint train and score the same trials."""
+    out: dict[str, Any] = {"study.model": spec.model, "study.seed": spec.seed}
+    for section in ("data", "training", "bound"):
+        for key, value in getattr(spec, section).items():
+            out[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    for name, p in spec.search.items():
+        out[f"search.{name}"] = _param_record(p)
+    return {k: out[k] for k in sorted(out) if k not in _RUN_SETTINGS}
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
+    """``{key: [old value, new value]}`` for every key whose value differs (None: absent)."""
+    return {
+        k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    }

@@ -27,6 +27,13 @@ DEFAULT_STORAGE = "sqlite:///bound_tuner.db"
 ENV_VAR = "BOUND_TUNER_STORAGE"
 GRPC_EXTRA = 'pip install "bound_tuner[grpc]"'
 PROXY_WAIT_S = 5.0  # how long a client waits for the gRPC proxy to answer
+DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
+
+
+def default_grace_period(heartbeat_interval: int) -> int:
+    """Seconds without a heartbeat before a trial counts as dead, unless a spec or option says
+    otherwise: three heartbeats, and never under 30 s. The one definition of this default."""
+    return max(30, 3 * heartbeat_interval)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -42,19 +49,28 @@ class StorageError(ValueError):
     """
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^\s/?#]*@"
+)  # the password runs to the last "@" before the host: an unencoded "@" in it is masked too
 _LOOSE = re.compile(r"(?P<user>[^:/@\s]*):(?!//)[^@\s]*@")  # user:password@ without a scheme
 
 
 def _passwords(url: str) -> list[str]:
-    """The password of ``url`` as written and decoded (empty if it has none)."""
+    """The password of ``url`` as written and decoded (empty if it has none).
+
+    With a scheme (``scheme://user:password@host``) only the user info before the host counts,
+    so ``scheme://user@host`` has no password; without one, ``user:password@host``."""
     url = url.strip()
-    m = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:(?P<pw>[^@\s]*)@", url) or re.search(
-        r"[^:/@\s]*:(?P<pw>[^@\s]*)@", url
-    )
-    if not m or not m.group("pw"):
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", url)
+    if scheme:
+        rest = url[scheme.end() :].split("?", 1)[0]  # a query may hold "@" too
+        userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+        raw = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+    else:
+        m = re.search(r"[^:/@\s]*:(?P<pw>[^@\s/]*)@", url)
+        raw = m.group("pw") if m else ""
+    if not raw:
         return []
-    raw = m.group("pw")
     return sorted({raw, unquote(raw)} - {""}, key=len, reverse=True)
 
 
@@ -134,7 +150,7 @@ def _grpc_proxy(url: str, *, wait: float = PROXY_WAIT_S) -> optuna.storages.Base
         proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
     try:
         proxy.wait_server_ready(timeout=wait)
-    except Exception:
+    except (ConnectionError, OSError):  # Optuna's timeout; a name that does not resolve
         proxy.close()
         raise StorageError(
             f"cannot reach the storage proxy at {url} (no answer within {wait:g} s); start it "
@@ -195,6 +211,42 @@ def check_sqlite_file(path: Path) -> None:
             f"{path} is a SQLite database of another program (tables: {shown}), not a study "
             f"database; {mend}"
         )
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the study database failed (unreachable, full, read-only,
+    refused a write), as opposed to an error of a trial's own code: SQLAlchemy's errors (which
+    wrap the drivers' own, SQLite's 'database or disk is full' among them), Optuna's storage
+    error and, with the gRPC extra, the proxy's RpcError. An OSError is not one of them: the
+    database reports its own file's errors through SQLAlchemy."""
+    kinds: list[type[BaseException]] = [
+        sqlalchemy.exc.SQLAlchemyError,
+        optuna.exceptions.StorageInternalError,
+    ]
+    try:
+        import grpc
+    except ImportError:
+        pass  # no gRPC extra: no proxy, no RpcError
+    else:
+        kinds.append(grpc.RpcError)
+    return tuple(kinds)
+
+
+def require_database(url: str) -> None:
+    """For read-only commands (report, export, sample, dashboard): refuse a SQLite file that does
+    not exist, with one line, instead of creating an empty database."""
+    if is_grpc(url):
+        return
+    u = normalize_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        path = Path(u.database).expanduser()
+        if path.is_dir():
+            raise StorageError(f"database path {path} is a folder, not a study database")
+        if not path.exists():
+            raise StorageError(
+                f"no study database at {path}; run `bound-tuner run SPEC --storage {redact(url)}` "
+                "first or give the right --storage"
+            )
 
 
 def check_storage(url: str) -> str:
@@ -296,7 +348,7 @@ def make_storage(
     kwargs: dict = {}
     if heartbeat_interval:
         kwargs["heartbeat_interval"] = heartbeat_interval
-        kwargs["grace_period"] = grace_period or 4 * heartbeat_interval
+        kwargs["grace_period"] = grace_period or default_grace_period(heartbeat_interval)
         if retry_failed:
             kwargs["heartbeat_stale_trial_callback"] = (
                 optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_failed)

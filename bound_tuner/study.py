@@ -6,25 +6,58 @@ bad input leaves nothing behind in the database.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 
 import optuna
 
+from .artifacts import STUDY_ATTR_STORE
 from .data import DataSplit, load_dataset
 from .device import DEFAULT_TF32, resolve_device, set_tf32
 from .experiment import DiffusionConfig
 from .settings import config_kwargs
 from .space import grid_space
-from .spec import SpecError, StudySpec
-from .storage import make_storage
+from .spec import SpecError, StudySpec, fingerprint, fingerprint_changes
+from .storage import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    default_grace_period,
+    make_storage,
+    redact,
+    resolve_url,
+)
 
 METRIC_NAME = "generalization bound"
+SPEC_ATTR = "bound_tuner.spec"  # study user attr: the fingerprint of the spec that created it
+ARTIFACTS_ATTR = STUDY_ATTR_STORE  # study user attr: absolute artifact folder of its runs
+SPEC_CHANGED_ATTR = "spec.changed"  # trial user attr: {key: [old, new]} under allow_changed_spec
+_UNSET = object()
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def sampler_seed(base: int | None, worker_index: int | None, existing: int = 0) -> int | None:
+    """The sampler seed of one worker of a run: the spec's seed for worker 0 of a study run from
+    scratch (same spec, same proposals), else a seed derived from it, the worker index and the
+    number of trials the study had when the run started, so that workers do not propose alike
+    and a resumed study continues its search instead of replaying its first proposals. None
+    (an unnumbered worker, or no seed) draws one from the OS. (The grid sampler keeps the
+    spec's seed everywhere: see ``open_study``.)"""
+    if worker_index is None or base is None:
+        return None
+    if worker_index == 0 and existing == 0:
+        return base
+    tag = f"{base}:worker{worker_index}" + (f":trials{existing}" if existing else "")
+    h = hashlib.blake2b(tag.encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def make_sampler(
+    spec: StudySpec, *, seed: int | None | object = _UNSET
+) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded with ``seed`` (default: [sampler] seed, else the study seed)."""
     cfg = spec.sampler
-    seed = cfg.get("seed", spec.seed)
+    if seed is _UNSET:
+        seed = cfg.get("seed", spec.seed)
     kind = cfg["type"]
     if kind == "tpe":
         # packed trials run concurrently: the constant liar keeps them from all proposing alike
@@ -142,12 +175,35 @@ def build_objective(
 
 
 def open_study(
-    spec: StudySpec, storage: str | None = None, *, heartbeat: bool = False, **storage_kw
+    spec: StudySpec,
+    storage: str | None = None,
+    *,
+    heartbeat: bool = False,
+    worker_index: int | None = 0,
+    existing_trials: int | None = None,
+    allow_changed_spec: bool = False,
+    artifact_dir: str | None = None,
+    **storage_kw,
 ) -> optuna.Study:
-    """Create the spec's study in the storage, or load it if it exists (resuming)."""
+    """Create the spec's study in the storage, or load it if it exists (resuming).
+
+    A new study records the spec's fingerprint (``bound_tuner.spec.fingerprint``: data, fixed
+    settings, search space, bound settings) in its user attr ``bound_tuner.spec``. An existing
+    one is refused with a SpecError naming the changed keys if the spec differs, unless
+    ``allow_changed_spec`` (see ``spec_changes``). ``artifact_dir``, when given, is recorded
+    as the study's artifact folder (``bound_tuner.artifacts``; export and sample look there).
+
+    The sampler is seeded by ``sampler_seed`` from the spec's seed, ``worker_index`` and the
+    trials the study already has (``existing_trials``, counted here when None).
+    """
     if heartbeat:
-        storage_kw.setdefault("heartbeat_interval", spec.storage.get("heartbeat_interval", 10))
-        storage_kw.setdefault("grace_period", spec.storage.get("grace_period", 30))
+        interval = storage_kw.setdefault(
+            "heartbeat_interval",
+            spec.storage.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL),
+        )
+        storage_kw.setdefault(
+            "grace_period", spec.storage.get("grace_period", default_grace_period(interval))
+        )
         storage_kw.setdefault("retry_failed", 3)
     store = make_storage(storage, **storage_kw)
     study = optuna.create_study(
@@ -155,14 +211,56 @@ def open_study(
         study_name=spec.name,
         direction="minimize",
         load_if_exists=True,
-        sampler=make_sampler(spec),
+        sampler=optuna.samplers.RandomSampler(),  # replaced below, once the trials are counted
         pruner=make_pruner(spec),
     )
+    changes = spec_changes(study, spec)
+    if changes and not allow_changed_spec:
+        shown = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+        raise SpecError(
+            f"study {spec.name!r} in {redact(resolve_url(storage))} was created from another "
+            f"spec ({shown}); give this spec its own study (--study-name NAME, or a new [study] "
+            "name), or continue the old study anyway with --allow-changed-spec "
+            "(run_study(allow_changed_spec=True); its new trials record what changed)"
+        )
+    attrs = study.user_attrs
+    if SPEC_ATTR not in attrs:  # a new study (or one made before fingerprints existed)
+        study.set_user_attr(SPEC_ATTR, _plain(fingerprint(spec)))
+    if artifact_dir is not None and attrs.get(ARTIFACTS_ATTR) != artifact_dir:
+        study.set_user_attr(ARTIFACTS_ATTR, artifact_dir)
     if study.metric_names is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([METRIC_NAME])
+    if existing_trials is None:
+        existing_trials = len(study.get_trials(deepcopy=False))
+    base = spec.sampler.get("seed", spec.seed)
+    if spec.sampler["type"] == "grid":
+        # GridSampler shuffles the grid by its seed and gives trial n the n-th point: every
+        # worker and every resume must share that order to continue the grid, never repeat it
+        seed = base
+    else:
+        seed = sampler_seed(base, worker_index, existing_trials)
+    study.sampler = make_sampler(spec, seed=seed)
     return study
+
+
+def _plain(value):
+    """``value`` as it comes back from a study's user attrs (JSON: tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _show(value) -> str:
+    return "(unset)" if value is None else json.dumps(value)
+
+
+def spec_changes(study: optuna.Study, spec: StudySpec) -> dict[str, list]:
+    """``{key: [recorded, now]}`` for each fingerprint key where ``spec`` differs from the spec
+    the study was created from; empty if they agree or the study recorded none."""
+    recorded = study.user_attrs.get(SPEC_ATTR)
+    if not isinstance(recorded, dict):
+        return {}
+    return fingerprint_changes(recorded, _plain(fingerprint(spec)))
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -189,6 +287,8 @@ def run_study(
     n_workers: int | None = None,
     ray_address: str | None = None,
     gpus_per_trial: float = 0.0,
+    max_consecutive_failures: int | None = None,
+    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all.
 
@@ -196,7 +296,15 @@ def run_study(
     that many processes (``bound_tuner.workers.run_workers``). ``executor="ray"`` runs
     ``n_workers`` Ray tasks (``bound_tuner.ray_executor.run_ray``: ``ray_address``,
     ``gpus_per_trial``), which load the spec's data themselves. Both need PostgreSQL for more
-    than one worker.
+    than one worker. A pool runs on ``device`` ("auto" or "cpu": CPU workers; "cuda" or
+    "cuda:N": every worker on that GPU).
+
+    A trial whose objective raises (CUDA out of memory, an error in one configuration) ends as
+    FAIL with its ``fail_reason`` and the run goes on; ``max_consecutive_failures`` of them in a
+    row (default: [study] max_consecutive_failures, 5) stop a worker. A study created from
+    another spec (its data, fixed settings, search space or bound settings differ) is refused
+    unless ``allow_changed_spec``; its new trials then record the differences (``spec.changed``).
+    A resumed study continues its sampler's search (``sampler_seed``).
 
     This is the loop of one worker (``bound_tuner.workers.run_worker``): trials are counted as
     the worker pool counts them, every trial heartbeats (a trial left running by a killed
@@ -211,12 +319,22 @@ def run_study(
 
     if executor not in ("local", "ray"):
         raise WorkerConfigError(f"executor {executor!r}: use 'local' or 'ray'")
-    hb = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+    hb = {
+        "heartbeat_interval": heartbeat_interval,
+        "grace_period": grace_period,
+        "max_consecutive_failures": max_consecutive_failures,
+        "allow_changed_spec": allow_changed_spec,
+    }
     if executor == "ray":
         if data is not None or callbacks:
             raise WorkerConfigError(
                 "executor='ray' runs the spec in Ray tasks that load its data themselves; "
                 "leave out data and callbacks"
+            )
+        if device not in ("auto", "cpu") or (device == "cpu" and gpus_per_trial > 0):
+            raise WorkerConfigError(
+                f"device={device!r} with executor='ray': Ray trains on cuda with gpus_per_trial "
+                "and on the CPU without it; leave out device"
             )
         from .ray_executor import run_ray
 
@@ -246,6 +364,7 @@ def run_study(
             n_trials=n_trials,
             progress=progress,
             dashboard=dashboard,
+            device=device,
             **hb,
         )
     return run_worker(
@@ -253,8 +372,7 @@ def run_study(
         storage=storage,
         device=device,
         n_trials=n_trials,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
+        **hb,
         worker_index=0,
         progress=progress,
         dashboard=dashboard,

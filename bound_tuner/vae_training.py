@@ -59,14 +59,16 @@ def train_vae(
     r: float = 1.0,
     seed: int = 0,
     dynamic_binarize: bool = False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     progress: bool = False,
     decoder0: nn.Module | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with Adam on REC + beta KLD (+ lam S); see the module docstring.
 
-    ``decoder0`` defaults to ``model.initial_decoder()`` (needed only when lam > 0).
+    ``device`` defaults to the device of the model's parameters (the model is not moved);
+    ``train_x`` goes there. ``decoder0`` defaults to ``model.initial_decoder()`` (needed only
+    when lam > 0).
     ``dynamic_binarize`` draws x ~ Bernoulli(x) for every batch (grey images in [0, 1]).
     ``callback(epoch, model)`` runs after each epoch (epoch counts from 1); it may evaluate the
     bound or raise to stop (an Optuna pruner, for example), and the exception propagates.
@@ -80,6 +82,8 @@ def train_vae(
             f"epochs={epochs}, batch_size={batch_size}, lr={lr}, beta={beta}, lam={lam}, r={r}"
         )
     m = int(train_x.shape[0])
+    if device is None:  # train where the model is
+        device = next(model.parameters()).device
     device = torch.device(device)
     model.to(device)
     x_all = train_x.to(device)

@@ -21,7 +21,6 @@ the number of workers minus one, and a dead worker's trial stays RUNNING.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -41,14 +40,17 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .storage import (
+    DEFAULT_HEARTBEAT_INTERVAL,
     StorageError,
     check_storage,
+    default_grace_period,
     is_grpc,
     is_sqlite,
     normalize_url,
     redact,
     resolve_url,
     scrub,
+    storage_errors,
 )
 
 if TYPE_CHECKING:  # the spec and study modules import torch; workers import them after CUDA setup
@@ -63,7 +65,6 @@ __all__ = [
     "run_workers",
 ]
 
-DEFAULT_HEARTBEAT_INTERVAL = 10
 WORKER_ATTR = "worker"  # user attr: host:pid/device of the worker that runs the trial
 _POLL_S = 0.5
 
@@ -78,6 +79,13 @@ class WorkerError(RuntimeError):
 
 class TrialError(RuntimeError):
     """A trial that could not run or be recorded (disk full, read-only database); one line."""
+
+
+class TooManyFailures(TrialError):
+    """A worker stopped after ``max_consecutive_failures`` trials in a row raised; one line."""
+
+
+_log = logging.getLogger(__name__)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -210,15 +218,55 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _open(spec: StudySpec, url: str, interval: int, grace: int) -> optuna.Study:
-    """The spec's study (created if missing) on a storage with heartbeat and retries."""
+def _open(spec: StudySpec, url: str, interval: int, grace: int, **kw: Any) -> optuna.Study:
+    """The spec's study (created if missing) on a storage with heartbeat and retries; ``kw``
+    goes to ``bound_tuner.study.open_study`` (worker_index, allow_changed_spec, ...)."""
     from .study import open_study
 
     with warnings.catch_warnings():  # heartbeat options are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return open_study(
-            spec, url, heartbeat=True, heartbeat_interval=interval, grace_period=grace
+            spec, url, heartbeat=True, heartbeat_interval=interval, grace_period=grace, **kw
         )
+
+
+def nothing_left(study: optuna.Study, target: int) -> str | None:
+    """The line that says a study already has ``target`` finished trials, else None."""
+    done = finished_count(study)
+    if done < target:
+        return None
+    return (
+        f"study {study.study_name!r} already has {done} finished trials of n_trials = {target}; "
+        f"nothing left to run. To add trials, raise --n-trials (e.g. --n-trials {done + 5}) or "
+        "[study] n_trials"
+    )
+
+
+class FailureStreak:
+    """Trials in a row of one worker whose objective raised; ``limit`` of them stop the worker
+    (TooManyFailures). Shared by the trial loops of a packed worker (thread-safe)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise WorkerConfigError(f"max_consecutive_failures = {limit} must be at least 1")
+        self.limit = limit
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def ok(self) -> None:
+        with self._lock:
+            self.count = 0
+
+    def failed(self, number: int, reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            if self.count >= self.limit:
+                raise TooManyFailures(
+                    f"{self.count} trials in a row failed (the last, trial {number}: {reason}); "
+                    "this worker stopped. The failed trials keep their fail_reason; fix the "
+                    "cause and run the same command to resume, or raise [study] "
+                    "max_consecutive_failures (--max-failures)"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +320,10 @@ def _one_line(e: BaseException, url: str | None = None) -> str:
 
 
 def _storage_failure(e: BaseException | None) -> BaseException | None:
-    """The database or file-system error behind ``e`` (itself, or what it was raised from or
-    during), else None."""
-    import sqlalchemy.exc
-
-    kinds = (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    """The database error behind ``e`` (itself, or what it was raised from or during), else
+    None. Only the storage's own errors count (``bound_tuner.storage.storage_errors``): an
+    OSError of a trial's code is that trial's failure."""
+    kinds = storage_errors()
     seen = 0
     while e is not None and seen < 10:
         if isinstance(e, kinds):
@@ -307,6 +354,8 @@ def optimize_until(
     bar: Any = None,
     url: str | None = None,
     wait_for_running: bool = True,
+    failures: FailureStreak | None = None,
+    trial_attrs: dict[str, Any] | None = None,
 ) -> None:
     """Run trials of ``study`` until it has ``target`` trials that count (``counts``).
 
@@ -317,9 +366,19 @@ def optimize_until(
     comes back, so it returns instead. Ctrl-C or SIGTERM ends the running trial as FAIL with
     ``fail_reason = "interrupted"``, queues its retry and raises KeyboardInterrupt. A trial
     that cannot be written (disk full, read-only database) raises TrialError.
+
+    Any other exception of the objective (CUDA out of memory, an error in one configuration)
+    ends its trial as FAIL with its ``fail_reason`` and the loop goes on; ``failures`` (default:
+    five in a row) stops it with TooManyFailures. ``trial_attrs`` are set on every trial.
     """
     global _interrupting
     ident = ident or f"{socket.gethostname()}:{os.getpid()}"
+    if failures is None:
+        from .spec import DEFAULT_MAX_CONSECUTIVE_FAILURES
+
+        failures = FailureStreak(DEFAULT_MAX_CONSECUTIVE_FAILURES)
+    streak = failures
+    trial_attrs = dict(trial_attrs or {})
     logging.getLogger("optuna.study._optimize").addFilter(_not_an_interrupt)
     while True:
         held = contextlib.ExitStack()
@@ -328,6 +387,8 @@ def optimize_until(
         def run(trial: optuna.Trial, current: dict = current, held=held) -> float:
             current["number"] = trial.number
             trial.set_user_attr(WORKER_ATTR, ident)
+            for key, value in trial_attrs.items():
+                trial.set_user_attr(key, value)
             held.close()  # the slot is claimed: let the next process count
             try:
                 return objective(trial)
@@ -337,20 +398,26 @@ def optimize_until(
                 global _interrupting
                 _interrupting = True
                 current["signals"] = _ignore_signals()  # until the retry is queued
-                with contextlib.suppress(Exception):
+                try:
                     trial.set_user_attr("fail_reason", INTERRUPTED)
+                except storage_errors() as werr:  # retried anyway once its heartbeat stops
+                    _log.warning("trial %d: not marked interrupted: %s", trial.number, werr)
                 raise
             except Exception as err:
                 current["reason"] = _one_line(err, url)
                 if _storage_failure(err):
+                    current["storage_failure"] = err
                     try:
                         trial.set_user_attr("fail_reason", STORAGE_FAILURE + current["reason"])
-                    except Exception:
+                    except storage_errors():
                         raise _Abandon from err
                     raise
-                with contextlib.suppress(Exception):
+                current["failed"] = True
+                try:
                     if "fail_reason" not in trial.user_attrs:
                         trial.set_user_attr("fail_reason", current["reason"])
+                except storage_errors() as werr:  # the FAIL itself is written next, or raises
+                    _log.warning("trial %d: fail_reason not recorded: %s", trial.number, werr)
                 raise
 
         try:
@@ -369,20 +436,30 @@ def optimize_until(
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(run, n_trials=1, callbacks=list(callbacks))
+                # an exception of the objective fails its trial, not the worker (``run`` keeps
+                # its reason); KeyboardInterrupt, SystemExit and storage failures still stop it
+                study.optimize(run, n_trials=1, callbacks=list(callbacks), catch=(Exception,))
+            if "storage_failure" in current:
+                raise current["storage_failure"]
+            if "failed" in current:
+                streak.failed(current["number"], current["reason"])
+            elif "number" in current:
+                streak.ok()
         except KeyboardInterrupt:
             held.close()
             old = current.get("signals") or _ignore_signals()
             try:
                 if "number" in current:
-                    with (
-                        contextlib.suppress(Exception),
-                        lock() if lock else contextlib.nullcontext(),
-                    ):
-                        _requeue_interrupted(study)
+                    try:
+                        with lock() if lock else contextlib.nullcontext():
+                            _requeue_interrupted(study)
+                    except storage_errors() as e:  # its heartbeat stops: retried on resume
+                        _log.warning("could not queue the interrupted trial again: %s", e)
             finally:
                 _restore_signals(old)
                 _interrupting = False
+            raise
+        except TooManyFailures:
             raise
         except (Exception, _Abandon) as failure:
             held.close()
@@ -410,7 +487,7 @@ def _heartbeat_settings(
     if interval is None:
         interval = spec.storage.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
     if grace is None:
-        grace = spec.storage.get("grace_period", max(30, 3 * interval))
+        grace = spec.storage.get("grace_period", default_grace_period(interval))
     if interval < 1:
         raise WorkerConfigError(f"heartbeat interval {interval} s must be at least 1 second")
     if grace <= interval:
@@ -425,18 +502,6 @@ def _as_spec(spec: StudySpec | str | Path) -> StudySpec:
     from .spec import load_spec
 
     return load_spec(spec) if isinstance(spec, (str, Path)) else spec
-
-
-def _sampler_seed(spec: StudySpec, worker_index: int | None) -> int | None:
-    """Worker 0 keeps the spec's sampler seed; others get seeds derived from it, so workers do
-    not propose the same parameters; None (an unnumbered worker) draws one from the OS."""
-    base = spec.sampler.get("seed", spec.seed)
-    if worker_index is None or base is None:
-        return None
-    if worker_index == 0:
-        return base
-    h = hashlib.blake2b(f"{base}:worker{worker_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
 def _target(spec: StudySpec, n_trials: int | None) -> int:
@@ -461,14 +526,26 @@ def run_worker(
     dashboard_charts: bool = False,
     data: Any = None,
     callbacks: Sequence[Any] = (),
+    max_consecutive_failures: int | None = None,
+    allow_changed_spec: bool = False,
+    existing_trials: int | None = None,
 ) -> optuna.Study:
     """Run trials of the spec's study (created if missing) until it has ``n_trials`` in all.
 
     This is the loop of one worker; any number of them, on any machines, may run it against one
-    database. ``worker_index`` numbers the workers of one pool (it seeds the sampler); leave it
-    None for workers started by hand. ``threads`` sets torch's CPU threads. ``dashboard`` writes
-    each trial's note and samples for optuna-dashboard; ``dashboard_charts`` also rebuilds the
-    study's charts, which exactly one process of a study may do (see ``bound_tuner.dashboard``).
+    database. ``worker_index`` numbers the workers of one pool (with the trials the study had
+    when the run started, ``existing_trials``, counted here when None, it seeds the sampler:
+    ``bound_tuner.study.sampler_seed``); leave it None for workers started by hand.
+    ``threads`` sets torch's CPU threads. ``dashboard`` writes each trial's note and samples
+    for optuna-dashboard; ``dashboard_charts`` also rebuilds the study's charts, which exactly
+    one process of a study may do (see ``bound_tuner.dashboard``).
+
+    A trial whose objective raises ends as FAIL (its ``fail_reason`` says why) and the worker
+    goes on; ``max_consecutive_failures`` such trials in a row (default: the spec's [study]
+    setting, 5) stop it with TooManyFailures. A spec that differs from the one the study was
+    created from is refused (SpecError) unless ``allow_changed_spec``; then every new trial
+    records the differences in its user attr ``spec.changed``. A study that already has its
+    ``n_trials`` logs that nothing is left to run and returns.
     """
     from .study import build_objective, load_data
 
@@ -496,10 +573,29 @@ def run_worker(
     objective = build_objective(
         spec, data, device=device, on_result=on_result, artifact_store=store
     )
-    seeded = dataclasses.replace(
-        spec, sampler={**spec.sampler, "seed": _sampler_seed(spec, worker_index)}
+    from .dashboard import artifact_dir_for
+    from .study import SPEC_CHANGED_ATTR, spec_changes
+
+    study = _open(
+        spec,
+        url,
+        interval,
+        grace,
+        worker_index=worker_index,
+        existing_trials=existing_trials,
+        allow_changed_spec=allow_changed_spec,
+        artifact_dir=str(artifact_dir_for(url).resolve()),
     )
-    study = _open(seeded, url, interval, grace)
+    changes = spec_changes(study, spec)
+    streak = FailureStreak(
+        max_consecutive_failures
+        if max_consecutive_failures is not None
+        else spec.max_consecutive_failures
+    )
+    done = nothing_left(study, target)
+    if done is not None:
+        _log.warning(done)
+        return study
     from .device import resolve_device
 
     ident = f"{socket.gethostname()}:{os.getpid()}/{resolve_device(device)}"
@@ -518,6 +614,8 @@ def run_worker(
         "bar": bar,
         "url": url,
         "wait_for_running": not is_grpc(url),  # the proxy carries no heartbeat
+        "failures": streak,
+        "trial_attrs": {SPEC_CHANGED_ATTR: changes} if changes else None,
     }
     pack = getattr(objective, "pack", 1)
     try:
@@ -561,9 +659,16 @@ def parse_gpus(text: str) -> list[int | str]:
 
 
 def _worker_devices(
-    n_workers: int | None, gpus: Sequence[int | str] | None, trials_per_gpu: int
-) -> list[tuple[str, str]]:
-    """(CUDA_VISIBLE_DEVICES, torch device) for each worker of the pool."""
+    n_workers: int | None,
+    gpus: Sequence[int | str] | None,
+    trials_per_gpu: int,
+    device: str = "auto",
+) -> list[tuple[str | None, str]]:
+    """(CUDA_VISIBLE_DEVICES, torch device) for each worker of the pool; None leaves the
+    variable as this process has it.
+
+    Without ``gpus`` the workers run on ``device``: "auto" and "cpu" give CPU workers (one torch
+    thread each), a CUDA device ("cuda", "cuda:1") puts every worker on it."""
     if trials_per_gpu < 1:
         raise WorkerConfigError(f"--trials-per-gpu {trials_per_gpu} must be at least 1")
     if gpus is None:
@@ -572,7 +677,19 @@ def _worker_devices(
         n = n_workers if n_workers is not None else (os.cpu_count() or 1)
         if n < 1:
             raise WorkerConfigError(f"--workers {n} must be at least 1")
-        return [("", "cpu")] * n
+        if device in ("auto", "cpu"):
+            return [("", "cpu")] * n
+        if not device.startswith("cuda"):
+            raise WorkerConfigError(
+                f"device {device!r} for a pool of workers: use cpu, auto (CPU workers), cuda or "
+                "cuda:N (every worker on that GPU), or give gpus"
+            )
+        return [(None, device)] * n
+    if device not in ("auto", "cuda"):
+        raise WorkerConfigError(
+            f"device {device!r} with gpus: each worker trains on its own GPU of gpus; leave "
+            "out the device"
+        )
     gpus = list(gpus)
     if not gpus:
         raise WorkerConfigError("--gpus is empty; give GPU indices such as 0,1,2,3")
@@ -636,7 +753,7 @@ def work(
 
 def _worker_main(
     index: int,
-    visible_devices: str,
+    visible_devices: str | None,
     device: str,
     payload: bytes,
     storage: str,
@@ -644,8 +761,11 @@ def _worker_main(
     errors: Any,
     parent: int | None = None,
 ) -> None:
-    """Entry point of a spawned worker: CUDA visibility first, then torch and the study loop."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    """Entry point of a spawned worker: CUDA visibility first, then torch and the study loop.
+    A worker that fails sends its one line through ``errors`` (a pipe: no semaphore for the
+    resource tracker to report as leaked when another worker is killed)."""
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     install_sigterm_handler()  # the parent's SIGTERM ends our trial as interrupted
     if parent is not None:
@@ -655,7 +775,8 @@ def _worker_main(
     except KeyboardInterrupt:
         sys.exit(130)
     if failure is not None:
-        errors.put((index, failure))
+        errors.send(failure)
+        errors.close()
         sys.exit(1)
 
 
@@ -680,21 +801,26 @@ def run_workers(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     dashboard: bool = True,
+    device: str = "auto",
+    max_consecutive_failures: int | None = None,
+    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """Run the spec's study with a pool of worker processes until it has ``n_trials`` in all.
 
-    Without ``gpus``: ``n_workers`` CPU workers (default: one per CPU core), each with one torch
-    thread. With ``gpus``: ``trials_per_gpu`` workers per listed GPU. SQLite serves one process,
+    Without ``gpus``: ``n_workers`` workers (default: one per CPU core) on ``device``: CPU
+    workers with one torch thread each for "auto" or "cpu", every worker on one GPU for "cuda"
+    or "cuda:N". With ``gpus``: ``trials_per_gpu`` workers per listed GPU.
+    ``max_consecutive_failures`` and ``allow_changed_spec``: see ``run_worker``. SQLite serves one process,
     so more than one worker needs PostgreSQL. A worker that dies does not stop the others (its
     trial is retried); once all have ended, any non-zero exit raises WorkerError. ``dashboard``:
     trial notes and samples from every worker, the study's charts from worker 0 and, at the end,
     from the parent. Ctrl-C or SIGTERM stops every worker (their trials end as interrupted and
     are retried when the study resumes) and raises KeyboardInterrupt.
     """
-    slots = _worker_devices(n_workers, gpus, trials_per_gpu)
+    slots = _worker_devices(n_workers, gpus, trials_per_gpu, device)
     if gpus is not None:
         check_gpus(gpus)
-    where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
+    where = f"GPUs {','.join(map(str, gpus))}" if gpus else slots[0][1]
     return run_pool(
         spec,
         storage=storage,
@@ -705,6 +831,8 @@ def run_workers(
         grace_period=grace_period,
         dashboard=dashboard,
         where=where,
+        max_consecutive_failures=max_consecutive_failures,
+        allow_changed_spec=allow_changed_spec,
     )
 
 
@@ -712,13 +840,15 @@ def run_pool(
     spec: StudySpec | str | Path,
     *,
     storage: str | None,
-    slots: Sequence[tuple[str, str]],
+    slots: Sequence[tuple[str | None, str]],
     n_trials: int | None = None,
     progress: bool = True,
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     dashboard: bool = True,
     where: str = "CPU",
+    max_consecutive_failures: int | None = None,
+    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """The pool of ``run_workers``: one spawned process per (CUDA_VISIBLE_DEVICES, device) slot."""
     import multiprocessing as mp
@@ -739,22 +869,39 @@ def run_pool(
     check_storage(url)
     # bad data or search settings fail here, before the study exists (never in the workers)
     build_objective(spec, load_data(spec), device="cpu")
-    study = _open(spec, url, interval, grace)
+    from .dashboard import artifact_dir_for
+
+    study = _open(
+        spec,
+        url,
+        interval,
+        grace,
+        allow_changed_spec=allow_changed_spec,
+        artifact_dir=str(artifact_dir_for(url).resolve()),
+    )
+    done = nothing_left(study, target)
+    if done is not None:
+        _log.warning(done)
+        return study
     lock = _StudyLock(url, spec.name)
 
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
     payload = pickle.dumps(spec)
     options = {
         "n_trials": target,
         "heartbeat_interval": interval,
         "grace_period": grace,
         "dashboard": dashboard,
+        "max_consecutive_failures": max_consecutive_failures,
+        "allow_changed_spec": allow_changed_spec,
+        # every worker seeds its sampler from the trials the study had when the pool started
+        "existing_trials": len(study.get_trials(deepcopy=False)),
     }
+    pipes = [ctx.Pipe(duplex=False) for _ in slots]
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(i, visible, device, payload, url, options, errors, os.getpid()),
+            args=(i, visible, device, payload, url, options, pipes[i][1], os.getpid()),
             name=f"bound-tuner-worker-{i}",
         )
         for i, (visible, device) in enumerate(slots)
@@ -806,9 +953,15 @@ def run_pool(
         save_final_charts(study)
 
     messages: dict[int, str] = {}
-    while not errors.empty():
-        i, msg = errors.get()
-        messages[i] = msg
+    for i, (reader, writer) in enumerate(pipes):
+        writer.close()
+        try:
+            if reader.poll():
+                messages[i] = reader.recv()
+        except (EOFError, OSError):  # the worker died before it said why; its exit code tells
+            pass
+        finally:
+            reader.close()
     failed = {i: code for i, code in ended.items() if code != 0}
     if failed:
         parts = []

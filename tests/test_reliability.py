@@ -134,6 +134,7 @@ WRONG_VALUE = {
         "validation": None,
         "seed": -1,
         "keep_models": -1,
+        "max_consecutive_failures": 0,
     },
     "data": {
         "name": "cifar",
@@ -164,6 +165,7 @@ WRONG_VALUE = {
     "bound": {
         "variant": "best",
         "R": -1.0,
+        "folds": 1,
         "L_estimator": "path-median",
         "N": 0,
         "k": 0,

@@ -86,9 +86,10 @@ def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command
     assert retry.state == TrialState.WAITING and retry.params == failed.params
     assert retry.system_attrs["retry_history"] == [failed.number]
 
-    # resume (short trials now): the retry runs first with the same parameters, then one more
+    # resume (short trials now, so the spec changed and must be allowed): the retry runs
+    # first with the same parameters, then one more; both record what changed
     write_spec(spec, "intr", n_trials=2, steps=10)
-    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    proc = start(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     study = optuna.load_study(study_name="intr", storage=url)
@@ -96,6 +97,9 @@ def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].params == failed.params
     assert finished_count(study) == 2
+    assert "spec.changed" not in trials[0].user_attrs
+    for t in trials[1:]:
+        assert t.user_attrs["spec.changed"] == {"training.steps": [200_000, 10]}
 
 
 def test_killed_single_process_trial_is_failed_and_retried_on_resume(tmp_path):
@@ -110,7 +114,7 @@ def test_killed_single_process_trial_is_failed_and_retried_on_resume(tmp_path):
 
     write_spec(spec, "kill", n_trials=2, steps=10)
     began = time.monotonic()
-    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    proc = start(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     study = optuna.load_study(study_name="kill", storage=url)
