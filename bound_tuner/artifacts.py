@@ -34,6 +34,8 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
+from .storage import STUDY_ARTIFACTS_ATTR
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -54,7 +56,6 @@ FORMAT = 1
 ATTR_ID = "model.artifact_id"
 ATTR_SHA = "model.sha256"
 ATTR_STORE = "model.store"
-STUDY_ATTR_STORE = "bound_tuner.artifacts"  # study user attr: the artifact folder of its runs
 
 _log = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def _artifact_store(
     candidates = [
         os.environ.get(ARTIFACTS_ENV),
         t.user_attrs.get(ATTR_STORE),
-        study.user_attrs.get(STUDY_ATTR_STORE),
+        study.user_attrs.get(STUDY_ARTIFACTS_ATTR),
         str(artifact_dir_for(url)) if url is not None else None,
     ]
     paths: list[Path] = []

@@ -38,7 +38,13 @@ from optuna.trial import FrozenTrial
 
 from .bounds.report import TERM_LABELS
 from .reporting import heldout_key, rank_correlation, selection_stats, trials_json
-from .storage import is_grpc, normalize_url, require_database, resolve_url
+from .storage import (
+    STUDY_ARTIFACTS_ATTR,
+    is_grpc,
+    normalize_url,
+    require_database,
+    resolve_url,
+)
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -597,6 +603,29 @@ def dashboard_hooks(
 # ----------------------------------------------------------------------------- server
 
 
+def served_artifact_dir(storage: Any, url: str, artifact_dir: str | Path | None) -> Path:
+    """The artifact folder to serve: ``artifact_dir`` if given, else $BOUND_TUNER_ARTIFACTS,
+    else the one folder that the storage's studies recorded when they ran (user attr
+    ``bound_tuner.artifacts``; so a dashboard started in another directory finds them), else
+    ``artifact_dir_for(url)``."""
+    if artifact_dir is not None:
+        return Path(artifact_dir)
+    if os.environ.get(ARTIFACTS_ENV):
+        return artifact_dir_for(url)
+    recorded = {s.user_attrs.get(STUDY_ARTIFACTS_ATTR) for s in storage.get_all_studies()}
+    recorded.discard(None)
+    if len(recorded) == 1:
+        return Path(recorded.pop())
+    if len(recorded) > 1:
+        _log.warning(
+            "the studies of this storage keep their artifacts in %d folders; serving %s "
+            "(give --artifacts DIR for another)",
+            len(recorded),
+            artifact_dir_for(url),
+        )
+    return artifact_dir_for(url)
+
+
 def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | None = None):
     """The optuna-dashboard WSGI app on a study storage and its artifact store."""
     from optuna_dashboard import wsgi
@@ -606,7 +635,7 @@ def dashboard_app(storage_url: str | None = None, *, artifact_dir: str | Path | 
     url = resolve_url(storage_url)
     require_database(url)
     store = make_storage(url)
-    path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
+    path = served_artifact_dir(store, url, artifact_dir)
     return wsgi(store, artifact_store=FileSystemArtifactStore(path))
 
 
@@ -651,11 +680,10 @@ def serve(
         print(warning, file=sys.stderr, flush=True)
     url = resolve_url(storage_url)
     require_database(url)
-    path = Path(artifact_dir) if artifact_dir is not None else artifact_dir_for(url)
+    store = make_storage(url)
+    path = served_artifact_dir(store, url, artifact_dir)
     print(f"optuna-dashboard on http://{host}:{port}/dashboard/ (artifacts in {path})", flush=True)
-    run_server(
-        make_storage(url), host=host, port=port, artifact_store=FileSystemArtifactStore(path)
-    )
+    run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(path))
 
 
 __all__ = [

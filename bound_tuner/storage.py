@@ -28,6 +28,8 @@ ENV_VAR = "BOUND_TUNER_STORAGE"
 GRPC_EXTRA = 'pip install "bound_tuner[grpc]"'
 PROXY_WAIT_S = 5.0  # how long a client waits for the gRPC proxy to answer
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
+# study user attr: the absolute artifact folder (trained weights, images) of the study's runs
+STUDY_ARTIFACTS_ATTR = "bound_tuner.artifacts"
 
 
 def default_grace_period(heartbeat_interval: int) -> int:

@@ -13,7 +13,6 @@ import warnings
 
 import optuna
 
-from .artifacts import STUDY_ATTR_STORE
 from .data import DataSplit, load_dataset
 from .device import DEFAULT_TF32, resolve_device, set_tf32
 from .experiment import DiffusionConfig
@@ -22,6 +21,7 @@ from .space import grid_space
 from .spec import SpecError, StudySpec, fingerprint, fingerprint_changes
 from .storage import (
     DEFAULT_HEARTBEAT_INTERVAL,
+    STUDY_ARTIFACTS_ATTR,
     default_grace_period,
     make_storage,
     redact,
@@ -30,7 +30,7 @@ from .storage import (
 
 METRIC_NAME = "generalization bound"
 SPEC_ATTR = "bound_tuner.spec"  # study user attr: the fingerprint of the spec that created it
-ARTIFACTS_ATTR = STUDY_ATTR_STORE  # study user attr: absolute artifact folder of its runs
+ARTIFACTS_ATTR = STUDY_ARTIFACTS_ATTR  # study user attr: absolute artifact folder of its runs
 SPEC_CHANGED_ATTR = "spec.changed"  # trial user attr: {key: [old, new]} under allow_changed_spec
 _UNSET = object()
 

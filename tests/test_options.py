@@ -124,3 +124,20 @@ def test_postgresql_and_sqlite_studies_of_one_name_keep_apart(tmp_path, monkeypa
     assert store_a != store_b
     assert sorted(p.name for p in store_a.iterdir()) == [a.user_attrs["model.artifact_id"]]
     assert sorted(p.name for p in store_b.iterdir()) == [b.user_attrs["model.artifact_id"]]
+
+
+def test_the_dashboard_serves_the_folder_the_studies_recorded(tmp_path, monkeypatch):
+    from bound_tuner.dashboard import served_artifact_dir
+
+    kept = tmp_path / "kept"
+    monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(kept))
+    url = f"sqlite:///{tmp_path}/a.db"
+    spec = load_spec(write_worker_spec(tmp_path / "a.toml", "art", n_trials=1, steps=5))
+    run_study(spec, storage=url, progress=False, dashboard=False)
+    monkeypatch.delenv("BOUND_TUNER_ARTIFACTS")
+    monkeypatch.chdir(tmp_path)
+    store = make_storage(url)
+    assert served_artifact_dir(store, url, None) == kept.resolve()
+    assert served_artifact_dir(store, url, tmp_path / "x") == tmp_path / "x"
+    (t,) = optuna.load_study(study_name="art", storage=url).get_trials()
+    assert (kept / t.user_attrs["model.artifact_id"]).is_file()
