@@ -278,3 +278,28 @@ def test_the_subgaussian_scale_is_the_std_of_a_gaussian_and_larger_for_a_long_up
     tail = torch.empty(2000, dtype=torch.float64).exponential_(generator=g)
     assert subgaussian_scale(tail) > 1.4 * float(tail.std())
     assert subgaussian_scale(-tail) < 1.05 * float(tail.std())  # a long lower tail does not count
+
+
+def test_reports_call_only_measured_bounds_bounds_and_show_the_certificate():
+    from bound_tuner.dashboard import bound_note
+    from bound_tuner.reporting import trials_table
+
+    def trial(variant):
+        ua = {"bound.variant": variant, "bound.train_nelbo": 2.0, "bound.total_upper95": 2.6}
+        return {
+            "number": 0,
+            "state": "COMPLETE",
+            "params": {"T": 0.5},
+            "value": 2.4,
+            "user_attrs": ua,
+        }
+
+    head = trials_table([trial("elbo-kfold")]).splitlines()[0].split()
+    assert head[:6] == ["#", "state", "T", "schedule", "bound", "upper95"]
+    assert trials_table([trial("elbo")]).splitlines()[0].split()[4] == "score"
+    rep = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1)
+    rep.settings["variant"] = "elbo-kfold"
+    note = bound_note(3, rep)
+    assert "generalization bound" in note and "95% certificate" in note
+    rep.settings["variant"] = "elbo"
+    assert "generalization score" in bound_note(3, rep)
