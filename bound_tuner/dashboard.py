@@ -36,7 +36,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
-from .bounds.report import TERM_LABELS
+from .bounds.report import TERM_LABELS, value_label
 from .reporting import heldout_key, rank_correlation, selection_stats, trials_json
 from .storage import (
     STUDY_ARTIFACTS_ATTR,
@@ -124,10 +124,11 @@ def _fmt(v: Any) -> str:
 
 def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None) -> str:
     """Markdown for a trial's note: the bound's terms and contributions as a table."""
+    label = value_label(report.settings.get("variant"))  # a measured bound, or a score
     lines = [
-        f"### Trial {number}: {report.kind} generalization bound {report.total:.4f}",
+        f"### Trial {number}: {report.kind} generalization {label} {report.total:.4f}",
         "",
-        "| term | value | contribution to the bound |",
+        f"| term | value | contribution to the {label} |",
         "| --- | ---: | ---: |",
     ]
     for name, value in report.terms.items():
@@ -135,7 +136,9 @@ def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None
         c = report.contributions.get(name)
         cs = f"{c:+.4f}" if c is not None else ""
         lines.append(f"| {symbol} (`{name}`) | {value:.4f} | {cs} |")
-    lines.append(f"| **bound** | | **{report.total:.4f}** |")
+    lines.append(f"| **{label}** | | **{report.total:.4f}** |")
+    if "total_upper95" in report.extras:
+        lines.append(f"| 95% certificate | | {report.extras['total_upper95']:.4f} |")
     if report.extras:
         lines += ["", "Related numbers (not in the total):"]
         lines += [f"- {k} = {_fmt(v)}" for k, v in report.extras.items()]

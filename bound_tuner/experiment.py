@@ -6,6 +6,7 @@ This is the unit of work of every study: the Optuna objective, the T sweep and t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS, SPLIT_VARIANTS
-from .bounds.kfold import DEFAULT_FOLDS, fold_assignment, fold_rows
+from .bounds.kfold import fold_assignment, fold_rows, folds_for
 from .bounds.report import BoundReport
 from .device import DEFAULT_DEVICE, DEFAULT_TF32, resolve_device, set_tf32
 from .evaluate import (
@@ -55,7 +56,8 @@ class DiffusionConfig:
     mix_draws: int = 1  # draws per point of the mixture KL C_mix (the paper's k)
     # draws per training point of the evaluation pass (NELBO or DSM); None: evaluate.draws_for(m)
     train_draws: int | None = None
-    folds: int = DEFAULT_FOLDS  # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9)
+    # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9); None: bounds.kfold.folds_for
+    folds: int | None = None
     # the evaluation draws (NELBO, generator paths, folds): fixed per study, not per trial, so
     # that two trials differ only by their models (common random numbers)
     eval_seed: int = 0
@@ -68,6 +70,9 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_INIT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -83,10 +88,11 @@ def initial_model(cfg: DiffusionConfig, x: torch.Tensor) -> tuple[nn.Module, Sch
     schedule, checked at cfg.T: the start of training alone and in a pack."""
     schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
     schedule.check_T(cfg.T, t_min=cfg.t_min)
-    seed_everything(cfg.seed)
-    model = build_score_model(
-        tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
-    )
+    with _INIT_LOCK:  # the global RNG seeds the weights: one thread at a time (packs, references)
+        seed_everything(cfg.seed)
+        model = build_score_model(
+            tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
+        )
     return model.to(x.device, x.dtype), schedule
 
 
@@ -151,16 +157,15 @@ def train_fold_models(
     train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = DEFAULT_DEVICE
 ) -> tuple[list[nn.Module], torch.Tensor]:
     """The K references of "elbo-kfold" (docs/theory.md 2.9): the training set is cut into
-    cfg.folds folds by a permutation from cfg.eval_seed (the same folds for every trial of a
+    K folds (``folds_for``) by a permutation from cfg.eval_seed (the same folds for every trial of a
     study), and reference k is trained with cfg's settings, initialization and noise draws on
     the points outside fold k. The K references train at once as one vmapped pack. Returns the
     models and the fold of each point."""
     from .pack import train_packed  # pack imports this module (DiffusionConfig, initial_model)
 
-    folds = fold_assignment(train.shape[0], cfg.folds, seed=cfg.eval_seed + 7)
-    members = train_packed(
-        train, [cfg] * cfg.folds, device=device, rows=fold_rows(folds, cfg.folds)
-    )
+    k = folds_for(train.shape[0], cfg.folds)
+    folds = fold_assignment(train.shape[0], k, seed=cfg.eval_seed + 7)
+    members = train_packed(train, [cfg] * k, device=device, rows=fold_rows(folds, k))
     for mem in members:
         if mem.error is not None:
             raise mem.error

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from .bounds.report import TERM_LABELS
+from .bounds.report import TERM_LABELS, value_label
 from .selection import pick_rank, regret, spearman
 
 TERMS = (
@@ -23,6 +23,9 @@ TERMS = (
     "prior_kl_sqrt",
     "generator_info",
     "split_info",
+    "fold_info",
+    "cv_nelbo",
+    "cv_margin",
 )
 #: held-out metrics in order of preference as the ground truth (docs/theory.md section 4)
 HELDOUT_PREFERENCE = (
@@ -135,7 +138,12 @@ def trials_table(trials: list[dict]) -> str:
     else:
         firsts = ("T", "schedule")
         names = tuple(n for n in TERMS if any(f"bound.{n}" in t["user_attrs"] for t in trials))
-        cols = ["#", "state", "T", "schedule", "bound"] + [TERM_LABELS[n][0] for n in names]
+        variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+        label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
+        cols = ["#", "state", "T", "schedule", label] + [TERM_LABELS[n][0] for n in names]
+        if any("bound.total_upper95" in t["user_attrs"] for t in trials):
+            cols.insert(5, "upper95")
+            names = ("total_upper95", *names)
     if key:
         cols.append(key.split(".", 1)[1])
     rows = [cols]

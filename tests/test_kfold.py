@@ -74,6 +74,10 @@ def test_folds_partition_the_points_and_no_point_trains_its_own_reference():
     assert not torch.equal(folds, fold_assignment(23, 5, seed=4))
     with pytest.raises(ValueError, match="at least 10 training points"):
         fold_assignment(9, 5, seed=0)
+    from bound_tuner.bounds.kfold import folds_for
+
+    assert [folds_for(m) for m in (4, 8, 9, 10, 200)] == [2, 4, 4, 5, 5]
+    assert folds_for(200, 8) == 8
 
 
 def test_fold_info_and_cross_fitting_by_hand():

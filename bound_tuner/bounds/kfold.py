@@ -23,6 +23,12 @@ DEFAULT_FOLDS = 5
 Z95 = 1.6448536269514722
 
 
+def folds_for(m: int, folds: int | None = None) -> int:
+    """K: ``folds`` when given, else DEFAULT_FOLDS, lowered to m // 2 for fewer than
+    2 * DEFAULT_FOLDS points (every fold keeps at least two points)."""
+    return int(folds) if folds is not None else max(2, min(DEFAULT_FOLDS, m // 2))
+
+
 def fold_assignment(m: int, folds: int, *, seed: int) -> torch.Tensor:
     """The fold of each of m points [m] (int64, CPU): a permutation from ``seed`` cut into
     ``folds`` parts whose sizes differ by at most one."""
