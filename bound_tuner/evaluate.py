@@ -521,6 +521,7 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
             R=r_value,
             cv_nelbo=fold["cv_nelbo"],
             cv_se=fold["cv_se"],
+            m=terms.settings["m"],
             train_mc_se=mc_se,
             settings=settings,
         )

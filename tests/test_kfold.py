@@ -198,10 +198,22 @@ def test_the_objective_gives_every_trial_the_studys_evaluation_seed():
 
 def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
     assert DEFAULT_VARIANT == "elbo-kfold"
-    info = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1)
+    info = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200)
     assert info.total == pytest.approx(2.0 + math.sqrt(2) * 0.1)
     assert set(info.contributions) == {"train_nelbo", "fold_info"}
-    cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5)
+    # the certificate adds the sample term sqrt(2) R sqrt(ln(20)/m), the Chernoff deviation of a
+    # mean of m points, and 1.645 Monte Carlo errors; it never exceeds the cross-fitted form
+    cert = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200, train_mc_se=0.05
+    ).extras["total_upper95"]
+    sample = math.sqrt(2) * math.sqrt(math.log(20) / 200)
+    assert cert == pytest.approx(2.0 + math.sqrt(2) * 0.1 + sample + 1.6448536 * 0.05)
+    tight_cv = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=2.1, cv_se=0.05, m=200, train_mc_se=0.05
+    )
+    assert tight_cv.total == pytest.approx(2.0 + math.sqrt(2) * 0.1)
+    assert tight_cv.extras["total_upper95"] == pytest.approx(2.2)
+    cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50)
     assert cv.total == pytest.approx(5.0)
     assert set(cv.contributions) == {"cv_nelbo", "cv_margin"}
     for rep in (info, cv):
@@ -301,7 +313,7 @@ def test_reports_call_only_measured_bounds_bounds_and_show_the_certificate():
     head = trials_table([trial("elbo-kfold")]).splitlines()[0].split()
     assert head[:6] == ["#", "state", "T", "schedule", "bound", "upper95"]
     assert trials_table([trial("elbo")]).splitlines()[0].split()[4] == "score"
-    rep = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1)
+    rep = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200)
     rep.settings["variant"] = "elbo-kfold"
     note = bound_note(3, rep)
     assert "generalization bound" in note and "95% certificate" in note

@@ -55,6 +55,9 @@ DEFAULT_R: dict[str, float | str] = {
 SPLIT_VARIANTS = ("elbo-split",)
 #: variants that train K-fold references (docs/theory.md 2.9-2.11)
 FOLD_VARIANTS = ("elbo-kfold",)
+#: the chance that a sample's training mean falls below its population mean by more than the
+#: information form's sample term allows (docs/theory.md eq. 2.11b)
+SAMPLE_DELTA = 0.05
 
 #: variants with the paper's encoder terms C_mix and C_prior
 ENCODER_VARIANTS = ("paper", "elbo-encoder")
@@ -209,6 +212,13 @@ def assemble_diffusion_bound(
     return BoundReport("diffusion", total, terms, contributions, dict(settings or {}))
 
 
+def sample_deviation(m: int, *, delta: float = SAMPLE_DELTA) -> float:
+    """sqrt(ln(1/delta) / m): times sqrt(2) R, the amount by which the mean of m independent
+    R-sub-Gaussian losses falls below its expectation with probability at most delta
+    (Chernoff; docs/theory.md eq. 2.11b)."""
+    return math.sqrt(math.log(1.0 / delta) / m) if delta > 0 else 0.0
+
+
 def assemble_kfold_bound(
     *,
     train_nelbo: float,
@@ -216,19 +226,30 @@ def assemble_kfold_bound(
     R: float,
     cv_nelbo: float,
     cv_se: float,
+    m: int,
+    delta: float = SAMPLE_DELTA,
     train_mc_se: float = 0.0,
     settings: dict | None = None,
 ) -> BoundReport:
     """The "elbo-kfold" bound (docs/theory.md eq. 2.11): the smaller of two upper bounds on the
-    population NELBO built on the same K-fold references,
+    expected population NELBO built on the same K-fold references,
 
       information:      NELBO_train + sqrt(2) R C_fold
       cross-fitting:    NELBO_cv + 2 se_cv
 
-    Contributions are those of the smaller one; ``extras`` keep the other and the 95%
-    certificate ``total_upper95`` (the Monte Carlo error of the training NELBO included)."""
-    info = train_nelbo + math.sqrt(2.0) * R * c_fold
+    and its 95% certificate ``total_upper95`` (eq. 2.11b), the smaller of
+
+      NELBO_train + sqrt(2) R (C_fold + sqrt(ln(1/delta) / m)) + 1.645 mc_se,   NELBO_cv + 2 se_cv:
+
+    (2.9) bounds the gap in expectation over training sets, and a given sample's training mean
+    can lie below its population mean by chance alone (the sample term; the same sample for
+    every trial of a study, so it is left out of the value that ranks them) and by the Monte
+    Carlo error of its estimate. Contributions are those of the smaller form; ``extras`` keep
+    both forms and the certificate."""
+    k = math.sqrt(2.0) * R
+    info = train_nelbo + k * c_fold
     cv = cv_nelbo + 2.0 * cv_se
+    dev = sample_deviation(m, delta=delta)
     terms = {
         "train_nelbo": train_nelbo,
         "fold_info": c_fold,
@@ -237,16 +258,15 @@ def assemble_kfold_bound(
     }
     if info <= cv:
         contributions = {"train_nelbo": train_nelbo, "fold_info": info - train_nelbo}
-        upper = info + Z95 * train_mc_se
     else:
         contributions = {"cv_nelbo": cv_nelbo, "cv_margin": cv - cv_nelbo}
-        upper = cv_nelbo + max(2.0, Z95) * cv_se
     extras = {
         "info_bound": info,
         "cv_bound": cv,
         "cv_se": cv_se,
         "branch": 0.0 if info <= cv else 1.0,
-        "total_upper95": upper,
+        "sample_deviation": k * dev,
+        "total_upper95": min(info + k * dev + Z95 * train_mc_se, cv),
     }
     return BoundReport(
         "diffusion", min(info, cv), terms, contributions, dict(settings or {}), extras
