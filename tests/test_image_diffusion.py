@@ -112,10 +112,14 @@ def test_tiny_image_study_on_real_fashion_mnist(tmp_path):
     for t in trials:
         ua = t.user_attrs
         assert ua["bound.d"] == 784 and ua["bound.m"] == 8
-        assert ua["bound.variant"] == "elbo" and ua["bound.generator_info"] >= 0
-        assert t.value == pytest.approx(
-            ua["bound.train_nelbo"] + ua["bound.contribution.generator_info"]
-        )
+        # the default: the smaller of the K-fold information and cross-fitted forms (K = 4 for
+        # 8 images), in the discrete data's nats per image
+        assert ua["bound.variant"] == "elbo-kfold" and ua["bound.folds"] == 4
+        assert ua["bound.fold_info"] >= 0
+        assert t.value == pytest.approx(min(ua["bound.info_bound"], ua["bound.cv_bound"]))
+        contributions = [v for k, v in ua.items() if k.startswith("bound.contribution.")]
+        assert t.value == pytest.approx(sum(contributions))
+        assert ua["bound.total_upper95"] >= t.value
         assert math.isfinite(t.value)
         assert 0 < ua["heldout.bits_per_dim"] < 30 and ua["heldout.denoising_loss"] > 0
         assert ua["heldout.pixel_fd"] > 0 and 0 < ua["heldout.bits_per_dim_se"] < 1
