@@ -168,32 +168,7 @@ def build_tasks(
                     c = cfg(s, j, T=T, steps=3000, batch_size=200, lr=2e-3)
                     tasks.append(Task("d", f"d/{name}/seed{s}", name, 200, s, c, **low_d))
     if "e" in cases and fewshot:
-        for j, T in enumerate((0.4, 0.8, 1.2, 1.6)):
-            c = _cfg(
-                T=T,
-                steps=600,
-                batch_size=16,
-                lr=1e-3,
-                seed=j,
-                eval_seed=0,
-                n_steps=100,
-                n_paths=32,
-                train_draws=16,
-                folds=4,
-            )
-            tasks.append(
-                Task(
-                    "e",
-                    "e/seed0",
-                    "fashion_mnist",
-                    16,
-                    0,
-                    c,
-                    test_size=200,
-                    n_generated=256,
-                    n_steps=100,
-                )
-            )
+        tasks += fewshot_tasks("e", "fashion_mnist")
     if "x" in cases:  # outside the cases the default was chosen on: few points trained long
         for name in ("ring", "two_moons"):
             for s in range(min(seeds, 2)):
@@ -201,22 +176,7 @@ def build_tasks(
                     c = cfg(s, j, T=T, steps=memo_steps, batch_size=40, lr=2e-3)
                     tasks.append(Task("x", f"x/{name}/seed{s}", name, 40, s, c, **low_d))
     if "y" in cases and fewshot:  # outside too: few-shot images of another data set
-        for j, T in enumerate((0.4, 0.8, 1.2, 1.6)):
-            c = _cfg(
-                T=T,
-                steps=600,
-                batch_size=16,
-                lr=1e-3,
-                seed=j,
-                eval_seed=0,
-                n_steps=100,
-                n_paths=32,
-                train_draws=16,
-                folds=4,
-            )
-            tasks.append(
-                Task("y", "y/seed0", "mnist", 16, 0, c, test_size=200, n_generated=256, n_steps=100)
-            )
+        tasks += fewshot_tasks("y", "mnist")
     tasks += vae_tasks(cases, seeds)
     for t in tasks:  # a fresh set of problems: data, configurations, models and draws
         if seed_offset:
@@ -225,6 +185,28 @@ def build_tasks(
             t.cfg = {**t.cfg, "seed": t.cfg["seed"] + seed_offset}
             if "eval_seed" in t.cfg:
                 t.cfg["eval_seed"] += seed_offset
+    return tasks
+
+
+def fewshot_tasks(case: str, data: str) -> list[Task]:
+    """A few-shot image case: m=16 images of ``data``, a T grid, 600 steps, K = 4 folds."""
+    tasks = []
+    for j, T in enumerate((0.4, 0.8, 1.2, 1.6)):
+        c = _cfg(
+            T=T,
+            steps=600,
+            batch_size=16,
+            lr=1e-3,
+            seed=j,
+            eval_seed=0,
+            n_steps=100,
+            n_paths=32,
+            train_draws=16,
+            folds=4,
+        )
+        tasks.append(
+            Task(case, f"{case}/seed0", data, 16, 0, c, test_size=200, n_generated=256, n_steps=100)
+        )
     return tasks
 
 

@@ -175,16 +175,9 @@ class DiffusionObjective:
         for key, value in res.heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
         trial.set_user_attr("config", cfg.to_dict())
-        if not math.isfinite(report.total):
-            trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
-            return math.nan
-        scale = report.settings.get("sample_scale", 0.0)
-        if not scale <= DIVERGED_SCALE:  # a likelihood pick must not hand over unusable samples
-            trial.set_user_attr(
-                "fail_reason",
-                f"the generator diverges at N={cfg.n_steps} steps (samples reach {scale:.3g} "
-                "times the data's largest norm); raise [bound] N or search a smaller T",
-            )
+        reason = unusable(report)
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
             return math.nan
         if self.on_result is not None:
             self.on_result(trial, res)
@@ -232,6 +225,20 @@ class DiffusionObjective:
                 raise optuna.TrialPruned(f"pruned at step {step} with partial bound {partial:.4f}")
 
         return report_partial, every
+
+
+def unusable(report: BoundReport) -> str | None:
+    """Why a trial's bound cannot be its value (a term overflowed, or the generator diverges at
+    the bound's N steps: a likelihood pick must not hand over unusable samples), else None."""
+    if not math.isfinite(report.total):
+        return f"bound is {report.total} (a term overflowed)"
+    scale = report.settings.get("sample_scale", 0.0)
+    if not scale <= DIVERGED_SCALE:
+        return (
+            f"the generator diverges at N={report.settings['N']} steps (samples reach "
+            f"{scale:.3g} times the data's largest norm); raise [bound] N or search a smaller T"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -530,16 +537,9 @@ class VAEObjective:
             trial.set_user_attr(key, value)
         for key, value in heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
-        if not math.isfinite(report.total):
-            trial.set_user_attr("fail_reason", f"bound is {report.total} (a term overflowed)")
-            return math.nan
-        scale = report.settings.get("sample_scale", 0.0)
-        if not scale <= DIVERGED_SCALE:  # a likelihood pick must not hand over unusable samples
-            trial.set_user_attr(
-                "fail_reason",
-                f"the generator diverges at N={cfg.n_steps} steps (samples reach {scale:.3g} "
-                "times the data's largest norm); raise [bound] N or search a smaller T",
-            )
+        reason = unusable(report)
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
             return math.nan
         if self.on_result is not None:
             self.on_result(trial, VAEResult(report, heldout, model, history, rows))

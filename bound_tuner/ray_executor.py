@@ -34,12 +34,11 @@ from .workers import (
     _fail_stale,
     _heartbeat_settings,
     _ignore_signals,
-    _open,
     _restore_signals,
     _StudyLock,
     _target,
     finished_count,
-    nothing_left,
+    open_run_study,
     save_final_charts,
     work,
 )
@@ -187,17 +186,9 @@ def run_ray(
     study, bar = None, None
     try:
         k = _slots(ray, n_workers, gpus_per_trial)  # before the study exists
-        from .dashboard import artifact_dir_for
-
-        study = _open(
-            spec,
-            url,
-            interval,
-            grace,
-            allow_changed_spec=allow_changed_spec,
-            artifact_dir=str(artifact_dir_for(url).resolve()),
+        study, done = open_run_study(
+            spec, url, interval, grace, target=target, allow_changed_spec=allow_changed_spec
         )
-        done = nothing_left(study, target)
         if done is not None:
             logging.getLogger(__name__).warning(done)
             return study

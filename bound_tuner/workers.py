@@ -230,6 +230,24 @@ def _open(spec: StudySpec, url: str, interval: int, grace: int, **kw: Any) -> op
         )
 
 
+def open_run_study(
+    spec: StudySpec, url: str, interval: int, grace: int, *, target: int, allow_changed_spec: bool
+) -> tuple[optuna.Study, str | None]:
+    """The study of a pool or Ray run (created if missing, the artifact folder recorded), and
+    the line that says nothing is left to run (None when trials are left)."""
+    from .dashboard import artifact_dir_for
+
+    study = _open(
+        spec,
+        url,
+        interval,
+        grace,
+        allow_changed_spec=allow_changed_spec,
+        artifact_dir=str(artifact_dir_for(url).resolve()),
+    )
+    return study, nothing_left(study, target)
+
+
 def nothing_left(study: optuna.Study, target: int) -> str | None:
     """The line that says a study already has ``target`` finished trials, else None."""
     done = finished_count(study)
@@ -869,17 +887,9 @@ def run_pool(
     check_storage(url)
     # bad data or search settings fail here, before the study exists (never in the workers)
     build_objective(spec, load_data(spec), device="cpu")
-    from .dashboard import artifact_dir_for
-
-    study = _open(
-        spec,
-        url,
-        interval,
-        grace,
-        allow_changed_spec=allow_changed_spec,
-        artifact_dir=str(artifact_dir_for(url).resolve()),
+    study, done = open_run_study(
+        spec, url, interval, grace, target=target, allow_changed_spec=allow_changed_spec
     )
-    done = nothing_left(study, target)
     if done is not None:
         _log.warning(done)
         return study
