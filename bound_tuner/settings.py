@@ -70,7 +70,7 @@ SETTINGS: tuple[Setting, ...] = (
         {"diffusion": OBJECTIVE + "pack"},
         "trials trained at once as one ensemble",
     ),
-    Setting("bound", "variant", str, {"diffusion": "variant"}, "the diffusion bound's form"),
+    Setting("bound", "variant", str, {"diffusion": "variant", "vae": "variant"}, "the bound's form"),
     Setting(
         "bound",
         "R",
@@ -82,7 +82,7 @@ SETTINGS: tuple[Setting, ...] = (
         "bound",
         "folds",
         int,
-        {"diffusion": "folds"},
+        {"diffusion": "folds", "vae": "folds"},
         "K of the K-fold references (elbo-kfold)",
     ),
     Setting(

@@ -31,7 +31,7 @@ from .bounds.vae import vae_batch_terms
 from .data.images import binarize_batch
 from .device import generator_for
 
-__all__ = ["complexity_surrogate", "train_vae"]
+__all__ = ["complexity_surrogate", "train_fold_vaes", "train_vae"]
 
 _SQRT_FLOOR = 1e-6
 
@@ -147,3 +147,25 @@ def train_vae(
         if callback is not None:
             callback(epoch, model)
     return history
+
+
+def train_fold_vaes(
+    build: Callable[[], nn.Module],
+    train_x: torch.Tensor,
+    folds: torch.Tensor,
+    *,
+    seed: int,
+    **train_kwargs,
+) -> list[nn.Module]:
+    """The K reference VAEs of the K-fold bound (docs/theory.md 5.4): reference k is built by
+    ``build`` after seeding torch with ``seed`` (the model's initialization) and trained by
+    ``train_vae`` with the model's settings and ``seed`` on every point outside fold k
+    (``folds`` holds each point's fold)."""
+    refs = []
+    for k in range(int(folds.max()) + 1):
+        torch.manual_seed(seed)
+        ref = build()
+        rows = torch.nonzero(folds != k).flatten()
+        train_vae(ref, train_x[rows], seed=seed, **train_kwargs)
+        refs.append(ref)
+    return refs

@@ -230,6 +230,7 @@ def assemble_kfold_bound(
     delta: float = SAMPLE_DELTA,
     train_mc_se: float = 0.0,
     settings: dict | None = None,
+    kind: str = "diffusion",
 ) -> BoundReport:
     """The "elbo-kfold" bound (docs/theory.md eq. 2.11): the smaller of two upper bounds on the
     expected population NELBO built on the same K-fold references,
@@ -268,6 +269,4 @@ def assemble_kfold_bound(
         "sample_deviation": k * dev,
         "total_upper95": min(info + k * dev + Z95 * train_mc_se, cv),
     }
-    return BoundReport(
-        "diffusion", min(info, cv), terms, contributions, dict(settings or {}), extras
-    )
+    return BoundReport(kind, min(info, cv), terms, contributions, dict(settings or {}), extras)

@@ -27,10 +27,19 @@ import torch
 from torch import nn
 
 from ..device import generator_for
-from .diffusion import R_SOURCES, estimate_R
+from .diffusion import R_SOURCES, assemble_kfold_bound, estimate_R
+from .kfold import cross_fitted, cv_summary, fold_info, fold_sizes
 from .report import BoundReport
 
 __all__ = [
+    "DEFAULT_VAE_VARIANT",
+    "KFOLD_MC_SAMPLES",
+    "PRIOR_DRAWS",
+    "VAE_VARIANTS",
+    "bernoulli_kl",
+    "decoder_kl",
+    "point_nelbo",
+    "vae_kfold_bound",
     "MEASURED_R",
     "PAPER_R_SMALL",
     "VAETerms",
@@ -51,6 +60,16 @@ PAPER_R_SMALL = 1.0
 #: held-out loss at every epoch of every run measured there (they needed up to 9.11). Calibrated
 #: on held-out data of those runs, so a measured scale, not a derived one.
 MEASURED_R = 10.0
+
+#: the VAE bounds: "elbo-kfold" (docs/theory.md 5.4, the default) bounds the population NELBO
+#: from K-fold reference VAEs; "paper" is (5.2) with the R or r of the settings
+VAE_VARIANTS = ("elbo-kfold", "paper")
+DEFAULT_VAE_VARIANT = "elbo-kfold"
+#: draws of z per point in the K-fold bound's NELBO passes (>= 2, so each point's Monte Carlo
+#: variance is measured for the certificate)
+KFOLD_MC_SAMPLES = 8
+#: prior draws z ~ N(0, I) on which the decoders' KL of eq. 5.4 is averaged
+PRIOR_DRAWS = 1024
 
 
 class VAETerms(NamedTuple):
@@ -308,3 +327,179 @@ def vae_bound(
         settings=settings,
         extras=extras,
     )
+
+
+# --------------------------------------------------------------------- K-fold bound (5.4)
+
+
+def point_nelbo(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    mc_samples: int = KFOLD_MC_SAMPLES,
+    batch_size: int = 1024,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each point's negative ELBO REC_i + KLD_i [m] (float64, CPU; docs/theory.md eq. 5.4a), the
+    Monte Carlo variance of its REC average over the ``mc_samples`` draws of z [m], and its
+    KLD_i [m]; in eval mode without gradients."""
+    if mc_samples < 2:
+        raise ValueError(
+            f"mc_samples={mc_samples}: the K-fold bound needs at least 2 draws per point"
+        )
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    nelbo, var, klds = [], [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size].to(device)
+                b = xb.shape[0]
+                mu, logvar = model.encode(xb)
+                eps = torch.randn(
+                    (mc_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=device
+                )
+                z = (mu + torch.exp(0.5 * logvar) * eps).reshape(mc_samples * b, -1)
+                xr = xb.reshape(1, b, -1).expand(mc_samples, b, -1).reshape(mc_samples * b, -1)
+                nll = neg_log_bernoulli(model.decode(z), xr).reshape(mc_samples, b).double()
+                kld = gaussian_kl(mu, logvar).double()
+                nelbo.append((nll.mean(dim=0) + kld).cpu())
+                var.append((nll.var(dim=0) / mc_samples).cpu())
+                klds.append(kld.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(nelbo), torch.cat(var), torch.cat(klds)
+
+
+def bernoulli_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(sigmoid(logits_p)) || Bernoulli(sigmoid(logits_q))) summed over each row [b],
+    in closed form from log-sigmoids (stable for large logits)."""
+    lp, lq = logits_p.reshape(logits_p.shape[0], -1), logits_q.reshape(logits_q.shape[0], -1)
+    p = torch.sigmoid(lp)
+    ls = nn.functional.logsigmoid
+    kl = p * (ls(lp) - ls(lq)) + (1.0 - p) * (ls(-lp) - ls(-lq))
+    return kl.sum(dim=1)
+
+
+def decoder_kl(model: nn.Module, reference: nn.Module, z: torch.Tensor) -> float:
+    """KL between the generative laws of two VAEs with the same prior, p(z) p_theta(x|z) against
+    p(z) p_ref(x|z): the mean over prior draws ``z`` of the decoders' Bernoulli KL (eq. 5.4b)."""
+    was = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            z = z.to(_device(model))
+            kl = bernoulli_kl(model.decode(z), reference.decode(z.to(_device(reference))))
+    finally:
+        model.train(was[0])
+        reference.train(was[1])
+    return float(kl.double().mean())
+
+
+def vae_kfold_bound(
+    model: nn.Module,
+    references: list[nn.Module],
+    train_x: torch.Tensor,
+    folds: torch.Tensor,
+    *,
+    test_x: torch.Tensor | None = None,
+    mc_samples: int = KFOLD_MC_SAMPLES,
+    prior_draws: int = PRIOR_DRAWS,
+    seed: int = 0,
+    batch_size: int = 1024,
+) -> BoundReport:
+    """The VAE's "elbo-kfold" bound on its population NELBO (docs/theory.md eq. 5.4):
+
+      min( NELBO_train + sqrt(2) R_cv C_fold ,  NELBO_cv + 2 se_cv ),
+
+    with reference k (``references[k]``, trained with the trial's settings, initialization and
+    noise on the points outside fold k; ``folds`` holds each point's fold) measured on fold k's
+    points for the cross-fitted NELBO and against the model, through the decoders' KL on
+    ``prior_draws`` prior draws, for C_fold = (1/m) sum_k sqrt(n_k KL_k). R_cv is the
+    sub-Gaussian scale of the cross-fitted NELBOs (eq. 2.11a). Every NELBO pass uses the same
+    ``seed`` (common random numbers); the test pass, when ``test_x`` is given, fills the held-out
+    extras (test_neg_elbo, test_rec, test_kld, heldout_loss), which are never part of the total."""
+    K = len(references)
+    m = int(train_x.shape[0])
+    if folds.shape != (m,) or K < 2 or int(folds.max()) != K - 1:
+        raise ValueError(
+            f"need one fold index in [0, {K}) per training point and K >= 2 references"
+        )
+    device = _device(model)
+    nelbo, mc_var, kld = point_nelbo(
+        model,
+        train_x,
+        mc_samples=mc_samples,
+        batch_size=batch_size,
+        generator=generator_for(device, seed),
+    )
+    per_ref = torch.empty(K, m, dtype=torch.float64)
+    ref_var = torch.empty(K, m, dtype=torch.float64)
+    for k, ref in enumerate(references):
+        per_ref[k], ref_var[k], _ = point_nelbo(
+            ref,
+            train_x,
+            mc_samples=mc_samples,
+            batch_size=batch_size,
+            generator=generator_for(_device(ref), seed),
+        )
+    cv = cv_summary(cross_fitted(per_ref, folds), cross_fitted(ref_var, folds))
+    latent = int(model.latent)
+    z = torch.randn(prior_draws, latent, generator=torch.Generator().manual_seed(seed))
+    kls = [decoder_kl(model, ref, z) for ref in references]
+    sizes = fold_sizes(folds, K)
+    c_fold = fold_info(kls, sizes)
+    train_nelbo = float(nelbo.mean())
+    train_mc_se = float(mc_var.sum().sqrt()) / m
+    settings = {
+        "variant": "elbo-kfold",
+        "R": cv["R_cv"],
+        "R_source": "cv",
+        "m": m,
+        "d": int(train_x[0].numel()),
+        "folds": K,
+        "mc_samples": mc_samples,
+        "prior_draws": prior_draws,
+        "latent": latent,
+        "seed": seed,
+    }
+    report = assemble_kfold_bound(
+        train_nelbo=train_nelbo,
+        c_fold=c_fold,
+        R=cv["R_cv"],
+        cv_nelbo=cv["cv_nelbo"],
+        cv_se=cv["cv_se"],
+        m=m,
+        train_mc_se=train_mc_se,
+        settings=settings,
+        kind="vae",
+    )
+    report.extras.update(
+        train_rec=float((nelbo - kld).mean()),
+        train_kld=float(kld.mean()),
+        train_mc_se=train_mc_se,
+        R_cv_std=cv["R_cv_std"],
+        R_cv_half_range=cv["R_cv_half_range"],
+        holdout_nelbo=float(per_ref[0, folds == 0].mean()),
+        decoder_kl_max=max(kls),
+    )
+    if test_x is not None:
+        t_nelbo, _, t_kld = point_nelbo(
+            model,
+            test_x,
+            mc_samples=mc_samples,
+            batch_size=batch_size,
+            generator=generator_for(device, seed + 1),
+        )
+        t_rec, t_kl = float((t_nelbo - t_kld).mean()), float(t_kld.mean())
+        report.extras.update(
+            heldout_loss=t_rec + math.sqrt(max(t_kl, 0.0)),
+            test_neg_elbo=float(t_nelbo.mean()),
+            test_neg_elbo_se=float(t_nelbo.std()) / math.sqrt(t_nelbo.numel()),
+            test_rec=t_rec,
+            test_kld=t_kl,
+            test_size=float(test_x.shape[0]),
+        )
+    return report
