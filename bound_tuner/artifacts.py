@@ -406,10 +406,28 @@ def read_weights(path: str | Path, *, expected_sha256: str | None, what: str) ->
     return payload
 
 
+def _from_factory(name: str, cfg: dict, shape: tuple[int, ...]) -> nn.Module:
+    """A user's score network rebuilt by the factory its trial recorded (``[model] factory``,
+    docs/own_models.md), called with the trial's config."""
+    import dataclasses
+
+    from .experiment import DiffusionConfig
+    from .models.factory import build_from_factory
+
+    known = {f.name for f in dataclasses.fields(DiffusionConfig)}
+    config = DiffusionConfig(**{k: v for k, v in cfg.items() if k in known})
+    try:
+        return build_from_factory(name, config, shape)
+    except ValueError as e:
+        raise ArtifactError(f"cannot rebuild the trial's model: {e}") from None
+
+
 def build_model(payload: dict) -> nn.Module:
     """The network of a payload, with its weights loaded (strictly)."""
     kind, cfg, build = payload["kind"], payload["config"], payload["build"]
-    if kind == "diffusion":
+    if kind == "diffusion" and build.get("factory"):
+        model = _from_factory(build["factory"], cfg, tuple(build["shape"]))
+    elif kind == "diffusion":
         from .models import build_score_model
 
         model = build_score_model(

@@ -8,6 +8,7 @@
   bound-tuner dashboard [--storage URL] [--host 127.0.0.1] [--port 8080] [--artifacts DIR]
   bound-tuner export --study NAME [--storage URL] [--trial N|best] --out FILE.pt
   bound-tuner sample --study NAME [--storage URL] [--trial N|best] --n K --out FILE.npy|FILE.png
+  bound-tuner score --diffusers DIR --data FILE [--variant elbo] [--json OUT]  (a model trained elsewhere)
 
 A user error (spec, data, storage) prints one line and exits with status 2; nothing is written.
 """
@@ -340,6 +341,67 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# the variants ``score`` computes without reference models (those need the user's training loop)
+SCORE_VARIANTS = ("elbo", "elbo-encoder", "paper")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """The bound of a diffusers pipeline saved with ``save_pretrained`` on its training data
+    (``bound_tuner.score``; docs/own_models.md)."""
+    from pathlib import Path
+
+    from .workers import check_device
+
+    if args.variant not in SCORE_VARIANTS:
+        raise SpecError(
+            f"--variant {args.variant}: that bound trains reference models with your training "
+            f"loop; use {', '.join(SCORE_VARIANTS)} here, or bound_tuner.score(..., "
+            "train_fn=...) from Python"
+        )
+    check_device(args.device)
+    data = Path(args.data).expanduser()
+    if not data.exists():
+        raise SpecError(
+            f"--data {args.data} not found; give a .npy, .npz, .csv or .pt file or a folder of images"
+        )
+    try:
+        from .data import prepare_for
+        from .data.files import load_tensors, read_image_folder, read_points
+        from .device import resolve_device
+        from .diffusers_adapter import load_pipeline
+
+        model, schedule = load_pipeline(args.diffusers, device=resolve_device(args.device))
+        # every point of the file trains (a file's own test part is not needed for the bound)
+        x = read_image_folder(data)[0] if data.is_dir() else read_points(data)[0]
+        split = load_tensors(x, m=args.m, seed=args.seed, test_fraction=0.0, name=data.name)
+        train = prepare_for(split, "diffusion").train
+    except (ImportError, OSError, ValueError) as e:
+        raise SpecError(" ".join(str(e).split())) from None
+    from .scoring import score
+
+    try:
+        report = score(
+            model,
+            train,
+            schedule=schedule,
+            T=args.T,
+            variant=args.variant,
+            R=args.R,
+            n_steps=args.N,
+            n_paths=args.paths,
+            train_draws=args.draws,
+            t_min=args.t_min,
+            seed=args.seed,
+        )
+    except ValueError as e:  # a T or t_min outside the schedule, a model that does not fit
+        raise SpecError(" ".join(str(e).split())) from None
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        print(f"report in {args.json}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help=_storage_help())
@@ -499,6 +561,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_positive, metavar="N", help="generator steps (default: the bound's N)"
     )
     s.set_defaults(func=cmd_sample)
+
+    sc = sub.add_parser(
+        "score",
+        help="the bound of a diffusers pipeline trained elsewhere (pip install "
+        "'bound_tuner[diffusers]')",
+    )
+    sc.add_argument(
+        "--diffusers",
+        required=True,
+        metavar="DIR",
+        help="pipeline folder written by save_pretrained",
+    )
+    sc.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="its training data: a .npy, .npz, .csv or .pt file or a folder of images (pixels "
+        "in [0, 1] are scored as 8-bit images in [-1, 1])",
+    )
+    sc.add_argument("--m", type=_positive, help="score on m points of the file (default: all)")
+    sc.add_argument(
+        "--variant",
+        default="elbo",
+        help=f"bound variant without reference models: {', '.join(SCORE_VARIANTS)} (elbo)",
+    )
+    sc.add_argument("--T", type=float, help="diffusion time (default 1: the whole process)")
+    sc.add_argument("--t-min", type=float, help="smallest time (default 1/N of the scheduler)")
+    sc.add_argument("--R", type=float, help="sub-Gaussian scale (default: the variant's)")
+    sc.add_argument("--N", type=_positive, help="generator steps of the bound (500)")
+    sc.add_argument("--paths", type=_positive, help="generator paths of the bound (256)")
+    sc.add_argument("--draws", type=_positive, help="draws per point of the NELBO pass")
+    sc.add_argument("--seed", type=int, default=0, help="evaluation seed (0)")
+    sc.add_argument("--device", default="auto", help="torch device (auto: CUDA if present)")
+    sc.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    sc.set_defaults(func=cmd_score)
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,10 +27,15 @@ from .evaluate import (
     variant_report,
 )
 from .members import Members
-from .models import DEFAULT_CHANNELS, build_score_model
+from .models import DEFAULT_CHANNELS, build_score_model, model_device
+from .models.factory import build_from_factory, factory_name, vmap_error
 from .sde import Schedule, get_schedule
 from .seeding import seed_everything
 from .training import train_score_model
+
+#: ``train_fn(points) -> trained model``: a reference model trained by the user's own loop on a
+#: subset of the training points (``bound_tuner.score``, docs/own_models.md)
+TrainFn = Callable[[torch.Tensor], nn.Module]
 
 
 @dataclass
@@ -67,9 +73,16 @@ class DiffusionConfig:
     seed: int = 0
     tf32: bool = DEFAULT_TF32  # TF32 matmuls on CUDA
     compile: bool = False  # train through torch.compile (pays for the image UNet on a GPU)
+    # the score network: None for the built-in MLP (points) or UNet (images); else a factory
+    # ``factory(config, data_shape) -> nn.Module`` or its name "package.module:function"
+    # (``bound_tuner.models.factory``; docs/own_models.md)
+    model: Any = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as plain values; a factory appears as its import name."""
+        out = asdict(replace(self, model=None))
+        out["model"] = None if self.model is None else factory_name(self.model)
+        return out
 
 
 _INIT_LOCK = threading.Lock()
@@ -88,12 +101,28 @@ def initial_model(cfg: DiffusionConfig, x: torch.Tensor) -> tuple[nn.Module, Sch
     schedule, checked at cfg.T: the start of training alone and in a pack."""
     schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
     schedule.check_T(cfg.T, t_min=cfg.t_min)
+    return build_initial(cfg, tuple(x.shape[1:])).to(x.device, x.dtype), schedule
+
+
+def build_initial(cfg: DiffusionConfig, data_shape: tuple[int, ...]) -> nn.Module:
+    """cfg's freshly initialized score network for points of ``data_shape`` (on the CPU): the
+    built-in MLP or UNet, or cfg.model's (``factory(cfg, data_shape)``), seeded by cfg.seed."""
     with _INIT_LOCK:  # the global RNG seeds the weights: one thread at a time (packs, references)
         seed_everything(cfg.seed)
-        model = build_score_model(
-            tuple(x.shape[1:]), width=cfg.width, layers=cfg.layers, channels=cfg.channels
+        if cfg.model is not None:
+            return build_from_factory(cfg.model, cfg, data_shape)
+        return build_score_model(
+            data_shape, width=cfg.width, layers=cfg.layers, channels=cfg.channels
         )
-    return model.to(x.device, x.dtype), schedule
+
+
+def pack_refusal(cfg: DiffusionConfig, data_shape: tuple[int, ...]) -> str | None:
+    """Why cfg's score network cannot train in a vmapped pack (None: it can; the built-in
+    networks always can). A user's module is tried once through ``torch.func``
+    (``models.factory.vmap_error``)."""
+    if cfg.model is None:
+        return None
+    return vmap_error(build_initial(cfg, data_shape), data_shape)
 
 
 def train_model(
@@ -134,17 +163,24 @@ def train_model(
 
 
 def train_split_models(
-    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = DEFAULT_DEVICE
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    device: str | torch.device = DEFAULT_DEVICE,
+    train_fn: TrainFn | None = None,
 ) -> tuple[list[nn.Module], list[int]]:
     """The two reference models of the "elbo-split" bound (docs/theory.md eq. 2.8): the training
     set is split in two halves by a permutation from cfg.seed, and a model with cfg's settings is
-    trained on each half (full batch stays full batch). Returns the models and the half sizes,
-    in the order (first half, second half)."""
+    trained on each half (full batch stays full batch); with ``train_fn``, ``train_fn(half)``
+    trains it instead. Returns the models and the half sizes, in the order (first half, second
+    half)."""
     m = train.shape[0]
     if m < 4:
         raise ValueError(f'the "elbo-split" bound needs at least 4 training points, got m={m}')
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(cfg.seed + 7))
     halves = (perm[: m // 2], perm[m // 2 :])
+    if train_fn is not None:
+        return [_user_reference(train_fn, train[idx]) for idx in halves], [len(h) for h in halves]
     models = []
     for j, idx in enumerate(halves):
         sub = replace(cfg, seed=cfg.seed + 1 + j, batch_size=min(cfg.batch_size, len(idx)))
@@ -154,22 +190,67 @@ def train_split_models(
 
 
 def train_fold_models(
-    train: torch.Tensor, cfg: DiffusionConfig, *, device: str | torch.device = DEFAULT_DEVICE
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    device: str | torch.device = DEFAULT_DEVICE,
+    train_fn: TrainFn | None = None,
 ) -> tuple[list[nn.Module], torch.Tensor]:
     """The K references of "elbo-kfold" (docs/theory.md 2.9): the training set is cut into
     K folds (``folds_for``) by a permutation from cfg.eval_seed (the same folds for every trial of a
     study), and reference k is trained with cfg's settings, initialization and noise draws on
-    the points outside fold k. The K references train at once as one vmapped pack. Returns the
-    models and the fold of each point."""
+    the points outside fold k. The K references train at once as one vmapped pack, or one after
+    another with the same draws when cfg.model cannot be packed (``pack_refusal``). With
+    ``train_fn``, ``train_fn(points outside fold k)`` trains reference k instead (the user's own
+    loop, ``bound_tuner.score``). Returns the models and the fold of each point."""
     from .pack import train_packed  # pack imports this module (DiffusionConfig, initial_model)
 
     k = folds_for(train.shape[0], cfg.folds)
     folds = fold_assignment(train.shape[0], k, seed=cfg.eval_seed + 7)
-    members = train_packed(train, [cfg] * k, device=device, rows=fold_rows(folds, k))
+    rows = fold_rows(folds, k)
+    if train_fn is not None:
+        return [_user_reference(train_fn, train[r]) for r in rows], folds
+    if pack_refusal(cfg, tuple(train.shape[1:])) is not None:
+        return [_train_on_rows(train, cfg, r, device=device) for r in rows], folds
+    members = train_packed(train, [cfg] * k, device=device, rows=rows)
     for mem in members:
         if mem.error is not None:
             raise mem.error
     return [mem.model for mem in members], folds
+
+
+def _train_on_rows(
+    train: torch.Tensor, cfg: DiffusionConfig, rows: torch.Tensor, *, device
+) -> nn.Module:
+    """One K-fold reference trained alone: ``train_packed``'s member with these rows (the same
+    initialization, batch size and draws), for a module that cannot be packed."""
+    device = resolve_device(device)
+    x = train.to(device)
+    model, schedule = initial_model(cfg, x)
+    train_score_model(
+        model,
+        x,
+        schedule,
+        T=cfg.T,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lam=cfg.lam,
+        t_min=cfg.t_min,
+        seed=cfg.seed,
+        rows=rows.to(device),
+    )
+    return model
+
+
+def _user_reference(train_fn: TrainFn, points: torch.Tensor) -> nn.Module:
+    model = train_fn(points)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"train_fn returned {type(model).__name__}; it must return the trained model (an "
+            "nn.Module predicting the noise from (x_t, t))"
+        )
+    return model
 
 
 def run_diffusion(
@@ -216,13 +297,35 @@ def score_model(
     bound terms may come measured (``pack_terms``)."""
     if terms is not None:
         report = variant_report(terms, variant=cfg.variant, R=cfg.R)
-        return _with_heldout(report, model, schedule, losses, cfg, test, validation)
+    else:
+        report = bound_report(model, schedule, train, cfg, device=device)
+    return _with_heldout(report, model, schedule, losses, cfg, test, validation)
+
+
+def bound_report(
+    model: nn.Module,
+    schedule: Schedule,
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    device: str | torch.device = DEFAULT_DEVICE,
+    train_fn: TrainFn | None = None,
+) -> BoundReport:
+    """The bound of cfg.variant (docs/theory.md section 2) for a model trained on ``train``, with
+    cfg's bound settings and evaluation seed: trains the reference models the variant needs
+    (eq. 2.8's halves, 2.9's K folds; with ``train_fn`` by the user's loop) and calls
+    ``diffusion_bound``. A trial and ``bound_tuner.score`` both come here, so a model scored
+    from outside gets the report its trial would."""
     split_models, fold_sizes, fold_models, folds = [], [], [], None
     if cfg.variant in SPLIT_VARIANTS:
-        split_models, fold_sizes = train_split_models(train, cfg, device=device)
+        split_models, fold_sizes = train_split_models(train, cfg, device=device, train_fn=train_fn)
     if cfg.variant in FOLD_VARIANTS:
-        fold_models, folds = train_fold_models(train, cfg, device=device)
-    report = diffusion_bound(
+        fold_models, folds = train_fold_models(train, cfg, device=device, train_fn=train_fn)
+    if train_fn is not None:  # the user's references on the model's device
+        dev = model_device(model)
+        split_models = [r.to(dev) for r in split_models]
+        fold_models = [r.to(dev) for r in fold_models]
+    return diffusion_bound(
         model,
         train,
         schedule,
@@ -241,7 +344,6 @@ def score_model(
         fold_models=fold_models,
         folds=folds,
     )
-    return _with_heldout(report, model, schedule, losses, cfg, test, validation)
 
 
 def _with_heldout(report, model, schedule, losses, cfg, test, validation) -> DiffusionResult:

@@ -39,16 +39,21 @@ class MemberSchedules:
                 for f in cls.__dataclass_fields__
             }
             self.groups.append((torch.tensor(idx, device=device), params, cls))
+        # schedules of no named family (a discrete schedule built from its betas,
+        # sde.DiscreteSchedule): evaluated member by member
+        self.singles = [(j, s) for j, s in enumerate(self.schedules) if s.name not in SCHEDULES]
 
     def _apply(self, what: str, t: torch.Tensor) -> torch.Tensor:
         extra = (1,) * (t.dim() - 1)
-        if len(self.groups) == 1:
+        if len(self.groups) == 1 and not self.singles:
             _, params, cls = self.groups[0]
             return getattr(cls(**{k: v.view(-1, *extra) for k, v in params.items()}), what)(t)
         out = torch.empty_like(t)
         for idx, params, cls in self.groups:
             sched = cls(**{k: v.view(-1, *extra) for k, v in params.items()})
             out[idx] = getattr(sched, what)(t[idx])
+        for j, sched in self.singles:
+            out[j] = getattr(sched, what)(t[j])
         return out
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,9 +123,35 @@ class Members:
 
     @classmethod
     def of_models(cls, models: Sequence[nn.Module], schedules: Sequence[Schedule]) -> Members:
-        """Trained models of one architecture, stacked (``stack_module_state``) into one vmap."""
+        """Trained models of one architecture, stacked (``stack_module_state``) into one vmap.
+
+        A module that ``torch.func`` cannot vmap (a user's own network, docs/own_models.md) is
+        called member by member instead: the first call tries the vmap and, if it raises, the
+        members run one after another from then on (same values, no speed-up)."""
         models = list(models)
         for mod in models:
             mod.eval()
-        params, buffers = torch.func.stack_module_state(models)
-        return cls.stacked(models[0], params, buffers, schedules)
+        first = models[0]
+
+        def looped(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([mod(y[j], t[j].to(y.dtype)) for j, mod in enumerate(models)])
+
+        try:
+            params, buffers = torch.func.stack_module_state(models)
+            batched = cls.stacked(first, params, buffers, schedules).eps
+        except Exception:  # a module that cannot be stacked: one by one
+            batched = None
+        state = {"vmap": batched is not None, "tried": False}
+
+        def eps(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if state["vmap"]:
+                if state["tried"]:
+                    return batched(y, t)
+                state["tried"] = True
+                try:
+                    return batched(y, t)
+                except Exception:  # torch.func cannot vmap this module: fall back
+                    state["vmap"] = False
+            return looped(y, t)
+
+        return cls(eps, schedules, device=model_device(first), dtype=model_dtype(first))

@@ -33,7 +33,8 @@ from .bounds.vae import assemble_vae_bound, reference_vae_R, vae_bound
 from .data import DataSplit, prepare_for
 from .device import DEFAULT_DEVICE, resolve_device
 from .evaluate import diffusion_bound
-from .experiment import DiffusionConfig, run_diffusion, score_model
+from .experiment import DiffusionConfig, build_initial, run_diffusion, score_model
+from .models.factory import ModelFactory, check_output, factory_name, vmap_error
 from .models.vae import MLPVAE, ConvVAE
 from .sampling import DIVERGED_SCALE
 from .sde import get_schedule
@@ -65,6 +66,12 @@ class DiffusionObjective:
         pack: trials trained at once as one ensemble (``bound_tuner.packed_trials``): with
             pack > 1 the objective expects that many concurrent calls (threads; ``run_study``
             and the workers start them), and its calls wait for one another to form a pack.
+        model: your own score network (docs/own_models.md): a factory
+            ``factory(config, data_shape) -> nn.Module`` whose module predicts the noise from
+            (x_t, t), or its import name ``"package.module:function"`` (a spec's
+            ``[model] factory``). None: the built-in MLP (points) or UNet (images). Trials
+            record the name, so kept weights can be rebuilt by ``load_model``; a module that
+            ``torch.func`` cannot vmap is refused for ``pack > 1``.
 
     ``data`` are prepared for diffusion first (``bound_tuner.data.prepare_for``: images in
     [0, 1] become pixel bin centres in [-1, 1]). Settings the search space leaves out come from
@@ -85,10 +92,17 @@ class DiffusionObjective:
         artifact_store: Any | None = None,
         keep_models: int | None = DEFAULT_KEEP_MODELS,
         pack: int = 1,
+        model: str | ModelFactory | None = None,
     ) -> None:
         self.data = prepare_for(data, "diffusion")
         self.base = base or DiffusionConfig()
+        if model is not None:
+            self.base = replace(self.base, model=model)
         self.search = parse_search(search, model="diffusion", schedule=self.base.schedule)
+        build: dict[str, Any] = {"shape": list(self.data.train.shape[1:])}
+        if self.base.model is not None:
+            build["factory"] = factory_name(self.base.model)
+            self._check_model(pack)
         self.keeper = None
         if artifact_store is not None:
             from .artifacts import ModelKeeper
@@ -96,7 +110,7 @@ class DiffusionObjective:
             self.keeper = ModelKeeper(
                 artifact_store,
                 kind="diffusion",
-                build={"shape": list(self.data.train.shape[1:])},
+                build=build,
                 data=self.data.info,
                 keep=keep_models,
             )
@@ -111,6 +125,25 @@ class DiffusionObjective:
             from .packed_trials import PackCoordinator
 
             self.packer = PackCoordinator(self.data.train, size=pack, device=self.device)
+
+    def _check_model(self, pack: int) -> None:
+        """Refuse (SpecError, one line) a factory that cannot be imported, does not build a
+        module that maps x_t to a tensor of its shape on the data, or cannot be packed when
+        ``pack > 1``."""
+        name = factory_name(self.base.model)
+        shape = tuple(self.data.train.shape[1:])
+        try:
+            net = build_initial(self.base, shape)
+            check_output(net, self.data.train[:2].to(torch.float32), name=name)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+        if pack > 1:
+            why = vmap_error(net, shape)
+            if why is not None:
+                raise SpecError(
+                    f"model {name} cannot train in a pack of {pack}: torch.func cannot vmap it "
+                    f"({why}); set [training] pack = 1"
+                )
 
     def config_for(self, trial: optuna.Trial) -> DiffusionConfig:
         search = self.search

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from .device import DEFAULT_DEVICE, generator_for, resolve_device, set_tf32
 from .experiment import DiffusionConfig, initial_model
 from .members import MemberSchedules
+from .models.factory import factory_name
 from .sde import Schedule
 from .training import StepDraws, generator_surrogate
 
 # settings every member of a pack must share (the architecture and the training loop)
-SHARED = ("width", "layers", "channels", "steps", "batch_size", "t_min")
+SHARED = ("model", "width", "layers", "channels", "steps", "batch_size", "t_min")
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, used by train_score_model
 ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0  # train_score_model's default clipping norm
@@ -63,6 +64,8 @@ def check_packable(cfgs: Sequence[DiffusionConfig]) -> None:
         raise ValueError("a pack needs at least one configuration")
     for name in SHARED:
         values = {getattr(c, name) for c in cfgs}
+        if name == "model":  # factories by their names (None: the built-in networks)
+            values = {"built-in" if v is None else factory_name(v) for v in values}
         if len(values) > 1:
             raise ValueError(
                 f"a pack's members must share {name} (got {sorted(values)}); fix {name} in "

@@ -11,6 +11,7 @@ Euler-Maruyama reverse step, and the reference score of the data-free model.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -185,6 +186,92 @@ def get_schedule(name: str, **params: float) -> Schedule:
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"schedule parameter {key}={value} must be a positive finite number")
     return sched
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule(Schedule):
+    """The VP process of a discrete-time (DDPM) beta schedule b_0, ..., b_{N-1} on t in [0, 1].
+
+    Step i occupies the interval [i/N, (i+1)/N) with the constant rate beta(t) = -N ln(1 - b_i),
+    so B((k+1)/N) = -sum_{i<=k} ln(1 - b_i) = -ln abar_k: at t = (k+1)/N the marginal of the
+    process is exactly the discrete one at step k, x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps
+    (diffusers' ``add_noise`` at timestep k). Between grid points B is linear, so log alpha-bar
+    is interpolated linearly (docs/theory.md section 8 derives this and the error of the naive
+    rate N b_i). Times run in [0, 1] (T = 1 is the whole discrete process); past 1 the last rate
+    continues, but ``check_T`` refuses T > 1. Not in SCHEDULES: it is built from its betas
+    (``from_betas``, or ``bound_tuner.diffusers_adapter.schedule_from_scheduler``), not by name.
+    """
+
+    betas: tuple[float, ...] = (0.02,)
+    name = "discrete"
+
+    @classmethod
+    def from_betas(cls, betas) -> DiscreteSchedule:
+        """From any sequence or tensor of betas, each in (0, 1)."""
+        values = tuple(float(b) for b in torch.as_tensor(betas, dtype=torch.float64).flatten())
+        if not values:
+            raise ValueError("a discrete schedule needs at least one beta")
+        bad = [b for b in values if not (0.0 < b < 1.0)]
+        if bad:
+            raise ValueError(
+                f"discrete betas must lie in (0, 1), got {bad[0]!r}; a beta of 1 (zero terminal "
+                "SNR) makes alpha vanish at the end, so the prior terms are infinite"
+            )
+        return cls(betas=values)
+
+    @property
+    def steps(self) -> int:
+        """N, the number of discrete steps."""
+        return len(self.betas)
+
+    @functools.cached_property
+    def _rates(self) -> torch.Tensor:
+        # -ln(1 - b_i): the increase of B over step i (float64, CPU)
+        return -torch.log1p(-torch.tensor(self.betas, dtype=torch.float64))
+
+    @functools.cached_property
+    def _cum(self) -> torch.Tensor:
+        # B at the grid points i/N, i = 0..N: [0, -ln abar_0, ..., -ln abar_{N-1}]
+        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self._rates, 0)])
+
+    def _step(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = t.double() * self.steps
+        n = torch.floor(u).clamp(0, self.steps - 1).long()
+        return u, n
+
+    def beta(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        _, n = self._step(t)
+        return self.steps * self._rates.to(t.device)[n]
+
+    def big_b(self, t: TensorLike) -> torch.Tensor:
+        t = _as_tensor(t)
+        u, n = self._step(t)
+        return self._cum.to(t.device)[n] + self._rates.to(t.device)[n] * (u - n)
+
+    def inverse_big_b(self, b: TensorLike) -> torch.Tensor:
+        b = _as_tensor(b).double()
+        cum = self._cum.to(b.device)
+        n = (torch.searchsorted(cum, b.contiguous(), right=True) - 1).clamp(0, self.steps - 1)
+        return (n + (b - cum[n]) / self._rates.to(b.device)[n]) / self.steps
+
+    def params(self) -> dict[str, float]:
+        return {
+            "N": float(self.steps),
+            "beta_first": self.betas[0],
+            "beta_last": self.betas[-1],
+            "B_end": float(self._cum[-1]),
+        }
+
+    def check_T(self, T: float, *, t_min: float = 1e-3) -> float:
+        """T in (t_min, 1]: the discrete process ends at t = 1 (its step N - 1)."""
+        T = super().check_T(T, t_min=t_min)
+        if T > 1.0 + 1e-12:
+            raise ValueError(
+                f"T={T} is past the end of the {self.steps}-step discrete schedule (T <= 1, "
+                "where t = (k+1)/N is step k); choose T <= 1"
+            )
+        return T
 
 
 def sample_xt(

@@ -23,6 +23,8 @@ created. The schema (every section optional except [study].name):
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
              n_warmup_steps
   [storage]  heartbeat_interval, grace_period (seconds; used with PostgreSQL or several workers)
+  [model]    factory ("package.module:function": your own score network for a diffusion study,
+             factory(config, data_shape) -> nn.Module; docs/own_models.md)
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ SECTIONS = {
     "sampler": {"type": str, "seed": int, "n_startup_trials": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
     "storage": {"heartbeat_interval": int, "grace_period": int},
+    "model": {"factory": str},  # a user's own score network (bound_tuner.models.factory)
 }
 SAMPLERS = ("tpe", "random", "grid", "bruteforce")
 PRUNERS = ("median", "none", "successive_halving", "hyperband")
@@ -162,6 +165,7 @@ class StudySpec:
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
     storage: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    factory: str | None = None  # [model] factory: "package.module:function" (None: built-in)
 
 
 def _type_ok(value: Any, expected) -> bool:
@@ -433,6 +437,7 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
             f"choose one of {', '.join(PRUNERS)}"
         )
     spec.storage = _check_section("storage", raw.get("storage", {}), where)
+    spec.factory = _check_factory(spec, raw, where)
 
     search = raw.get("search", {})
     if not isinstance(search, dict):
@@ -461,6 +466,25 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
                     f"write {p.name} = {{ grid = [...] }}"
                 )
     return spec
+
+
+def _check_factory(spec: StudySpec, raw: dict, where: str) -> str | None:
+    """[model] factory: the import name of a diffusion study's own score network, checked for
+    its form only (importing it would load torch; the objective imports and tries it)."""
+    name = _check_section("model", raw.get("model", {}), where).get("factory")
+    if name is None:
+        return None
+    if spec.model != "diffusion":
+        raise SpecError(
+            f"{where}: model.factory builds a diffusion score network; a {spec.model} study "
+            "does not use it; remove it"
+        )
+    module, _, attr = name.partition(":")
+    if name.count(":") != 1 or not module.strip() or not attr.strip():
+        raise SpecError(
+            f'{where}: model.factory = {name!r}; give the function as "package.module:function"'
+        )
+    return name
 
 
 # lowest allowed value of numeric settings and search parameters (None: no lower limit)
@@ -714,6 +738,8 @@ def fingerprint(spec: StudySpec) -> dict[str, Any]:
             out[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
     for name, p in spec.search.items():
         out[f"search.{name}"] = _param_record(p)
+    if spec.factory is not None:
+        out["model.factory"] = spec.factory
     return {k: out[k] for k in sorted(out) if k not in _RUN_SETTINGS}
 
 

@@ -152,7 +152,8 @@ def build_objective(
     if spec.model == "diffusion":
         from .objectives import DiffusionObjective
 
-        check_architecture_keys(spec, images=data.train.dim() > 2)
+        if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes
+            check_architecture_keys(spec, images=data.train.dim() > 2)
 
         return DiffusionObjective(
             data,
@@ -166,6 +167,7 @@ def build_objective(
             artifact_store=artifact_store,
             keep_models=spec.keep_models,
             pack=spec.training.get("pack", 1),
+            model=spec.factory,
         )
     from .objectives import VAEObjective
 

@@ -172,6 +172,7 @@ def train_score_model(
     callback: Callable[[int, nn.Module], None] | None = None,
     callback_every: int = 0,
     progress: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> list[float]:
     """Train ``model`` on x by Adam on the denoising loss (+ lam * S(theta)); returns the losses.
 
@@ -179,7 +180,9 @@ def train_score_model(
     losses stay on the device and come back at checkpoints and at the end, never every step.
     ``callback(step, model)`` runs every ``callback_every`` steps (for pruning checkpoints); it may
     raise to stop training. A NaN or infinite loss raises FloatingPointError at the next
-    checkpoint or at the end.
+    checkpoint or at the end. ``rows`` (a K-fold reference, docs/theory.md 2.9) restricts the
+    mini-batches to those rows of x, with the draws ``bound_tuner.pack`` gives such a member, and
+    counts their number as m in the regularizer.
     """
     schedule.check_T(T, t_min=t_min)
     if lam < 0:
@@ -201,7 +204,10 @@ def train_score_model(
         generator=generator_for(x.device, seed),
         dtype=x.dtype,
         schedule=schedule,
+        rows=rows,
     )
+    if rows is not None:
+        m = rows.numel()
     history = torch.empty(steps, dtype=x.dtype, device=x.device)
     every_bar = max(1, steps // 20)
     bar = tqdm(range(steps), desc=f"train T={T:g}", disable=not progress, leave=False)
