@@ -16,6 +16,8 @@ with the truth, and the mean rank of the pick.
       Fashion-MNIST m=1,000; truth: held-out -ELBO             2 seeds (only with --cases f)
   (g) the same at m=5,000                                       2 seeds (only with --cases g)
   (h) as (f), but 20 to 100 epochs: long enough to overfit      2 seeds (only with --cases h)
+  (i) as (f), but m=200 and 100 to 300 epochs: overfitting      2 seeds (only with --cases i)
+      VAE truth: the held-out -ELBO (nats); the default trains K = 5 reference VAEs per model
 
     python benchmarks/bench_selection.py                 # all cases, CPU-sized (--jobs: processes)
     python benchmarks/bench_selection.py --cases a,c --seeds 2 --out results.json
@@ -72,12 +74,18 @@ CASE_TITLES = {
     "f": "(f) 16 random VAE configs, Fashion-MNIST m=1,000",
     "g": "(g) 16 random VAE configs, Fashion-MNIST m=5,000",
     "h": "(h) 16 random VAE configs, 20-100 epochs, m=1,000",
+    "i": "(i) 16 random VAE configs, 100-300 epochs, m=200 (overfitting)",
 }
 #: the VAE cases and their m; their scores are VAE_SCORES, their truth the held-out -ELBO
-VAE_CASES = {"f": 1000, "g": 5000, "h": 1000}
+VAE_CASES = {"f": 1000, "g": 5000, "h": 1000, "i": 200}
 #: cases that draw the epochs from their own range instead of the spec's
-VAE_EPOCHS = {"h": (20, 100)}
+VAE_EPOCHS = {"h": (20, 100), "i": (100, 300)}
 VAE_SCORES = (
+    "elbo-kfold (default)",
+    "elbo-kfold, 95% certificate",
+    "kfold information, R=cv",
+    "K-fold CV NELBO",
+    "80/20 held-out NELBO",
     "vae bound, r=1 (R=1.41)",
     f"vae bound, R={MEASURED_R:g}",
     "vae bound, R data",
@@ -86,6 +94,8 @@ VAE_SCORES = (
     "train -ELBO",
     "train REC",
 )
+#: K of the VAE cases' K-fold references (the objective's default)
+VAE_FOLDS = 5
 VAE_TEST_SIZE = 2000
 #: the few-shot image cases, judged in bits per dim
 IMAGE_CASES = ("e", "y")
@@ -177,7 +187,7 @@ def build_tasks(
                     tasks.append(Task("x", f"x/{name}/seed{s}", name, 40, s, c, **low_d))
     if "y" in cases and fewshot:  # outside too: few-shot images of another data set
         tasks += fewshot_tasks("y", "mnist")
-    tasks += vae_tasks(cases, seeds)
+    tasks += vae_tasks(cases, seeds, seed_offset=seed_offset, configs=configs)
     for t in tasks:  # a fresh set of problems: data, configurations, models and draws
         if seed_offset:
             t.data_seed += seed_offset
@@ -210,7 +220,7 @@ def fewshot_tasks(case: str, data: str) -> list[Task]:
     return tasks
 
 
-def vae_tasks(cases: str, seeds: int) -> list[Task]:
+def vae_tasks(cases: str, seeds: int, *, seed_offset: int = 0, configs: int = 16) -> list[Task]:
     """(f), (g): 16 configurations drawn uniformly (log-uniformly where the spec says log) from
     the search space of studies/fashion_mnist_vae.toml, the same 16 for every m and seed."""
     if not any(c in cases for c in VAE_CASES):
@@ -228,9 +238,9 @@ def vae_tasks(cases: str, seeds: int) -> list[Task]:
     for case, m in VAE_CASES.items():
         if case not in cases:
             continue
-        for s in range(min(seeds, 2)):
-            rng = np.random.default_rng(200 + s)
-            for _ in range(16):
+        for s in range(min(seeds, 2)):  # build_tasks shifts the data and training seeds
+            rng = np.random.default_rng(200 + s + seed_offset)
+            for _ in range(configs):
                 params = dict(fixed)
                 for name, p in ranges.items():
                     lo, hi = float(p.low), float(p.high)
@@ -254,12 +264,13 @@ def run_vae_task(task: Task) -> dict:
     """Train one VAE (``train_vae``) and compute its bound terms and held-out -ELBO."""
     import torch
 
-    from bound_tuner.bounds.vae import reference_vae_R, vae_bound
+    from bound_tuner.bounds.kfold import fold_assignment
+    from bound_tuner.bounds.vae import reference_vae_R, vae_bound, vae_kfold_bound
     from bound_tuner.data import load_dataset
     from bound_tuner.models.vae import MLPVAE
     from bound_tuner.objectives import VAEConfig
     from bound_tuner.seeding import seed_everything
-    from bound_tuner.vae_training import train_vae
+    from bound_tuner.vae_training import train_fold_vaes, train_vae
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     key = ("vae", task.data, task.m, task.data_seed, task.test_size)
@@ -292,6 +303,24 @@ def run_vae_task(task: Task) -> dict:
     )
     rep = vae_bound(model, split.train, decoder0=decoder0, test_x=split.test, seed=cfg.seed)
     ex = rep.extras
+    seconds_model = time.perf_counter() - t0
+    # the default bound: K-fold references with the model's settings, folds from the problem's
+    # seed, the same evaluation draws for every model of a problem (as a study does)
+    folds = fold_assignment(task.m, VAE_FOLDS, seed=task.data_seed)
+    refs = train_fold_vaes(
+        lambda: MLPVAE(input_dim=int(split.train.shape[1]), latent=cfg.latent),
+        split.train,
+        folds,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        beta=cfg.beta,
+        lam=cfg.lam,
+        r=cfg.r,
+    )
+    kf = vae_kfold_bound(model, refs, split.train, folds, test_x=split.test, seed=task.data_seed)
+    kx = kf.extras
     return {
         "case": task.case,
         "group": task.group,
@@ -305,25 +334,54 @@ def run_vae_task(task: Task) -> dict:
             "m": rep.settings["m"],
             "R_estimate": ex["rec_half_range"],
             "R_data": reference_vae_R(split.train),
+            "train_nelbo": kf.terms["train_nelbo"],
+            "train_nelbo_mc_se": kx["train_mc_se"],
+            "fold.C_fold": kf.terms["fold_info"],
+            "fold.R_cv": kf.settings["R"],
+            "fold.cv_nelbo": kf.terms["cv_nelbo"],
+            "fold.cv_se": kx["cv_se"],
+            "fold.holdout_nelbo": kx["holdout_nelbo"],
         },
         "heldout": {
-            "neg_elbo": ex["test_neg_elbo"],
+            "neg_elbo": kx["test_neg_elbo"],
+            "neg_elbo_se": kx["test_neg_elbo_se"],
             "heldout_loss": ex["heldout_loss"],
             "test_rec": ex["test_rec"],
             "test_kld": ex["test_kld"],
         },
+        "seconds_model": seconds_model,
         "seconds": time.perf_counter() - t0,
     }
 
 
 def vae_scores_from_raw(raw: dict) -> dict[str, float]:
     """Every score of VAE_SCORES from a VAE's measured terms, through ``assemble_vae_bound``."""
+    from bound_tuner.bounds.diffusion import assemble_kfold_bound
     from bound_tuner.bounds.vae import assemble_vae_bound, r_to_R
 
     def bound(R: float) -> float:
         return assemble_vae_bound(raw["rec"], raw["kld"], raw["mi"], m=raw["m"], R=R)[0]
 
+    kfold = {}
+    if "fold.R_cv" in raw:
+        rep = assemble_kfold_bound(
+            train_nelbo=raw["train_nelbo"],
+            c_fold=raw["fold.C_fold"],
+            R=raw["fold.R_cv"],
+            cv_nelbo=raw["fold.cv_nelbo"],
+            cv_se=raw["fold.cv_se"],
+            m=raw["m"],
+            train_mc_se=raw["train_nelbo_mc_se"],
+        )
+        kfold = {
+            "elbo-kfold (default)": rep.total,
+            "elbo-kfold, 95% certificate": rep.extras["total_upper95"],
+            "kfold information, R=cv": rep.extras["info_bound"],
+            "K-fold CV NELBO": raw["fold.cv_nelbo"],
+            "80/20 held-out NELBO": raw["fold.holdout_nelbo"],
+        }
     return {
+        **{k: kfold.get(k, math.nan) for k in VAE_SCORES[:5]},
         "vae bound, r=1 (R=1.41)": bound(r_to_R(1.0)),
         f"vae bound, R={MEASURED_R:g}": bound(MEASURED_R),
         "vae bound, R data": bound(raw["R_data"]),
@@ -578,7 +636,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
         sc_all += sc
         tr_all += tr
         se_all += se
-        regs.append(regret(sc, tr) if vae else regret_diff(sc, tr))
+        regs.append(regret_diff(sc, tr))
         rhos.append(spearman(sc, tr))
         ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}")
         if not vae:
@@ -615,13 +673,13 @@ def summarize(rows: list[dict]) -> str:
         vae = case in VAE_CASES
         n = len(_problems(rows, case))
         unit = "bits/dim" if case in IMAGE_CASES else "nats"
-        reg_head = "mean regret" if vae else f"mean regret ({unit})"
+        reg_head = f"mean regret ({unit})"
         out.append(f"\n{CASE_TITLES[case]}: truth = held-out {truth}, {n} problem(s)")
+        spread = score_stats(rows, case, "train -ELBO" if vae else "train NELBO")["spread"]
+        out.append(f"(best-to-worst spread of the truth: {spread:.3f} {unit} on average)")
         if not vae:
-            spread = score_stats(rows, case, "train NELBO")["spread"]
             out.append(
-                f"(best-to-worst spread of the truth: {spread:.3f} {unit} on average; "
-                f"second view: {second}, ratio regret; its floor, the truth's own pick: "
+                f"(second view: {second}, ratio regret; its floor, the truth's own pick: "
                 f"{100 * oracle_floor(rows, case):.0f}%)"
             )
         out.append(
@@ -633,7 +691,7 @@ def summarize(rows: list[dict]) -> str:
             st = score_stats(rows, case, score)
             if st is None:
                 continue
-            reg = f"{100 * st['regret']:.0f}%" if vae else f"{st['regret']:.3f}"
+            reg = f"{st['regret']:.3f}"
             line = (
                 f"| {score} | {reg} | {st['spearman']:+.2f} | {st['ranks']} | "
                 f"{100 * st['share_above']:.0f}% | {st['mean_excess']:+.3f} | "
@@ -647,7 +705,7 @@ def summarize(rows: list[dict]) -> str:
 
 def compact_table(rows: list[dict]) -> str:
     """One markdown table: a row per score, a column per case, each cell the mean regret in the
-    case's units (% for VAEs) / the share of models at or above the held-out truth."""
+    case's units / the share of models at or above the held-out truth."""
     vae = any(r["case"] in VAE_CASES for r in rows)
     cases = sorted({r["case"] for r in rows if (r["case"] in VAE_CASES) == vae})
     if vae and len(cases) < len({r["case"] for r in rows}):
@@ -658,7 +716,7 @@ def compact_table(rows: list[dict]) -> str:
         )
     head = ["score"] + [f"{CASE_TITLES[c]}" for c in cases]
     out = [
-        "cells: mean regret (nats; bits/dim for images; % for VAEs) / share of models at or "
+        "cells: mean regret (nats; bits/dim for images) / share of models at or "
         "above the held-out truth (2 se)",
         "| " + " | ".join(head) + " |",
         "|" + " --- |" * len(head),
@@ -670,7 +728,7 @@ def compact_table(rows: list[dict]) -> str:
             if st is None:
                 cells.append("—")
                 continue
-            reg = f"{100 * st['regret']:.0f}%" if vae else f"{st['regret']:.2f}"
+            reg = f"{st['regret']:.2f}"
             cells.append(f"{reg} / {100 * st['share_above']:.0f}%")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -681,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default="abcde", help="which cases to run, e.g. 'ac' (default all)")
     ap.add_argument("--seeds", type=int, default=4, help="seeds of case (a); (b)-(d) use up to 2")
     ap.add_argument("--memo-steps", type=int, default=8000, help="training steps of case (c)")
-    ap.add_argument("--configs", type=int, default=16, help="random configurations of case (b)")
+    ap.add_argument(
+        "--configs", type=int, default=16, help="random configurations of cases (b) and (f)-(i)"
+    )
     ap.add_argument(
         "--no-split",
         action="store_true",

@@ -28,8 +28,16 @@ from .bounds.diffusion import (
     SPLIT_VARIANTS,
     encoder_terms,
 )
+from .bounds.kfold import fold_assignment, folds_for
 from .bounds.report import BoundReport
-from .bounds.vae import assemble_vae_bound, reference_vae_R, vae_bound
+from .bounds.vae import (
+    DEFAULT_VAE_VARIANT,
+    VAE_VARIANTS,
+    assemble_vae_bound,
+    reference_vae_R,
+    vae_bound,
+    vae_kfold_bound,
+)
 from .data import DataSplit, prepare_for
 from .device import DEFAULT_DEVICE, resolve_device
 from .evaluate import diffusion_bound
@@ -42,7 +50,7 @@ from .seeding import seed_everything, trial_seed
 from .settings import config_kwargs
 from .space import sample_diffusion_params, suggest
 from .spec import DEFAULT_KEEP_MODELS, Param, SpecError, StudySpec, parse_search
-from .vae_training import train_vae
+from .vae_training import train_fold_vaes, train_vae
 
 TrialHook = Callable[[optuna.Trial, Any], None]
 
@@ -278,15 +286,25 @@ def unusable(report: BoundReport) -> str | None:
 
 VAE_ARCHS = ("mlp", "conv")
 # extras of vae_bound computed on the test set: held-out metrics, kept out of bound.*
-_TEST_EXTRAS = ("heldout_loss", "test_neg_elbo", "test_rec", "test_kld", "test_size")
+_TEST_EXTRAS = (
+    "heldout_loss",
+    "test_neg_elbo",
+    "test_neg_elbo_se",
+    "test_rec",
+    "test_kld",
+    "test_size",
+)
 
 
 @dataclass
 class VAEConfig:
     """One VAE trial's settings (docs/theory.md sections 5 and 6); the search space overrides them.
 
-    ``lam`` weighs the bound-regularizer of ``bound_tuner.vae_training`` (0: plain training),
-    ``R`` the bound's sub-Gaussian scale (docs/theory.md section 5.1: a number, "data" or
+    ``variant`` is the bound a trial returns: "elbo-kfold" (docs/theory.md 5.4, the default: a
+    bound on the population NELBO from ``folds`` K-fold reference VAEs, None: 5, fewer below 10
+    points) or "paper" ((5.2) with ``R`` or ``r``; its per-epoch form is what pruners see in
+    both). ``lam`` weighs the bound-regularizer of ``bound_tuner.vae_training`` (0: plain training),
+    ``R`` the (5.2) bound's sub-Gaussian scale (docs/theory.md section 5.1: a number, "data" or
     "estimate"; None: the paper's form with ``r``, R = (1 + r)/sqrt(2)), ``r`` the paper's r (also
     the regularizer's weight 1 + r), ``mc_samples`` the draws of z per point in each bound
     evaluation.
@@ -302,6 +320,8 @@ class VAEConfig:
     r: float = 1.0
     R: float | str | None = None
     mc_samples: int = 1
+    variant: str = DEFAULT_VAE_VARIANT
+    folds: int | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -479,6 +499,20 @@ class VAEObjective:
                 raise SpecError(f"search.{name} must be {need} (got {values(name)})")
         if b.r < 0 or not math.isfinite(b.r):
             raise SpecError(f"bound.r = {b.r} must be a finite number >= 0")
+        if b.variant not in VAE_VARIANTS:
+            raise SpecError(f"bound.variant = {b.variant!r}; choose from {VAE_VARIANTS}")
+        if b.variant == "elbo-kfold":
+            if b.R is not None:
+                raise SpecError(
+                    f'bound.R = {b.R!r} belongs to variant "paper"; "elbo-kfold" takes its scale '
+                    "from cross-fitting: remove bound.R or set bound.variant = \"paper\""
+                )
+            k = folds_for(self.m, b.folds)
+            if k < 2 or self.m < 2 * k:
+                raise SpecError(
+                    f"bound.folds = {k} needs at least {2 * max(k, 2)} training points (m = "
+                    f"{self.m}); lower bound.folds or use more data"
+                )
         if isinstance(b.R, str) and b.R not in R_SOURCES:
             raise SpecError(f'bound.R = {b.R!r}; give a positive number, "estimate" or "data"')
         if b.R is not None and not isinstance(b.R, str) and not (math.isfinite(b.R) and b.R > 0):
@@ -554,7 +588,9 @@ class VAEObjective:
                 callback=on_epoch,
                 decoder0=decoder0,
             )
-            if self.bound_subset is None and last and len(rows) == cfg.epochs:
+            if cfg.variant == "elbo-kfold":
+                full = self._kfold_bound(cfg, model, test)
+            elif self.bound_subset is None and last and len(rows) == cfg.epochs:
                 full = last[0]  # the last epoch's bound is already on all m points
             else:
                 full = bound_on(self.data.train, model)
@@ -579,6 +615,37 @@ class VAEObjective:
         if self.keeper is not None:
             self.keeper(trial, model, report.total)
         return report.total
+
+    def _kfold_bound(
+        self, cfg: VAEConfig, model: nn.Module, test: torch.Tensor | None
+    ) -> BoundReport:
+        """Train the K reference VAEs and compute the bound (5.4); folds and evaluation draws
+        come from the study's seed, the same for every trial (common random numbers)."""
+        k = folds_for(self.m, cfg.folds)
+        folds = fold_assignment(self.m, k, seed=self.study_seed)
+        refs = train_fold_vaes(
+            lambda: self.build_model(cfg).to(self.device),
+            self.data.train,
+            folds,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            beta=cfg.beta,
+            lam=cfg.lam,
+            r=cfg.r,
+            dynamic_binarize=self.dynamic_binarize,
+            device=self.device,
+        )
+        return vae_kfold_bound(
+            model,
+            refs,
+            self.data.train,
+            folds,
+            test_x=test,
+            seed=self.study_seed,
+            batch_size=self.eval_batch_size,
+        )
 
     def _epoch_row(self, epoch: int, rep: BoundReport) -> dict[str, float]:
         """One entry of ``epoch_terms``; the MI term divides by the full m (see bound_subset)."""

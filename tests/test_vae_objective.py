@@ -15,7 +15,7 @@ import torch
 
 from bound_tuner.data import DataSplit, load_dataset
 from bound_tuner.data.images import FASHION_MNIST_FILES
-from bound_tuner.objectives import VAEObjective
+from bound_tuner.objectives import VAEConfig, VAEObjective
 from bound_tuner.reporting import trials_json, trials_table
 from bound_tuner.spec import SpecError, load_spec, parse_spec
 from bound_tuner.study import load_data, run_study
@@ -48,6 +48,7 @@ epochs = {epochs}
 batch_size = 16
 
 [bound]
+variant = "{variant}"
 r = 1.0
 mc_samples = 1
 {bound_extra}
@@ -106,6 +107,7 @@ def vae_spec(tmp_path):
             epochs=3,
             bound_extra="",
             pruner="none",
+            variant="paper",
         )
         vals.update(kw)
         path = tmp_path / f"{vals['name']}.toml"
@@ -239,10 +241,8 @@ def test_fashion_mnist_vae_study_spec_parses():
     assert spec.model == "vae" and spec.sampler["type"] == "tpe"
     assert {"beta", "lam", "latent", "lr"} <= {n for n, p in spec.search.items() if not p.is_fixed}
     assert spec.data["binarize"] == "fixed"
-    # the shipped scale is the measured one of docs/theory.md 5.2-5.3, not the paper's r
-    from bound_tuner.bounds.vae import MEASURED_R
-
-    assert spec.bound["R"] == MEASURED_R and "r" not in spec.bound
+    # the shipped bound is the K-fold default (docs/theory.md 5.4): no R chosen on held-out data
+    assert spec.bound["variant"] == "elbo-kfold" and "R" not in spec.bound and "r" not in spec.bound
     assert spec.data["m"] == 5000 and "epochs" in spec.search
 
 
@@ -296,3 +296,36 @@ def test_dashboard_chart_of_bound_against_heldout_by_epoch():
     )
     del trials[0]["user_attrs"]["epoch_terms"]
     assert CHART_VAE_BOUND_VS_HELDOUT not in study_figures(trials)
+
+
+def test_vae_kfold_default_end_to_end(binary_images, vae_spec, tmp_path):
+    """The default VAE bound (docs/theory.md 5.4): K-fold reference VAEs, R from cross-fitting,
+    the smaller of its two forms as the value, the certificate and the held-out NELBO beside it."""
+    spec = load_spec(
+        vae_spec(validation="true", lam="0.0", n_trials=1, variant="elbo-kfold", epochs=2)
+    )
+    study = run_study(spec, storage=f"sqlite:///{tmp_path}/k.db", progress=False, dashboard=False)
+    (t,) = study.get_trials()
+    ua = t.user_attrs
+    assert t.state.name == "COMPLETE" and ua["bound.variant"] == "elbo-kfold"
+    assert ua["bound.folds"] == 5 and ua["bound.R_source"] == "cv" and ua["bound.R"] > 0
+    info = ua["bound.train_nelbo"] + math.sqrt(2) * ua["bound.R"] * ua["bound.fold_info"]
+    cv = ua["bound.cv_nelbo"] + 2 * ua["bound.cv_se"]
+    assert ua["bound.info_bound"] == pytest.approx(info)
+    assert ua["bound.cv_bound"] == pytest.approx(cv)
+    assert t.value == pytest.approx(min(info, cv))
+    assert ua["bound.total_upper95"] >= t.value
+    assert ua["heldout.test_neg_elbo"] > 0 and ua["heldout.test_neg_elbo_se"] > 0
+    assert not any(k.startswith("bound.test") for k in ua)
+    assert ua["config"]["variant"] == "elbo-kfold"
+    table = trials_table(trials_json(study)).splitlines()
+    assert table[0].split()[:7] == ["#", "state", "beta", "lam", "latent", "bound", "upper95"]
+
+
+def test_vae_kfold_refuses_a_fixed_R(binary_images, vae_spec):
+    spec = load_spec(vae_spec(variant="elbo-kfold", n_trials=1))
+    data = load_data(spec)
+    with pytest.raises(SpecError, match='belongs to variant "paper"'):
+        VAEObjective(data, search={"lam": 0.0}, base=VAEConfig(R=10.0))
+    with pytest.raises(SpecError, match="bound.variant = 'kfold'"):
+        VAEObjective(data, search={"lam": 0.0}, base=VAEConfig(variant="kfold"))
