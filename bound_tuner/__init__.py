@@ -1,30 +1,42 @@
 """bound_tuner: Optuna objectives scored by a generalization bound computed from training data.
 
-Heavy pieces are imported lazily, so ``import bound_tuner`` stays cheap.
+The public names below are imported lazily, on first use, so ``import bound_tuner`` stays cheap
+(no torch); so are the submodules (``bound_tuner.workers.run_workers`` after a plain
+``import bound_tuner``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
 _LAZY = {
+    # specs and studies
+    "load_spec": "bound_tuner.spec",
+    "parse_spec": "bound_tuner.spec",
+    "run_study": "bound_tuner.study",
+    # data
+    "load_dataset": "bound_tuner.data",
+    "prepare_for": "bound_tuner.data",
+    # objectives and the settings of one trial
+    "DiffusionObjective": "bound_tuner.objectives",
+    "DiffusionConfig": "bound_tuner.experiment",
+    "VAEObjective": "bound_tuner.objectives",
+    "VAEConfig": "bound_tuner.objectives",
+    # trained models, and models trained elsewhere
+    "load_model": "bound_tuner.artifacts",
+    "score": "bound_tuner.scoring",
+    # bounds and their pieces
     "BoundReport": "bound_tuner.bounds.report",
     "diffusion_bound": "bound_tuner.evaluate",
+    "vae_bound": "bound_tuner.bounds.vae",
     "mixture_kl": "bound_tuner.bounds.mixture",
     "prior_kl": "bound_tuner.sde",
-    "vae_bound": "bound_tuner.bounds.vae",
     "get_schedule": "bound_tuner.sde",
-    "load_dataset": "bound_tuner.data",
-    "DiffusionObjective": "bound_tuner.objectives",
-    "VAEObjective": "bound_tuner.objectives",
-    "load_spec": "bound_tuner.spec",
-    "create_study_from_spec": "bound_tuner.study",
-    "run_study": "bound_tuner.study",
-    "load_model": "bound_tuner.artifacts",
-    "prepare_for": "bound_tuner.data",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -32,5 +44,13 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'bound_tuner' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
