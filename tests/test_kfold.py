@@ -216,7 +216,12 @@ def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
     cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50)
     assert cv.total == pytest.approx(5.0)
     assert set(cv.contributions) == {"cv_nelbo", "cv_margin"}
-    for rep in (info, cv):
+    # references better on unseen points than the model on its own: the cross-fitted form is
+    # floored at the model's training NELBO (a bound is never below what the model shows)
+    floor = assemble_kfold_bound(train_nelbo=5.0, c_fold=1.0, R=3.0, cv_nelbo=4.0, cv_se=0.2, m=50)
+    assert floor.total == pytest.approx(5.0) and floor.extras["cv_floor"] == 1.0
+    assert floor.extras["branch"] == 1.0 and cv.extras["cv_floor"] == 0.0
+    for rep in (info, cv, floor):
         assert sum(rep.contributions.values()) == pytest.approx(rep.total)
         assert rep.extras["total_upper95"] >= rep.total
 

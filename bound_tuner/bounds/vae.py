@@ -412,7 +412,7 @@ def vae_kfold_bound(
 ) -> BoundReport:
     """The VAE's "elbo-kfold" bound on its population NELBO (docs/theory.md eq. 5.4):
 
-      min( NELBO_train + sqrt(2) R_cv C_fold ,  NELBO_cv + 2 se_cv ),
+      min( NELBO_train + sqrt(2) R_cv C_fold ,  max(NELBO_cv + 2 se_cv, NELBO_train) ),
 
     with reference k (``references[k]``, trained with the trial's settings, initialization and
     noise on the points outside fold k; ``folds`` holds each point's fold) measured on fold k's
