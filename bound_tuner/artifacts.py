@@ -34,6 +34,7 @@ import optuna
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
+from .objective_names import bound_value
 from .storage import STUDY_ARTIFACTS_ATTR
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class ModelKeeper:
             return self._upload(trial, model)
         # the kept trials and this one, best first (ties: the earlier trial)
         ranked = sorted(
-            [(t.value, t.number, t) for t in self._kept_trials(trial)]
+            [(bound_value(t), t.number, t) for t in self._kept_trials(trial)]
             + [(value, trial.number, None)],
             key=lambda r: (r[0], r[1]),
         )
@@ -156,8 +157,8 @@ class ModelKeeper:
             t
             for t in done
             if ATTR_ID in t.user_attrs
-            and t.value is not None
-            and math.isfinite(t.value)
+            and bound_value(t) is not None
+            and math.isfinite(bound_value(t))
             and self._present(t)
         ]
         return out
@@ -307,6 +308,13 @@ def _storage_of(study: Any, storage: str | None):
 
 def find_trial(study: optuna.Study, trial: int | str = "best") -> FrozenTrial:
     """The study's best complete trial, or the trial numbered ``trial``."""
+    if trial == "best" and len(study.directions) > 1:
+        front = ", ".join(str(t.number) for t in sorted(study.best_trials, key=lambda t: t.number))
+        raise ArtifactError(
+            f"study {study.study_name!r} has {len(study.directions)} objectives and no single "
+            f"best trial; give --trial N, N one of its Pareto set ({front or 'none yet'}; "
+            "bound-tuner report lists it)"
+        )
     if trial == "best":
         from .study import best_trial_or_none
 
@@ -510,7 +518,7 @@ def load_model(
         config=cfg,
         shape=tuple(payload["build"]["shape"]),
         trial=t.number,
-        value=t.value,
+        value=bound_value(t),
         data=dict(payload.get("data", {})),
     )
     if out.kind == "diffusion":

@@ -1,6 +1,7 @@
 """The ``bound-tuner`` command.
 
   bound-tuner run SPEC [--storage URL] [--n-trials N] [--workers K | --gpus 0,1 [--trials-per-gpu k]]
+  bound-tuner run SPEC --validate  (held-out metrics beside the bound, in the study NAME-validate)
   bound-tuner run SPEC --executor ray [--ray-address ADDR] [--workers K] [--gpus-per-trial G]
   bound-tuner worker SPEC --storage URL [--device DEV]
   bound-tuner storage-proxy --storage URL [--host H] [--port P]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -40,13 +42,23 @@ def _storage_help() -> str:
     return "SQLAlchemy URL of the study database (default: $BOUND_TUNER_STORAGE or sqlite:///bound_tuner.db)"
 
 
+VALIDATE_SUFFIX = "-validate"  # study name of ``run --validate`` for a spec without validation
+
+
 def _spec_of(args: argparse.Namespace):
-    """The spec of ``run`` and ``worker``, with --pack and --study-name applied."""
+    """The spec of ``run`` and ``worker``, with --validate, --pack and --study-name applied.
+
+    ``run --validate`` runs a spec that has no validation in validation mode under its own
+    study, ``NAME-validate``: the same trials as the spec's own study (same spec, same seed),
+    with held-out metrics beside the bound."""
     import dataclasses
 
     from .spec import load_spec, with_pack
 
     spec = load_spec(args.spec)
+    if getattr(args, "validate", False) and not spec.validation:
+        spec = load_spec(args.spec, validation=True)
+        spec = dataclasses.replace(spec, name=spec.name + VALIDATE_SUFFIX)
     if args.pack is not None:
         spec = with_pack(spec, args.pack)
     if args.study_name is not None:
@@ -69,6 +81,7 @@ def _study_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    started = _now()
     spec = _spec_of(args)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
@@ -106,13 +119,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             **hb,
         )
-    return _print_summary(spec.name, study)
+    return _print_summary(spec, study, args, started)
+
+
+def _now():
+    import datetime
+
+    return datetime.datetime.now()
 
 
 def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
     """``run --executor ray``: Ray places the workers and their GPUs."""
     from .study import run_study
 
+    started = _now()
     if args.gpus is not None or args.trials_per_gpu is not None:
         raise WorkerConfigError(
             "--executor ray assigns GPUs itself: give --gpus-per-trial G (0.5: two trials "
@@ -135,7 +155,7 @@ def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
         gpus_per_trial=gpus,
         **hb,
     )
-    return _print_summary(spec.name, study)
+    return _print_summary(spec, study, args, started)
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
@@ -163,6 +183,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise WorkerConfigError(
             "a worker needs the study's shared database: --storage postgresql://user@host/db"
         )
+    started = _now()
     spec = _spec_of(args)
     study = run_worker(
         spec,
@@ -173,31 +194,122 @@ def cmd_worker(args: argparse.Namespace) -> int:
         dashboard_charts=args.charts,
         **_study_options(args),
     )
-    return _print_summary(spec.name, study)
+    return _print_summary(spec, study, args, started)
 
 
-def _print_summary(name: str, study) -> int:
-    from .reporting import trials_json, trials_table
+def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
+    """What a newcomer needs at the end of a run: what ran (or that nothing was left to do),
+    the value's unit and direction, the pick's bound term by term (the columns add up to it),
+    held-out metrics in validation mode, where the study and the weights are, and what next."""
+    from .bounds.report import value_label
+    from .reporting import (
+        contributions_table,
+        heldout_keys,
+        pareto_lines,
+        selection_lines,
+        trials_json,
+    )
+    from .storage import ENV_VAR, STUDY_ARTIFACTS_ATTR, redact, resolve_url
     from .study import best_trial_or_none
 
     trials = trials_json(study)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
-    print(f"study {name!r}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
-    best = best_trial_or_none(study)
-    if best is None:
-        print("no trial completed")
-        return 1
-    print(f"best trial #{best.number}: bound {best.value:.4f}  params {best.params}")
-    print(trials_table([t for t in trials if t["number"] == best.number]))
+    fresh = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete and t.datetime_complete >= started
+    ]
+    done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+    print(f"study {spec.name!r}: {done}")
+    if not fresh:
+        print(
+            f"nothing left to do: the study already had its trials (n_trials = "
+            f"{args.n_trials or spec.n_trials}); raise --n-trials to add some"
+        )
+    names = list(spec.objectives)
+    variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+    label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
+    kind = f"{'/'.join(sorted(variants))} {label}" if variants else label
+    flag = f" --storage {redact(args.storage)}" if args.storage else ""
+    if spec.validation:
+        print(
+            "validation mode: held-out metrics are recorded beside the bound and never used "
+            "by the objective"
+        )
+    if len(names) > 1:
+        front = [t for t in trials if t.get("pareto")]
+        for line in pareto_lines(trials):
+            print(line)
+        if not front:
+            print("no trial completed" + (" within the constraints" if spec.constraints else ""))
+            return 1
+        shown = sorted(front, key=lambda t: t["value"] if t["value"] is not None else math.inf)
+        pick = shown[0]["number"]
+        print(
+            f"the {kind} of the Pareto set's trials, term by term (nats per training point; "
+            "lower is better; each row's terms add up to its last column):"
+        )
+        print(contributions_table(shown))
+        trial_flag = f" --trial {pick}"
+    else:
+        best = best_trial_or_none(study)
+        if best is None:
+            print("no trial completed" + (" within the constraints" if spec.constraints else ""))
+            return 1
+        pick_row = next(t for t in trials if t["number"] == best.number)
+        params = ", ".join(f"{k}={_short(v)}" for k, v in best.params.items())
+        print(
+            f"best trial #{best.number} ({params}): {kind} {best.value:.4f} nats per training "
+            "point; lower is better"
+        )
+        print("its terms add up to it (signed contributions, as in the dashboard's notes):")
+        print(contributions_table([pick_row]))
+        upper = pick_row["user_attrs"].get("bound.total_upper95")
+        if upper is not None:
+            print(f"95% certificate (bound.total_upper95): {upper:.4f}")
+        keys = heldout_keys(trials)
+        if keys:
+            ua = pick_row["user_attrs"]
+            shown = ", ".join(f"{k} = {_short(ua[k])}" for k in keys if ua.get(k) is not None)
+            print(f"held-out metrics of the pick (never the objective): {shown}")
+            for line in selection_lines(trials):
+                print(line)
+        trial_flag = ""
+    print(f"study written to {redact(resolve_url(args.storage))} (study {spec.name!r})")
+    folder = study.user_attrs.get(STUDY_ARTIFACTS_ATTR)
+    keep = spec.keep_models
+    if folder and keep != 0:
+        which = "every complete trial" if keep is None else f"the best {keep} trials by the bound"
+        print(f"weights of {which} in {folder}")
+    if not args.storage and os.environ.get(ENV_VAR):
+        flag = ""  # the commands below read $BOUND_TUNER_STORAGE too
+    study_flag = f"--study {spec.name}{flag}"
+    steps = (
+        (f"bound-tuner report {study_flag}", "every trial and its terms"),
+        (f"bound-tuner dashboard{flag}", "charts, notes and samples in the browser"),
+        (f"bound-tuner export {study_flag}{trial_flag} --out model.pt", "the trial's weights"),
+        (
+            f"bound-tuner sample {study_flag}{trial_flag} --n 1000 --out samples.npy",
+            "samples from its model",
+        ),
+    )
+    width = max(len(cmd) for cmd, _ in steps)
+    print("next:")
+    for cmd, what in steps:
+        print(f"  {cmd.ljust(width)}  # {what}")
     return 0
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     import optuna
 
-    from .reporting import plot_study, selection_lines, trials_json, trials_table
+    from .reporting import pareto_lines, plot_study, selection_lines, trials_json, trials_table
     from .storage import make_storage, require_database, resolve_url
 
     require_database(resolve_url(args.storage))  # a read-only command creates no database
@@ -214,6 +326,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(trials_table(trials))
         for line in selection_lines(trials):
+            print(line)
+        for line in pareto_lines(trials):
             print(line)
     if args.plot:
         rho = plot_study(trials, args.plot)
@@ -406,7 +520,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help=_storage_help())
     p.add_argument(
-        "--trial", type=_trial, default="best", help="trial number, or best (the default)"
+        "--trial",
+        type=_trial,
+        default="best",
+        help="trial number, or best (the default; a multi-objective study has no single best: "
+        "give a trial of its Pareto set, which report lists)",
     )
     p.add_argument(
         "--artifacts",
@@ -452,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cpu, cuda, cuda:1; a pool of --workers without --gpus runs on the CPU",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--validate",
+        action="store_true",
+        help="validation mode: record held-out metrics beside the bound (never the objective) "
+        "and say how well the bound picked; a spec without validation runs as study NAME-validate",
+    )
     _pack_arg(r)
     r.add_argument(
         "--workers", type=int, metavar="K", help="run K worker processes on the CPU (PostgreSQL)"

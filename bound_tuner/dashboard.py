@@ -10,7 +10,9 @@ Three pieces, all reading and writing the study's own storage:
   contribution against T, stacked, with the total as a line; in validation mode the bound against
   the held-out metric with Spearman's rho; for VAE trials with per-epoch terms (a user attr
   ``epoch_terms``), the terms against epoch for the best trial and, in validation mode, its
-  bound, encoder-only bound and held-out loss against epoch.
+  bound, encoder-only bound and held-out loss against epoch; for a multi-objective study, its
+  trials in objective space with the Pareto front, coloured by T and marked by schedule (the
+  dashboard's own Pareto-front plot shows the same front without the parameters).
 - ``serve``: optuna-dashboard on the storage, with the artifact store.
 
 Notes and artifacts belong to one trial each, so any number of workers may write them. The charts
@@ -36,7 +38,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial
 
-from .bounds.report import TERM_LABELS, value_label
+from .bounds.report import TERM_LABELS, term_label, value_label
 from .reporting import heldout_key, rank_correlation, selection_stats, trials_json
 from .storage import (
     STUDY_ARTIFACTS_ATTR,
@@ -55,6 +57,7 @@ CHART_TERMS_VS_T = "bound-terms-vs-T"
 CHART_BOUND_VS_HELDOUT = "bound-vs-heldout"
 CHART_VAE_EPOCHS = "vae-terms-vs-epoch"
 CHART_VAE_BOUND_VS_HELDOUT = "vae-bound-vs-heldout-by-epoch"
+CHART_PARETO = "pareto-front"
 # series of the VAE chart of the bound against the held-out loss: (epoch_terms key, label, colour, dash)
 VAE_BOUND_CURVES = (
     ("total", "bound", "black", "solid"),
@@ -132,7 +135,7 @@ def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None
         "| --- | ---: | ---: |",
     ]
     for name, value in report.terms.items():
-        symbol = TERM_LABELS.get(name, (name, name))[0]
+        symbol = term_label(name, report.settings.get("variant"))[0]
         c = report.contributions.get(name)
         cs = f"{c:+.4f}" if c is not None else ""
         lines.append(f"| {symbol} (`{name}`) | {value:.4f} | {cs} |")
@@ -353,12 +356,14 @@ def terms_vs_T_figure(trials: list[dict]) -> go.Figure | None:
     prefix = "bound.contribution."
     found = {k[len(prefix) :] for t in rows for k in t["user_attrs"] if k.startswith(prefix)}
     names = [n for n in TERM_LABELS if n in found] + sorted(found - set(TERM_LABELS))
+    variants = {t["user_attrs"].get("bound.variant") for t in rows} - {None}
+    variant = next(iter(variants)) if len(variants) == 1 else None
     fig = go.Figure()
     for i, name in enumerate(names):
         fig.add_bar(
             x=Ts,
             y=[t["user_attrs"].get(f"bound.contribution.{name}") for t in rows],
-            name=TERM_LABELS.get(name, (name, name))[1],
+            name=term_label(name, variant)[1],
             marker_color=TERM_COLORS[i % len(TERM_COLORS)],
             customdata=[t["number"] for t in rows],
             hovertemplate="T=%{x:.3g}<br>%{y:.4f}<br>trial %{customdata}<extra>%{fullData.name}</extra>",
@@ -533,6 +538,115 @@ def vae_bound_vs_heldout_figure(trials: list[dict]) -> go.Figure | None:
     return fig
 
 
+PARETO_SYMBOLS = ("circle", "diamond", "square", "cross", "x", "circle-open")
+
+
+def _colour_and_symbol(trials: list[dict]) -> tuple[str | None, str | None]:
+    """The parameters that colour and mark the trials of the Pareto chart: T (else the first
+    numeric parameter) and schedule (else the first named one)."""
+    params: dict[str, list] = {}
+    for t in trials:
+        for k, v in t["params"].items():
+            params.setdefault(k, []).append(v)
+    numeric = [k for k, vs in params.items() if all(isinstance(v, (int, float)) for v in vs)]
+    named = [k for k, vs in params.items() if any(isinstance(v, str) for v in vs)]
+    colour = "T" if "T" in numeric else (numeric[0] if numeric else None)
+    symbol = "schedule" if "schedule" in named else (named[0] if named else None)
+    return colour, symbol
+
+
+def pareto_front_figure(trials: list[dict]) -> go.Figure | None:
+    """A multi-objective study's complete trials in objective space: the first objective
+    against the second (and, for three, against the third in a second panel), each trial
+    coloured by T and marked by its schedule, the Pareto set outlined (and joined where there
+    are two objectives), the trials over the [study] constraints as grey crosses."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    done = [
+        t
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t.get("values")
+        and all(v is not None for v in t["values"].values())
+    ]
+    if not done:
+        return None
+    names = list(done[0]["values"])
+    panels = [(names[0], n) for n in names[1:]]
+    colour, symbol = _colour_and_symbol(done)
+    if colour is None:  # a fixed search space: colour by the bound
+        colour_of = {t["number"]: t["value"] for t in done}
+        colour_title = "bound"
+    else:
+        colour_of = {t["number"]: t["params"].get(colour) for t in done}
+        colour_title = colour
+    groups: dict[str, list[dict]] = {}
+    for t in done:
+        if t.get("feasible") is False:
+            key = "infeasible (over the constraints)"
+        else:
+            key = f"{symbol} = {t['params'].get(symbol)}" if symbol else "trials"
+        groups.setdefault(key, []).append(t)
+    ordered = sorted(groups.items(), key=lambda kv: kv[0].startswith("infeasible"))
+    fig = make_subplots(rows=1, cols=len(panels), horizontal_spacing=0.12)
+    for col, (xname, yname) in enumerate(panels, start=1):
+        for i, (key, group) in enumerate(ordered):
+            infeasible = key.startswith("infeasible")
+            marker: dict[str, Any] = {
+                "size": [12 if t.get("pareto") else 8 for t in group],
+                "symbol": "x" if infeasible else PARETO_SYMBOLS[i % len(PARETO_SYMBOLS)],
+                "line": {"width": [2 if t.get("pareto") else 0 for t in group], "color": "black"},
+            }
+            if infeasible:
+                marker["color"] = "#BBBBBB"
+            else:
+                marker.update(color=[colour_of[t["number"]] for t in group], coloraxis="coloraxis")
+            text = [
+                f"trial {t['number']}"
+                + (" (Pareto set)" if t.get("pareto") else "")
+                + "".join(f"<br>{n} = {_fmt(t['values'][n])}" for n in names)
+                + "".join(f"<br>{k} = {_fmt(v)}" for k, v in t["params"].items())
+                for t in group
+            ]
+            fig.add_trace(
+                go.Scatter(
+                    x=[t["values"][xname] for t in group],
+                    y=[t["values"][yname] for t in group],
+                    mode="markers",
+                    name=key,
+                    legendgroup=key,
+                    showlegend=col == 1,
+                    text=text,
+                    hovertemplate="%{text}<extra></extra>",
+                    marker=marker,
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title_text=f"{xname} ↓", row=1, col=col)
+        fig.update_yaxes(title_text=f"{yname} ↓", row=1, col=col)
+    front = sorted((t for t in done if t.get("pareto")), key=lambda t: t["values"][names[0]])
+    if front and len(names) == 2:
+        fig.add_scatter(
+            x=[t["values"][names[0]] for t in front],
+            y=[t["values"][names[1]] for t in front],
+            mode="lines",
+            line={"color": "black", "dash": "dot", "shape": "hv"},
+            name="Pareto front",
+            hoverinfo="skip",
+        )
+    title = "Pareto front: " + " against ".join(names)
+    title += f"<br><sup>{len(front)} of {len(done)} trials in the Pareto set (outlined); colour: "
+    title += colour_title + (f", marker: {symbol}" if symbol else "") + "</sup>"
+    fig.update_layout(
+        title={"text": title},
+        coloraxis={"colorscale": "Viridis", "colorbar": {"title": {"text": colour_title}}},
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
 def study_figures(trials: list[dict]) -> dict[str, go.Figure]:
     """The custom charts that the trials support, by graph object id."""
     out = {}
@@ -541,6 +655,7 @@ def study_figures(trials: list[dict]) -> dict[str, go.Figure]:
         (CHART_BOUND_VS_HELDOUT, bound_vs_heldout_figure),
         (CHART_VAE_EPOCHS, vae_epochs_figure),
         (CHART_VAE_BOUND_VS_HELDOUT, vae_bound_vs_heldout_figure),
+        (CHART_PARETO, pareto_front_figure),
     ):
         fig = make(trials)
         if fig is not None:

@@ -13,6 +13,7 @@ terms in the user attr ``epoch_terms``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -44,6 +45,7 @@ from .evaluate import diffusion_bound
 from .experiment import DiffusionConfig, build_initial, run_diffusion, score_model
 from .models.factory import ModelFactory, check_output, factory_name, vmap_error
 from .models.vae import MLPVAE, ConvVAE
+from .objective_names import is_multi, record_cost
 from .sampling import DIVERGED_SCALE
 from .sde import get_schedule
 from .seeding import seed_everything, trial_seed
@@ -202,6 +204,7 @@ class DiffusionObjective:
         )
 
     def _run(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
         cfg = self.config_for(trial)
         x = self.data.train.to(self.device)
         checkpoint, every = self._checkpoint(trial, cfg, x)
@@ -216,6 +219,7 @@ class DiffusionObjective:
         for key, value in res.heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
         trial.set_user_attr("config", cfg.to_dict())
+        record_cost(trial, res.model, time.perf_counter() - start)
         reason = unusable(report)
         if reason is not None:
             trial.set_user_attr("fail_reason", reason)
@@ -227,7 +231,7 @@ class DiffusionObjective:
         return report.total
 
     def _checkpoint(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
-        if self.checkpoints <= 0:
+        if self.checkpoints <= 0 or is_multi(trial):  # Optuna prunes single-objective studies
             return None, 0
         every = max(1, cfg.steps // (self.checkpoints + 1))
         schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
@@ -537,6 +541,8 @@ class VAEObjective:
         return MLPVAE(input_dim=self.input_dim, hidden=self.hidden, latent=cfg.latent)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        prune = not is_multi(trial)  # Optuna prunes single-objective studies only
         cfg = self.config_for(trial)
         trial.set_user_attr("config", {**cfg.to_dict(), "bound_subset": self.bound_subset})
         seed_everything(cfg.seed)
@@ -568,6 +574,8 @@ class VAEObjective:
             if not math.isfinite(row["total"]):
                 raise FloatingPointError(f"bound is {row['total']} at epoch {epoch}")
             last[:] = [rep]
+            if not prune:
+                return
             trial.report(row["total"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} with bound {row['total']:.4f}")
@@ -606,6 +614,7 @@ class VAEObjective:
             trial.set_user_attr(key, value)
         for key, value in heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
+        record_cost(trial, model, time.perf_counter() - start)
         reason = unusable(report)
         if reason is not None:
             trial.set_user_attr("fail_reason", reason)

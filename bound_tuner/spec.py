@@ -6,7 +6,10 @@ created. The schema (every section optional except [study].name):
   [study]    name, model ("diffusion" | "vae"), n_trials, validation, seed, keep_models (the
              best trials whose trained weights are kept: a number, default 5, or "all"),
              max_consecutive_failures (trials in a row whose objective raised before a worker
-             stops; default 5)
+             stops; default 5), objectives (["bound"] by default, or two or three of "bound",
+             "fit", "generalization", "train_seconds", "parameters" and, with validation,
+             "heldout.NAME": a multi-objective study, bound_tuner.objective_names), constraints
+             ({ train_seconds = 60 }: the largest allowed value of each; tpe and nsga2 samplers)
   [data]     name, m (an integer; "all" for every image of an image set), seed, test_size
              (+ binarize, pad_to_32 for image sets), or for a user's own data path (a .npy,
              .npz, .csv or .pt file or a folder of images, relative to the spec file), m
@@ -19,9 +22,10 @@ created. The schema (every section optional except [study].name):
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: R or the paper's r, mc_samples, bound_subset)
-  [sampler]  type ("tpe" | "random" | "grid" | "bruteforce"), seed, n_startup_trials
+  [sampler]  type ("tpe" | "random" | "grid" | "bruteforce" | "nsga2"), seed, n_startup_trials,
+             population_size (nsga2)
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
-             n_warmup_steps
+             n_warmup_steps (a multi-objective study is not pruned: type "none", its default)
   [storage]  heartbeat_interval, grace_period (seconds; used with PostgreSQL or several workers)
   [model]    factory ("package.module:function": your own score network for a diffusion study,
              factory(config, data_shape) -> nn.Module; docs/own_models.md)
@@ -41,6 +45,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .data import DATASETS, IMAGE_SETS
+from .objective_names import DEFAULT_OBJECTIVES, constraints_problem
+from .objective_names import problem as objectives_problem
 from .settings import schema, unused_key
 
 # the bound and schedule names live beside torch code; they are imported where a spec is checked,
@@ -85,6 +91,8 @@ SECTIONS = {
         "seed": int,
         "keep_models": (int, str),
         "max_consecutive_failures": int,
+        "objectives": list,
+        "constraints": dict,
     },
     "data": {
         "name": str,
@@ -100,12 +108,13 @@ SECTIONS = {
     },
     "training": schema("training"),  # bound_tuner.settings: every key and the field it sets
     "bound": schema("bound"),
-    "sampler": {"type": str, "seed": int, "n_startup_trials": int},
+    "sampler": {"type": str, "seed": int, "n_startup_trials": int, "population_size": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
     "storage": {"heartbeat_interval": int, "grace_period": int},
     "model": {"factory": str},  # a user's own score network (bound_tuner.models.factory)
 }
-SAMPLERS = ("tpe", "random", "grid", "bruteforce")
+SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
+CONSTRAINED_SAMPLERS = ("tpe", "nsga2")  # samplers that take Optuna's constraints_func
 PRUNERS = ("median", "none", "successive_halving", "hyperband")
 MODELS = ("diffusion", "vae")
 SCHEDULE_PARAMS = {
@@ -157,6 +166,8 @@ class StudySpec:
     seed: int = 0
     keep_models: int | None = DEFAULT_KEEP_MODELS  # None: every complete trial keeps its model
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # bound_tuner.objective_names
+    constraints: dict[str, float] = field(default_factory=dict)  # {objective: largest value}
     data: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Param] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -175,7 +186,7 @@ def _type_ok(value: Any, expected) -> bool:
             return True
         if k is int and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if k in (str, bool, list) and isinstance(value, k):
+        if k in (str, bool, list, dict) and isinstance(value, k):
             return True
     return False
 
@@ -188,6 +199,7 @@ def _tname(expected) -> str:
         str: "a string",
         bool: "true or false",
         list: "a list",
+        dict: "a table, e.g. { train_seconds = 60 }",
     }
     return " or ".join(names[k] for k in kinds)
 
@@ -438,6 +450,7 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
         )
     spec.storage = _check_section("storage", raw.get("storage", {}), where)
     spec.factory = _check_factory(spec, raw, where)
+    _check_objectives(spec, study, pruner_given="pruner" in raw, where=where)
 
     search = raw.get("search", {})
     if not isinstance(search, dict):
@@ -487,6 +500,67 @@ def _check_factory(spec: StudySpec, raw: dict, where: str) -> str | None:
     return name
 
 
+def _check_objectives(spec: StudySpec, study: dict, *, pruner_given: bool, where: str) -> None:
+    """[study] objectives and constraints (bound_tuner.objective_names), and what a
+    multi-objective study changes: no pruning (Optuna prunes single-objective studies only),
+    and every complete trial keeps its weights unless keep_models says otherwise (there is no
+    single best trial to keep)."""
+    names = study.get("objectives", list(DEFAULT_OBJECTIVES))
+    bad = objectives_problem(names, validation=spec.validation)
+    if bad is None and len(names) == 1 and names != list(DEFAULT_OBJECTIVES):
+        bad = (
+            f"has only {names[0]!r}; a study optimizes the bound alone (the default) or two or "
+            f'three objectives, e.g. ["{names[0]}", "bound"]'
+        )
+    if bad is not None:
+        raise SpecError(f"{where}: study.objectives {bad}")
+    spec.objectives = tuple(names)
+    constraints = study.get("constraints", {})
+    bad = constraints_problem(constraints, names, validation=spec.validation)
+    if bad is not None:
+        raise SpecError(f"{where}: study.constraints.{bad}")
+    spec.constraints = {k: float(v) for k, v in constraints.items()}
+    if spec.constraints and spec.sampler["type"] not in CONSTRAINED_SAMPLERS:
+        raise SpecError(
+            f"{where}: study.constraints need a sampler that takes constraints; set "
+            f'sampler.type = "tpe" or "nsga2" (not {spec.sampler["type"]!r})'
+        )
+    if len(spec.objectives) > 1:
+        if spec.pruner["type"] != "none":
+            if pruner_given:
+                raise SpecError(
+                    f"{where}: pruner.type = {spec.pruner['type']!r}, but Optuna does not prune "
+                    f"multi-objective studies ({len(spec.objectives)} objectives); set "
+                    'pruner.type = "none" or optimize the bound alone'
+                )
+            spec.pruner = {"type": "none"}
+        if "keep_models" not in study:
+            spec.keep_models = None
+
+
+def with_objectives(
+    spec: StudySpec,
+    *,
+    objectives: list[str] | tuple[str, ...] | None = None,
+    constraints: dict[str, float] | None = None,
+) -> StudySpec:
+    """The spec with [study] objectives and constraints replaced (``run_study``'s
+    ``objectives=`` and ``constraints=``), checked like a spec. A spec made multi-objective this
+    way is not pruned and keeps every complete trial's weights unless it set keep_models."""
+    import dataclasses
+
+    names = list(objectives if objectives is not None else spec.objectives)
+    study: dict[str, Any] = {
+        "objectives": names,
+        "constraints": dict(constraints if constraints is not None else spec.constraints),
+    }
+    if not (len(names) > 1 and spec.keep_models == DEFAULT_KEEP_MODELS):
+        study["keep_models"] = spec.keep_models  # kept as it is
+    new = dataclasses.replace(spec, pruner=dict(spec.pruner))
+    _check_objectives(new, study, pruner_given=False, where=spec.path or "spec")
+    return new
+
+
 # lowest allowed value of numeric settings and search parameters (None: no lower limit)
 _AT_LEAST = {
     "training.pack": 1,
@@ -495,6 +569,7 @@ _AT_LEAST = {
     "data.test_size": 1,
     "sampler.seed": 0,
     "sampler.n_startup_trials": 0,
+    "sampler.population_size": 2,
     "pruner.n_startup_trials": 0,
     "pruner.n_warmup_steps": 0,
     "storage.heartbeat_interval": 1,
@@ -675,8 +750,10 @@ def with_pack(spec: StudySpec, pack: int) -> StudySpec:
     return new
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and check a study spec from a TOML file."""
+def load_spec(path: str | Path, *, validation: bool | None = None) -> StudySpec:
+    """Read and check a study spec from a TOML file; ``validation`` (``bound-tuner run
+    --validate``) replaces its [study] validation, as if the file said so (on synthetic data the
+    held-out set then defaults to 10,000 points)."""
     p = Path(path)
     if p.is_dir():
         raise SpecError(
@@ -697,6 +774,8 @@ def load_spec(path: str | Path) -> StudySpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML ({e}); fix the syntax") from None
+    if validation is not None and isinstance(raw.get("study", {}), dict):
+        raw["study"] = {**raw.get("study", {}), "validation": validation}
     return parse_spec(raw, where=str(p), base=p.resolve().parent)
 
 

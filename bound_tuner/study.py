@@ -16,9 +16,10 @@ import optuna
 from .data import DataSplit, load_dataset
 from .device import DEFAULT_TF32, resolve_device, set_tf32
 from .experiment import DiffusionConfig
+from .objective_names import ObjectiveValues, constraints_func, directions, metric_names
 from .settings import config_kwargs
 from .space import grid_space
-from .spec import SpecError, StudySpec, fingerprint, fingerprint_changes
+from .spec import SpecError, StudySpec, fingerprint, fingerprint_changes, with_objectives
 from .storage import (
     DEFAULT_HEARTBEAT_INTERVAL,
     STUDY_ARTIFACTS_ATTR,
@@ -28,7 +29,7 @@ from .storage import (
     resolve_url,
 )
 
-METRIC_NAME = "generalization bound"
+METRIC_NAME = metric_names(["bound"])[0]  # "generalization bound"
 SPEC_ATTR = "bound_tuner.spec"  # study user attr: the fingerprint of the spec that created it
 ARTIFACTS_ATTR = STUDY_ARTIFACTS_ATTR  # study user attr: absolute artifact folder of its runs
 SPEC_CHANGED_ATTR = "spec.changed"  # trial user attr: {key: [old, new]} under allow_changed_spec
@@ -54,19 +55,34 @@ def sampler_seed(base: int | None, worker_index: int | None, existing: int = 0) 
 def make_sampler(
     spec: StudySpec, *, seed: int | None | object = _UNSET
 ) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded with ``seed`` (default: [sampler] seed, else the study seed)."""
+    """The spec's sampler, seeded with ``seed`` (default: [sampler] seed, else the study seed).
+
+    TPE and NSGA-II take the spec's [study] constraints as Optuna's ``constraints_func``
+    (``bound_tuner.objective_names.constraints_func``: each budget checked against the value
+    the objective stored in a user attr). Optuna 5 marks constraints_func deprecated in favour
+    of ``Trial.set_constraint``, but optuna-dashboard (0.21) draws the feasibility of a Pareto
+    front only from the ``constraints`` list that constraints_func writes."""
     cfg = spec.sampler
     if seed is _UNSET:
         seed = cfg.get("seed", spec.seed)
     kind = cfg["type"]
+    limits = {"constraints_func": constraints_func(spec.constraints)} if spec.constraints else {}
     if kind == "tpe":
         # packed trials run concurrently: the constant liar keeps them from all proposing alike
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # constraints_func (see above)
             return optuna.samplers.TPESampler(
                 seed=seed,
                 n_startup_trials=cfg.get("n_startup_trials", 10),
                 constant_liar=spec.training.get("pack", 1) > 1,
+                **limits,
+            )
+    if kind == "nsga2":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # constraints_func (see above)
+            return optuna.samplers.NSGAIISampler(
+                seed=seed, population_size=cfg.get("population_size", 50), **limits
             )
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -149,18 +165,20 @@ def build_objective(
         set_tf32(spec.training.get("tf32", DEFAULT_TF32))
     if artifact_store is None:
         artifact_store = getattr(on_result, "artifact_store", None)
+    multi = len(spec.objectives) > 1
     if spec.model == "diffusion":
         from .objectives import DiffusionObjective
 
         if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes
             check_architecture_keys(spec, images=data.train.dim() > 2)
 
-        return DiffusionObjective(
+        objective = DiffusionObjective(
             data,
             search=spec.search,
             base=diffusion_base_config(spec),
             validation=spec.validation,
-            checkpoints=spec.training.get("checkpoints", 3),
+            # partial bounds serve pruners, which Optuna runs for single-objective studies only
+            checkpoints=0 if multi else spec.training.get("checkpoints", 3),
             study_seed=spec.seed,
             device=device,
             on_result=on_result,
@@ -169,11 +187,15 @@ def build_objective(
             pack=spec.training.get("pack", 1),
             model=spec.factory,
         )
-    from .objectives import VAEObjective
+    else:
+        from .objectives import VAEObjective
 
-    return VAEObjective.from_spec(
-        spec, data, device=device, on_result=on_result, artifact_store=artifact_store
-    )
+        objective = VAEObjective.from_spec(
+            spec, data, device=device, on_result=on_result, artifact_store=artifact_store
+        )
+    if tuple(spec.objectives) == ("bound",):
+        return objective
+    return ObjectiveValues(objective, spec.objectives, validation=spec.validation)
 
 
 def open_study(
@@ -211,11 +233,12 @@ def open_study(
     study = optuna.create_study(
         storage=store,
         study_name=spec.name,
-        direction="minimize",
+        directions=directions(spec.objectives),
         load_if_exists=True,
         sampler=optuna.samplers.RandomSampler(),  # replaced below, once the trials are counted
         pruner=make_pruner(spec),
     )
+    _check_objectives(study, spec, storage)
     changes = spec_changes(study, spec)
     if changes and not allow_changed_spec:
         shown = "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
@@ -233,7 +256,7 @@ def open_study(
     if study.metric_names is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([METRIC_NAME])
+            study.set_metric_names(metric_names(spec.objectives))
     if existing_trials is None:
         existing_trials = len(study.get_trials(deepcopy=False))
     base = spec.sampler.get("seed", spec.seed)
@@ -245,6 +268,23 @@ def open_study(
         seed = sampler_seed(base, worker_index, existing_trials)
     study.sampler = make_sampler(spec, seed=seed)
     return study
+
+
+def _check_objectives(study: optuna.Study, spec: StudySpec, storage: str | None) -> None:
+    """Refuse a spec whose [study] objectives differ from those the study was created with
+    (Optuna fixes a study's directions; --allow-changed-spec cannot change them)."""
+    wanted = metric_names(spec.objectives)
+    have = study.metric_names  # None: a new study (or one made before names were recorded)
+    if have == wanted or (have is None and len(study.directions) == len(wanted)):
+        return
+    if have is None:
+        have = [f"{len(study.directions)} unnamed objective(s)"]
+    raise SpecError(
+        f"study {spec.name!r} in {redact(resolve_url(storage))} optimizes "
+        f"{', '.join(str(n) for n in have)}, but this spec asks for {', '.join(wanted)} "
+        "([study] objectives); give this spec its own study (--study-name NAME, or a new "
+        "[study] name)"
+    )
 
 
 def _plain(value):
@@ -291,8 +331,15 @@ def run_study(
     gpus_per_trial: float = 0.0,
     max_consecutive_failures: int | None = None,
     allow_changed_spec: bool = False,
+    objectives: list[str] | tuple[str, ...] | None = None,
+    constraints: dict[str, float] | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study of ``spec`` until it has ``n_trials`` finished trials in all.
+
+    ``objectives`` and ``constraints`` replace the spec's [study] ones: two or three of "bound",
+    "fit", "generalization", "train_seconds", "parameters" make a multi-objective study (see
+    ``bound_tuner.objective_names``; ``study.best_trials`` is its Pareto set), and
+    ``{"train_seconds": 60}`` marks the trials over that budget infeasible.
 
     ``executor="local"`` runs the trials in this process, or with ``n_workers`` in a pool of
     that many processes (``bound_tuner.workers.run_workers``). ``executor="ray"`` runs
@@ -319,6 +366,8 @@ def run_study(
     """
     from .workers import WorkerConfigError, run_worker, run_workers
 
+    if objectives is not None or constraints is not None:
+        spec = with_objectives(spec, objectives=objectives, constraints=constraints)
     if executor not in ("local", "ray"):
         raise WorkerConfigError(f"executor {executor!r}: use 'local' or 'ray'")
     hb = {
@@ -385,6 +434,10 @@ def run_study(
 
 
 def best_trial_or_none(study: optuna.Study):
+    """The best complete (and feasible) trial of a single-objective study; None if there is
+    none yet, and for a multi-objective study (its Pareto set: ``study.best_trials``)."""
+    if len(study.directions) > 1:
+        return None
     try:
         t = study.best_trial
     except ValueError:

@@ -1,5 +1,6 @@
 """optuna-dashboard integration: charts, trial notes, sample images, and the served pages."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -150,7 +151,7 @@ def test_terms_chart_stacks_contributions_to_the_total(finished):
     assert fig["layout"]["title"]["text"].startswith("Bound terms against T")
     bars = [d for d in fig["data"] if d["type"] == "bar"]
     (line,) = [d for d in fig["data"] if d["type"] == "scatter"]
-    assert [b["name"] for b in bars] == ["L_train", "−C_mix", "√2 R · C_prior", "√2 R · √I_gen"]
+    assert [b["name"] for b in bars] == ["L_dsm", "−C_mix", "√2 R · C_prior", "√2 R · √I_gen"]
     assert line["x"] == [0.3, 0.6, 0.9]
     by_T = {t.params["T"]: t.value for t in study.get_trials()}
     for i, T in enumerate(line["x"]):
@@ -323,6 +324,13 @@ def _free_port() -> int:
 def dashboard_server(finished, tmp_path):
     """`bound-tuner dashboard` on the finished study, in a subprocess; yields its base URL."""
     url, _, _ = finished
+    with _dashboard_at(url, tmp_path) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _dashboard_at(url: str, tmp_path: Path):
+    """`bound-tuner dashboard` on a storage, in a subprocess; yields its base URL."""
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "BOUND_TUNER_ARTIFACTS"}
@@ -461,3 +469,37 @@ def test_browser_shows_charts_note_and_samples(finished, dashboard_server, tmp_p
     keep = os.environ.get("BOUND_TUNER_SCREENSHOT_OUT")
     if keep:
         shutil.copyfile(charts, keep)
+
+
+def test_browser_shows_the_pareto_front_of_a_multi_objective_study(tmp_path):
+    """A two-objective study (fit against generalization): optuna-dashboard's own Pareto-front
+    plot and the custom front chart, coloured by T, on the study's page in Chromium."""
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    spec_path = tmp_path / "front.toml"
+    text = textwrap.dedent(SPEC.format(validation="false"))
+    text = text.replace('name = "dash"', 'name = "front"')
+    objectives = 'objectives = ["fit", "generalization"]\n'
+    spec_path.write_text(text.replace("seed = 0\n", "seed = 0\n" + objectives, 1))
+    url = f"sqlite:///{tmp_path}/front.db"
+    study = study_mod.run_study(load_spec(spec_path), storage=url, progress=False)
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    with _dashboard_at(url, tmp_path) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/dashboard/studies/{study._study_id}", timeout=30_000)
+            page.get_by_text("Pareto Front", exact=True).wait_for(timeout=30_000)
+            ours = page.locator(".gtitle", has_text="Pareto front: fit against generalization")
+            ours.wait_for(timeout=30_000)
+            chart = page.locator(".js-plotly-plot", has=ours)
+            assert chart.locator(".scatterlayer .point").count() == 3  # the three trials
+            assert chart.locator(".colorbar").count() == 1  # coloured by T
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(tmp_path / "pareto.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "pareto.png").read_bytes().startswith(PNG_MAGIC)

@@ -104,4 +104,5 @@ def test_cli_pack_option(tmp_path, capsys):
     # --pack 3: the three trials ran in one pack, each in its own thread of the pack
     assert sorted(t.user_attrs["worker"][-5:] for t in trials) == ["[1/3]", "[2/3]", "[3/3]"]
     best = min(trials, key=lambda t: t.value)
-    assert f"best trial #{best.number}: bound {best.value:.4f}" in out
+    assert f"best trial #{best.number} (" in out
+    assert f"bound {best.value:.4f} nats per training point" in out

@@ -18,6 +18,7 @@ from bound_tuner.study import SPEC_ATTR, run_study, sampler_seed
 SPACES = {
     "tpe": "T = { low = 0.2, high = 0.9 }\nlr = { low = 1e-3, high = 5e-3, log = true }",
     "random": "T = { low = 0.2, high = 0.9 }\nlr = { low = 1e-3, high = 5e-3, log = true }",
+    "nsga2": "T = { low = 0.2, high = 0.9 }\nlr = { low = 1e-3, high = 5e-3, log = true }",
     "grid": "T = { grid = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7] }\nlr = { grid = [1e-3, 3e-3] }",
     "bruteforce": "T = { grid = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7] }\nlr = { grid = [1e-3, 3e-3] }",
 }
