@@ -124,6 +124,8 @@ WRONG_TYPE = {
     (int, str): 2.5,
     (float, str): True,
     (int, list): "big",
+    list: "bound",
+    dict: 5,
 }
 # a value of the right type that cannot work, for every key of the schema
 WRONG_VALUE = {
@@ -135,6 +137,8 @@ WRONG_VALUE = {
         "seed": -1,
         "keep_models": -1,
         "max_consecutive_failures": 0,
+        "objectives": ["bound", "magic"],
+        "constraints": {"wall_seconds": 60},
     },
     "data": {
         "name": "cifar",
@@ -177,7 +181,8 @@ WRONG_VALUE = {
         "heldout_samples": 0,
         "heldout_steps": 0,
     },
-    "sampler": {"type": "cma", "seed": -1, "n_startup_trials": -1},
+    "sampler": {"type": "cma", "seed": -1, "n_startup_trials": -1, "population_size": 1},
+    "model": {"factory": "no_such_module:net"},
     "pruner": {"type": "magic", "n_startup_trials": -1, "n_warmup_steps": -1},
     "storage": {"heartbeat_interval": 0, "grace_period": 0},
 }
@@ -188,6 +193,8 @@ def _toml(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return f'"{v}"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     return repr(v)
 
 
