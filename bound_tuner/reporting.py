@@ -162,14 +162,16 @@ def trials_table(trials: list[dict]) -> str:
         firsts = ("beta", "lam", "latent")
         names = VAE_TERMS
     else:
-        firsts = ("T", "schedule")
+        # the K-fold VAE bound has the diffusion default's terms
+        kfold_vae = any("bound.latent" in t["user_attrs"] for t in trials)
+        firsts = ("beta", "lam", "latent") if kfold_vae else ("T", "schedule")
         names = tuple(n for n in TERMS if any(f"bound.{n}" in t["user_attrs"] for t in trials))
         variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
         label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
         variant = next(iter(variants)) if len(variants) == 1 else None
-        cols = ["#", "state", "T", "schedule", label] + [term_label(n, variant)[0] for n in names]
+        cols = ["#", "state", *firsts, label] + [term_label(n, variant)[0] for n in names]
         if any("bound.total_upper95" in t["user_attrs"] for t in trials):
-            cols.insert(5, "upper95")
+            cols.insert(len(firsts) + 3, "upper95")
             names = ("total_upper95", *names)
     if key:
         cols.append(key.split(".", 1)[1])
