@@ -6,8 +6,10 @@ Three pieces, all reading and writing the study's own storage:
   with the bound's breakdown (``optuna_dashboard.save_note``) and uploads a PNG of generated
   samples to the artifact store (``optuna.artifacts.upload_artifact``).
 - ``ChartsCallback``: a study callback that rebuilds the study's custom plotly charts from all
-  finished trials (``optuna_dashboard.save_plotly_graph_object``): every term's signed
-  contribution against T, stacked, with the total as a line; in validation mode the bound against
+  finished trials (``optuna_dashboard.save_plotly_graph_object``; throttled so that a study of
+  many short trials does not spend its time on them, and current when a run ends): every
+  term's signed contribution against T, stacked, with the total as a line; in validation mode
+  the bound against
   the held-out metric with Spearman's rho; for VAE trials with per-epoch terms (a user attr
   ``epoch_terms``), the terms against epoch for the best trial and, in validation mode, its
   bound, encoder-only bound and held-out loss against epoch; for a multi-objective study, its
@@ -31,6 +33,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -676,21 +679,59 @@ def save_charts(study: optuna.Study) -> list[str]:
     return list(figures)
 
 
+#: the study's charts are rebuilt during a run at most every CHARTS_MIN_INTERVAL seconds, and
+#: only so often that rebuilding takes at most CHARTS_SHARE of the run's time (it reads every
+#: trial, so it costs more as the study grows); the end of a run rebuilds them once more
+CHARTS_MIN_INTERVAL = 2.0
+CHARTS_SHARE = 0.02
+
+
 class ChartsCallback:
-    """Study callback ``(study, frozen_trial)`` that rebuilds the custom charts.
+    """Study callback ``(study, frozen_trial)`` that keeps the custom charts current.
+
+    A rebuild reads every trial of the study, so its cost grows with the study; rebuilt after
+    every trial, a study of thousands of short trials would spend most of its time on charts.
+    After a finished trial the charts are rebuilt only once ``min_interval`` seconds have passed
+    since the last rebuild, and no sooner than ``(1 - share) / share`` times the last rebuild's
+    duration after it, so that rebuilding takes at most ``share`` of the time. ``flush`` rebuilds
+    them if a trial finished since the last rebuild: ``bound_tuner.workers.run_worker`` calls it
+    when its loop ends, so the charts are up to date when the run ends. A trial that takes
+    longer than ``min_interval`` (most real trials) still gets its charts at once.
 
     Give it to exactly one process of a study: the single process, or worker 0 of a pool (then
     call ``save_charts`` once after the pool has finished). Thread-safe within that process.
 
     Args:
-        every: rebuild after every ``every``-th finished trial of this process (1: each).
+        every: consider a rebuild after every ``every``-th finished trial of this process.
+        min_interval: seconds between rebuilds at least (default CHARTS_MIN_INTERVAL; 0: none).
+        share: the largest share of the time that rebuilds may take (default CHARTS_SHARE;
+            1: no limit).
+        clock: seconds, monotonic (for tests).
     """
 
-    def __init__(self, *, every: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        every: int = 1,
+        min_interval: float | None = None,
+        share: float | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every={every} must be at least 1")
         self.every = every
+        self.min_interval = CHARTS_MIN_INTERVAL if min_interval is None else float(min_interval)
+        self.share = CHARTS_SHARE if share is None else float(share)
+        if self.min_interval < 0 or not 0 < self.share <= 1:
+            raise ValueError(
+                f"min_interval={self.min_interval} must be at least 0 and share={self.share} "
+                "in (0, 1]"
+            )
+        self.clock = clock
+        self.rebuilds = 0
+        self.pending = False  # a trial finished since the last rebuild
         self._seen = 0
+        self._next = -math.inf  # clock time from which the next rebuild may run
         self._lock = threading.Lock()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -698,10 +739,27 @@ class ChartsCallback:
             self._seen += 1
             if self._seen % self.every:
                 return
-            try:
-                save_charts(study)
-            except Exception as e:  # charts are a view; the study goes on
-                _log.warning("could not save the dashboard charts: %s", e)
+            self.pending = True
+            if self.clock() >= self._next:
+                self._rebuild(study)
+
+    def flush(self, study: optuna.Study) -> None:
+        """Rebuild the charts now if a trial finished since the last rebuild."""
+        with self._lock:
+            if self.pending:
+                self._rebuild(study)
+
+    def _rebuild(self, study: optuna.Study) -> None:
+        start = self.clock()
+        try:
+            save_charts(study)
+        except Exception as e:  # charts are a view; the study goes on
+            _log.warning("could not save the dashboard charts: %s", e)
+        end = self.clock()
+        self.rebuilds += 1
+        self.pending = False
+        wait = (end - start) * (1 - self.share) / self.share
+        self._next = end + max(self.min_interval, wait)
 
 
 def dashboard_hooks(

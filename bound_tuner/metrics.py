@@ -82,16 +82,33 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 MEMORIZED_RATIO = 1.0 / 3.0
 
 
-def memorized_share(samples: torch.Tensor, train: torch.Tensor) -> float:
+#: sample-to-training-point distances held at once by ``memorized_share`` (float64: 32 MiB)
+DISTANCE_BLOCK = 1 << 22
+
+
+def memorized_share(
+    samples: torch.Tensor, train: torch.Tensor, *, block: int | None = DISTANCE_BLOCK
+) -> float:
     """The share of generated samples whose nearest training point is much nearer than the second
     nearest (||x - NN1|| / ||x - NN2|| < MEMORIZED_RATIO): a memorization statistic computed from
     the training data alone (docs/theory.md 2.11). NaN with fewer than two training points or
-    non-finite samples."""
+    non-finite samples.
+
+    The training points are taken in blocks of about ``block`` distances (None: all at once),
+    keeping each sample's two nearest so far, so that the memory stays bounded however many
+    training points there are (1,000,000 points and 256 samples would be 2 GB at once)."""
     if train.shape[0] < 2 or samples.shape[0] == 0:
         return math.nan
     a = samples.reshape(samples.shape[0], -1).double()
-    b = train.reshape(train.shape[0], -1).double().to(a.device)
     if not bool(torch.isfinite(a).all()):
         return math.nan
-    two = torch.cdist(a, b).topk(2, dim=1, largest=False).values
+    flat = train.reshape(train.shape[0], -1)
+    rows = flat.shape[0] if block is None else max(2, block // a.shape[0])
+    two = None
+    for start in range(0, flat.shape[0], rows):
+        b = flat[start : start + rows].double().to(a.device)
+        near = torch.cdist(a, b).topk(min(2, b.shape[0]), dim=1, largest=False).values
+        if two is not None:
+            near = torch.cat([two, near], dim=1).topk(2, dim=1, largest=False).values
+        two = near
     return float((two[:, 0] < MEMORIZED_RATIO * two[:, 1]).double().mean())

@@ -28,6 +28,7 @@ import optuna
 from .storage import StorageError, check_storage, is_sqlite, redact, resolve_url
 from .workers import (
     _POLL_S,
+    TrialCounter,
     WorkerConfigError,
     WorkerError,
     _as_spec,
@@ -255,6 +256,7 @@ def _watch(
 ) -> dict[int, str]:
     """Wait for every task, failing stale trials meanwhile; {worker index: why it failed}."""
     failed: dict[int, str] = {}
+    counter = TrialCounter()  # reads each finished trial once: a poll costs the same at any size
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=_POLL_S)
@@ -271,7 +273,7 @@ def _watch(
             with lock():  # a dead task's trial is failed and retried promptly
                 _fail_stale(study)
             if bar is not None:
-                bar.n = min(finished_count(study), target)
+                bar.n = min(counter.count(study).finished, target)
                 bar.refresh()
     except KeyboardInterrupt:
         old = _ignore_signals()  # a second Ctrl-C must not leave tasks behind

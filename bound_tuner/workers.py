@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # the spec and study modules import torch; workers import the
     from .spec import StudySpec
 
 __all__ = [
+    "TrialCounter",
     "WorkerConfigError",
     "WorkerError",
     "finished_count",
@@ -183,6 +184,62 @@ def _tally(trials: Sequence[FrozenTrial]) -> _Tally:
 def finished_count(study: optuna.Study) -> int:
     """Finished trials towards ``n_trials`` (``counts``): complete, pruned, and failed for good."""
     return _tally(study.get_trials(deepcopy=False)).finished
+
+
+class TrialCounter:
+    """``counts`` for a loop that counts the same study again and again, at a cost that does not
+    grow with the study: a finished trial never changes, so each is read once (its state, its
+    fail_reason, the trials it retries) and only unfinished trials are read on every count.
+
+    Not thread-safe: one per loop (the packed trial loops count under their shared lock).
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()  # finished trials already read
+        self._complete = 0  # COMPLETE or PRUNED
+        self._failed: set[int] = set()  # FAIL, not interrupted: counts unless retried
+        self._interrupted: dict[int, FrozenTrial] = {}  # FAIL by Ctrl-C, SIGTERM or storage
+        self._retried: set[int] = set()  # trials that finished trials retry
+        self._unretried: list[FrozenTrial] = []  # interrupted, no retry yet (at the last count)
+
+    def tally(self, trials: Sequence[FrozenTrial]) -> _Tally:
+        """The counts of ``trials`` (all of the study's, as ``study.get_trials`` gives them)."""
+        unfinished = []
+        for t in trials:
+            if t.number in self._seen:
+                continue
+            if not t.state.is_finished():
+                unfinished.append(t)
+                continue
+            self._seen.add(t.number)
+            self._retried.update(_retried_numbers([t]))
+            if t.state != TrialState.FAIL:
+                self._complete += 1
+            elif is_interrupted(t):
+                self._interrupted[t.number] = t
+            else:
+                self._failed.add(t.number)
+        retried = self._retried | _retried_numbers(unfinished)
+        finished = self._complete + len(self._failed - retried)
+        waiting = sum(t.state == TrialState.WAITING for t in unfinished)
+        running = sum(
+            t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs for t in unfinished
+        )
+        self._unretried = [t for n, t in self._interrupted.items() if n not in retried]
+        return _Tally(finished, finished + waiting + running, waiting, running)
+
+    def count(self, study: optuna.Study) -> _Tally:
+        return self.tally(study.get_trials(deepcopy=False))
+
+    def requeue_interrupted(self, study: optuna.Study) -> bool:
+        """Retry every interrupted trial that has no retry yet, as of the last count (call
+        under the study lock, after counting); whether any was queued."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            for t in self._unretried:
+                _retry(study, t)
+        queued, self._unretried = bool(self._unretried), []
+        return queued
 
 
 def _retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -397,6 +454,7 @@ def optimize_until(
         failures = FailureStreak(DEFAULT_MAX_CONSECUTIVE_FAILURES)
     streak = failures
     trial_attrs = dict(trial_attrs or {})
+    counter = TrialCounter()
     logging.getLogger("optuna.study._optimize").addFilter(_not_an_interrupt)
     while True:
         held = contextlib.ExitStack()
@@ -442,8 +500,9 @@ def optimize_until(
             if lock is not None:
                 held.enter_context(lock())
             _fail_stale(study)
-            _requeue_interrupted(study)
-            tally = _tally(study.get_trials(deepcopy=False))
+            tally = counter.count(study)
+            if counter.requeue_interrupted(study):
+                tally = counter.count(study)
             if tally.finished >= target:
                 return
             if not (tally.waiting or tally.used < target):
@@ -495,7 +554,7 @@ def optimize_until(
         finally:
             held.close()
         if bar is not None:
-            bar.n = min(finished_count(study), target)
+            bar.n = min(counter.count(study).finished, target)
             bar.refresh()
 
 
@@ -556,7 +615,8 @@ def run_worker(
     ``bound_tuner.study.sampler_seed``); leave it None for workers started by hand.
     ``threads`` sets torch's CPU threads. ``dashboard`` writes each trial's note and samples
     for optuna-dashboard; ``dashboard_charts`` also rebuilds the study's charts, which exactly
-    one process of a study may do (see ``bound_tuner.dashboard``).
+    one process of a study may do (see ``bound_tuner.dashboard``): throttled during the run
+    (``ChartsCallback``), and once more when the loop ends unless it was interrupted.
 
     A trial whose objective raises ends as FAIL (its ``fail_reason`` says why) and the worker
     goes on; ``max_consecutive_failures`` such trials in a row (default: the spec's [study]
@@ -636,6 +696,7 @@ def run_worker(
         "trial_attrs": {SPEC_CHANGED_ATTR: changes} if changes else None,
     }
     pack = getattr(objective, "pack", 1)
+    interrupted = False
     try:
         if pack > 1:  # K trial loops in K threads, trained together (bound_tuner.packed_trials)
             from .packed_trials import ThreadLock, run_loops
@@ -650,8 +711,14 @@ def run_worker(
             )
         else:
             optimize_until(study, objective, lock=lock, ident=ident, **loop)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         lock.close()
+        if not interrupted:  # the charts skip trials to keep up (ChartsCallback): now all
+            for callback in extra:
+                callback.flush(study)
         if bar is not None:
             bar.close()
     return study
@@ -931,6 +998,7 @@ def run_pool(
         for p in procs:
             p.start()
         last_poll = 0.0
+        counter = TrialCounter()
         while len(ended) < len(procs):
             for i, p in enumerate(procs):
                 if i not in ended and not p.is_alive():
@@ -943,7 +1011,7 @@ def run_pool(
                 with lock():  # a dead worker's trial is failed and retried promptly
                     _fail_stale(study)
                 if bar is not None:
-                    bar.n = min(finished_count(study), target)
+                    bar.n = min(counter.count(study).finished, target)
                     bar.refresh()
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -93,6 +93,10 @@ def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict
     }
 
 
+#: grid points x values that ``subgaussian_scale`` holds at once (float64: 32 MiB)
+LAMBDA_BLOCK = 1 << 22
+
+
 def subgaussian_scale(values: torch.Tensor, *, grid: int = 400) -> float:
     """The sample's sub-Gaussian scale: the smallest s with mean exp(lam (v - mean)) <=
     exp(lam^2 s^2 / 2) for every lam >= 0 on a grid (the upper tail, which bounds a gap from
@@ -105,6 +109,9 @@ def subgaussian_scale(values: torch.Tensor, *, grid: int = 400) -> float:
         return 0.0
     lam = torch.logspace(-3, 2, grid, dtype=torch.float64) / std
     m = v.numel()
-    log_mgf = torch.logsumexp(lam[:, None] * c[None], dim=1) - math.log(m)
+    rows = max(1, LAMBDA_BLOCK // m)  # grid x m at once would be 6 GB for a million points
+    log_mgf = torch.cat(
+        [torch.logsumexp(lam[i : i + rows, None] * c[None], dim=1) for i in range(0, grid, rows)]
+    ) - math.log(m)
     # m/(m-1): Bessel's correction, so that the small-lam limit is the sample variance
     return float((2 * log_mgf / lam**2).clamp(min=0).max() * m / (m - 1)) ** 0.5
