@@ -509,7 +509,7 @@ class VAEObjective:
             if b.R is not None:
                 raise SpecError(
                     f'bound.R = {b.R!r} belongs to variant "paper"; "elbo-kfold" takes its scale '
-                    "from cross-fitting: remove bound.R or set bound.variant = \"paper\""
+                    'from cross-fitting: remove bound.R or set bound.variant = "paper"'
                 )
             k = folds_for(self.m, b.folds)
             if k < 2 or self.m < 2 * k:

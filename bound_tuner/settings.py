@@ -70,7 +70,9 @@ SETTINGS: tuple[Setting, ...] = (
         {"diffusion": OBJECTIVE + "pack"},
         "trials trained at once as one ensemble",
     ),
-    Setting("bound", "variant", str, {"diffusion": "variant", "vae": "variant"}, "the bound's form"),
+    Setting(
+        "bound", "variant", str, {"diffusion": "variant", "vae": "variant"}, "the bound's form"
+    ),
     Setting(
         "bound",
         "R",
