@@ -289,18 +289,7 @@ def run_vae_task(task: Task) -> dict:
     seed_everything(cfg.seed)
     model = MLPVAE(input_dim=int(split.train.shape[1]), latent=cfg.latent)
     decoder0 = model.initial_decoder()
-    train_vae(
-        model,
-        split.train,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        beta=cfg.beta,
-        lam=cfg.lam,
-        r=cfg.r,
-        seed=cfg.seed,
-        decoder0=decoder0,
-    )
+    train_vae(model, split.train, **cfg.training(), decoder0=decoder0)
     rep = vae_bound(model, split.train, decoder0=decoder0, test_x=split.test, seed=cfg.seed)
     ex = rep.extras
     seconds_model = time.perf_counter() - t0
@@ -311,13 +300,7 @@ def run_vae_task(task: Task) -> dict:
         lambda: MLPVAE(input_dim=int(split.train.shape[1]), latent=cfg.latent),
         split.train,
         folds,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        beta=cfg.beta,
-        lam=cfg.lam,
-        r=cfg.r,
+        **cfg.training(),
     )
     kf = vae_kfold_bound(model, refs, split.train, folds, test_x=split.test, seed=task.data_seed)
     kx = kf.extras

@@ -331,6 +331,12 @@ class VAEConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def training(self) -> dict[str, Any]:
+        """The keyword arguments of ``train_vae`` that this configuration sets, the same for
+        the model and its K-fold references."""
+        keys = ("epochs", "batch_size", "lr", "beta", "lam", "r", "seed")
+        return {k: getattr(self, k) for k in keys}
+
 
 @dataclass
 class VAEResult:
@@ -584,13 +590,7 @@ class VAEObjective:
             history = train_vae(
                 model,
                 self.data.train,
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                beta=cfg.beta,
-                lam=cfg.lam,
-                r=cfg.r,
-                seed=cfg.seed,
+                **cfg.training(),
                 dynamic_binarize=self.dynamic_binarize,
                 device=self.device,
                 callback=on_epoch,
@@ -636,13 +636,7 @@ class VAEObjective:
             lambda: self.build_model(cfg).to(self.device),
             self.data.train,
             folds,
-            seed=cfg.seed,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            beta=cfg.beta,
-            lam=cfg.lam,
-            r=cfg.r,
+            **cfg.training(),
             dynamic_binarize=self.dynamic_binarize,
             device=self.device,
         )
