@@ -6,7 +6,7 @@ On whatever device is present (CUDA when available, else the CPU), in one run:
    training images, d = 784 (the CPU default is m = 5,000: the cost grows as m^2 d).
 2. UNet training steps/s: ``train_score_model`` against a plain PyTorch loop of the same model,
    batch and loss, timed alternately.
-3. 2-D trials: one Swiss-roll MLP trial at a time against packs of K (``bound_tuner.pack``), for
+3. 2-D trials: one Swiss-roll MLP trial at a time against packs of K (``bound_tuner.training.pack``), for
    training alone (model-steps/s) and for whole trials (training and bound, trials/s). Single
    trials and packs are scored alike: the same variant ("elbo", which packs measure together),
    N, generator paths, draws and evaluation seed, checked from the reports' settings.
@@ -53,15 +53,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bound_tuner.bounds.mixture import mixture_kl
 from bound_tuner.data import load_dataset, swiss_roll
-from bound_tuner.device import resolve_device, set_tf32
-from bound_tuner.evaluate import variant_report
-from bound_tuner.experiment import DiffusionConfig, bound_report, pack_terms, train_model
+from bound_tuner.evaluation.evaluate import variant_report
+from bound_tuner.evaluation.experiment import bound_report, pack_terms
+from bound_tuner.maths.bounds.mixture import mixture_kl
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model
-from bound_tuner.pack import train_packed
-from bound_tuner.sde import get_schedule
-from bound_tuner.training import train_score_model
+from bound_tuner.runtime.device import resolve_device, set_tf32
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.diffusion import train_model
+from bound_tuner.training.loop import train_score_model
+from bound_tuner.training.pack import train_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +152,7 @@ def bench_unet(device: torch.device, steps: int, repeats: int, with_compile: boo
 def _configs(k: int, steps: int) -> list[DiffusionConfig]:
     """k different Swiss-roll trials (T, schedule, lambda, lr, seed), one architecture, one set
     of bound settings: the "elbo" variant (a pack's bounds are measured together only for the
-    variants in ``bound_tuner.experiment.PACKED_VARIANTS``) with DiffusionConfig's N, paths and
+    variants in ``bound_tuner.evaluation.experiment.PACKED_VARIANTS``) with DiffusionConfig's N, paths and
     draws, and one evaluation seed, as the trials of one study have."""
     g = torch.Generator().manual_seed(k)
     out = []
@@ -260,10 +262,10 @@ class BusyClock:
     ``pack_terms``, ``score_model``) train and score with."""
 
     TARGETS = (
-        ("bound_tuner.objectives", "run_diffusion"),
-        ("bound_tuner.objectives", "score_model"),
-        ("bound_tuner.packed_trials", "train_packed"),
-        ("bound_tuner.packed_trials", "pack_terms"),
+        ("bound_tuner.objectives.diffusion", "run_diffusion"),
+        ("bound_tuner.objectives.diffusion", "score_model"),
+        ("bound_tuner.objectives.packed", "train_packed"),
+        ("bound_tuner.objectives.packed", "pack_terms"),
     )
 
     def __init__(self) -> None:
@@ -359,12 +361,12 @@ def _large_2d_child(m: int, steps: int, draws: int | None, blocked: bool, device
     """One trial on m points in this (fresh) process; sends its figures through ``out``."""
     import functools
 
-    import bound_tuner.evaluate as evaluate_mod
-    from bound_tuner.experiment import run_diffusion
-    from bound_tuner.metrics import memorized_share
+    import bound_tuner.evaluation.evaluate as evaluate_mod
+    from bound_tuner.evaluation.experiment import run_diffusion
+    from bound_tuner.maths.metrics import memorized_share
 
     if not blocked:  # every training point at once, as before blocking
-        import bound_tuner.bounds.kfold as kfold_mod
+        import bound_tuner.maths.bounds.kfold as kfold_mod
 
         evaluate_mod.memorized_share = functools.partial(memorized_share, block=None)
         kfold_mod.LAMBDA_BLOCK = 1 << 62

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bound_tuner.bounds.mixture import mixture_kl
+from bound_tuner.maths.bounds.mixture import mixture_kl
 
 
 def broadcast_rows(mu: torch.Tensor, var: float, rows: int, *, row_chunk: int, seed: int) -> float:

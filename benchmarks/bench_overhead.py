@@ -7,7 +7,7 @@ study, in one run. Every trial is timed from the start of its training to the st
 next trial's training (the last one to the end of the run, which includes the final charts),
 and split into:
 
-- training and scoring (``bound_tuner.experiment.run_diffusion``: training and the bound),
+- training and scoring (``bound_tuner.evaluation.experiment.run_diffusion``: training and the bound),
 - the trial's note (``TrialArtifacts.note``: optuna-dashboard's ``save_note``),
 - its sample image (``TrialArtifacts.samples_artifact``: generating and drawing samples),
 - the study's charts (``save_charts``),
@@ -51,9 +51,11 @@ from pathlib import Path
 import optuna
 import torch
 
-import bound_tuner.artifacts as artifacts_mod
-import bound_tuner.dashboard as dashboard_mod
-import bound_tuner.objectives as objectives_mod
+import bound_tuner.dashboard.charts as charts_mod
+import bound_tuner.dashboard.notes as notes_mod
+import bound_tuner.objectives.diffusion as objectives_mod
+import bound_tuner.storage.artifacts as artifacts_mod
+from bound_tuner.storage.folders import ARTIFACTS_ENV
 
 SPEC = """
 [study]
@@ -144,8 +146,8 @@ def stored_charts_current(study: optuna.Study) -> bool:
     """Whether the charts in the storage equal charts built now from all the study's trials."""
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    from bound_tuner.dashboard import study_figures
-    from bound_tuner.reporting import trials_json
+    from bound_tuner.dashboard.charts import study_figures
+    from bound_tuner.dashboard.report import trials_json
 
     attrs = study._storage.get_study_system_attrs(study._study_id)  # what the dashboard reads
     stored = {k: json.loads(v) for k, v in get_plotly_graph_objects(attrs).items()}
@@ -168,7 +170,7 @@ def sqlite_wal() -> None:
 
 
 def run_one(kind: str, url: str, args: argparse.Namespace, tmp: Path) -> dict:
-    from bound_tuner.spec import load_spec
+    from bound_tuner.config.spec import load_spec
     from bound_tuner.study import run_study
 
     name = f"overhead_{kind}_{uuid.uuid4().hex[:8]}"
@@ -178,13 +180,13 @@ def run_one(kind: str, url: str, args: argparse.Namespace, tmp: Path) -> dict:
     )
     clock = Clock()
     clock.wrap(objectives_mod, "run_diffusion", "train_score", starts_trial=True)
-    clock.wrap(dashboard_mod.TrialArtifacts, "note", "note")
-    clock.wrap(dashboard_mod, "save_charts", "charts")
+    clock.wrap(notes_mod.TrialArtifacts, "note", "note")
+    clock.wrap(charts_mod, "save_charts", "charts")
     clock.wrap(artifacts_mod.ModelKeeper, "__call__", "weights")
     if args.sample_images:
-        clock.wrap(dashboard_mod.TrialArtifacts, "samples_artifact", "samples")
+        clock.wrap(notes_mod.TrialArtifacts, "samples_artifact", "samples")
     else:
-        clock.replace(dashboard_mod.TrialArtifacts, "samples_artifact", lambda *a, **k: None)
+        clock.replace(notes_mod.TrialArtifacts, "samples_artifact", lambda *a, **k: None)
     t0 = time.perf_counter()
     try:
         study = run_study(load_spec(path), storage=url, progress=False)
@@ -254,7 +256,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        os.environ[dashboard_mod.ARTIFACTS_ENV] = str(tmp_path / "artifacts")
+        os.environ[ARTIFACTS_ENV] = str(tmp_path / "artifacts")
         for kind in kinds:
             if kind in ("sqlite", "sqlite-wal"):
                 url = f"sqlite:///{tmp_path}/{kind}.db"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bound_tuner.bounds.vae import MEASURED_R
+from bound_tuner.maths.bounds.vae import MEASURED_R
 
 #: the diffusion scores: the default, its two branches and R choices, the baselines a user would
 #: pick instead (K-fold cross-validation on the same fold models, a plain 80/20 split, the
@@ -115,7 +115,7 @@ class Task:
 
 
 def _cfg(**kw) -> dict:
-    from bound_tuner.experiment import DiffusionConfig
+    from bound_tuner.training.config import DiffusionConfig
 
     return DiffusionConfig(**kw).to_dict()
 
@@ -227,8 +227,8 @@ def vae_tasks(cases: str, seeds: int, *, seed_offset: int = 0, configs: int = 16
         return []
     from pathlib import Path
 
-    from bound_tuner.objectives import VAEConfig
-    from bound_tuner.spec import load_spec
+    from bound_tuner.config.spec import load_spec
+    from bound_tuner.objectives.vae import VAEConfig
 
     spec = load_spec(Path(__file__).resolve().parent.parent / "studies" / "fashion_mnist_vae.toml")
     fixed = {n: p.fixed for n, p in spec.search.items() if p.is_fixed}
@@ -264,13 +264,13 @@ def run_vae_task(task: Task) -> dict:
     """Train one VAE (``train_vae``) and compute its bound terms and held-out -ELBO."""
     import torch
 
-    from bound_tuner.bounds.kfold import fold_assignment
-    from bound_tuner.bounds.vae import reference_vae_R, vae_bound, vae_kfold_bound
     from bound_tuner.data import load_dataset
+    from bound_tuner.maths.bounds.kfold import fold_assignment
+    from bound_tuner.maths.bounds.vae import reference_vae_R, vae_bound, vae_kfold_bound
     from bound_tuner.models.vae import MLPVAE
-    from bound_tuner.objectives import VAEConfig
-    from bound_tuner.seeding import seed_everything
-    from bound_tuner.vae_training import train_fold_vaes, train_vae
+    from bound_tuner.objectives.vae import VAEConfig
+    from bound_tuner.runtime.seeding import seed_everything
+    from bound_tuner.training.vae import train_fold_vaes, train_vae
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     key = ("vae", task.data, task.m, task.data_seed, task.test_size)
@@ -339,8 +339,8 @@ def run_vae_task(task: Task) -> dict:
 
 def vae_scores_from_raw(raw: dict) -> dict[str, float]:
     """Every score of VAE_SCORES from a VAE's measured terms, through ``assemble_vae_bound``."""
-    from bound_tuner.bounds.diffusion import assemble_kfold_bound
-    from bound_tuner.bounds.vae import assemble_vae_bound, r_to_R
+    from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound
+    from bound_tuner.maths.bounds.vae import assemble_vae_bound, r_to_R
 
     def bound(R: float) -> float:
         return assemble_vae_bound(raw["rec"], raw["kld"], raw["mi"], m=raw["m"], R=R)[0]
@@ -398,15 +398,16 @@ def run_task(task: Task, *, split_refs: bool = True) -> dict:
     if task.case in VAE_CASES:
         return run_vae_task(task)
 
-    from bound_tuner.bounds import VARIANTS
     from bound_tuner.data import load_dataset, prepare_for
-    from bound_tuner.evaluate import bound_terms, draws_for, heldout_metrics, variant_report
-    from bound_tuner.experiment import (
-        DiffusionConfig,
-        train_fold_models,
-        train_model,
-        train_split_models,
+    from bound_tuner.evaluation.evaluate import (
+        bound_terms,
+        draws_for,
+        heldout_metrics,
+        variant_report,
     )
+    from bound_tuner.maths.bounds import VARIANTS
+    from bound_tuner.training.config import DiffusionConfig
+    from bound_tuner.training.diffusion import train_fold_models, train_model, train_split_models
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     device = "cuda" if torch.cuda.is_available() and task.data == "fashion_mnist" else "cpu"
@@ -492,8 +493,8 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
     with --rescore). Scores whose terms a row lacks are NaN."""
     import math
 
-    from bound_tuner.bounds import assemble_diffusion_bound
-    from bound_tuner.bounds.diffusion import assemble_kfold_bound
+    from bound_tuner.maths.bounds import assemble_diffusion_bound
+    from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound
 
     def bound(variant: str, R: float) -> float:
         if variant == "paper":
@@ -522,7 +523,7 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
     }
     if "fold.R_cv_std" in raw:  # rows before R_cv became the sub-Gaussian scale: not scored
         nelbo, c_fold = raw["train_nelbo"], raw["fold.C_fold"]
-        from bound_tuner.sampling import DIVERGED_SCALE
+        from bound_tuner.training.sampling import DIVERGED_SCALE
 
         stable = raw.get("sample_scale", 0.0) <= DIVERGED_SCALE  # the objective fails the rest
         kfold = assemble_kfold_bound(
@@ -562,8 +563,8 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
 
 def _fill_R_data(rows: list[dict]) -> None:
     """Rows saved before R_data was recorded: compute it from the data of the row's problem."""
-    from bound_tuner.bounds import reference_R
     from bound_tuner.data import load_dataset, prepare_for
+    from bound_tuner.maths.bounds import reference_R
 
     for r in rows:
         if r["case"] in VAE_CASES or r["raw"].get("R_data") is not None:
@@ -604,7 +605,7 @@ def _problems(rows: list[dict], case: str) -> list[list[dict]]:
 def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
     """Validity (pooled over the case's models), regret in the primary truth's units and
     Spearman (means over problems), the pick ranks, and the second view's ratio regret."""
-    from bound_tuner.selection import pick_rank, regret, regret_diff, spearman, validity
+    from bound_tuner.maths.selection import pick_rank, regret, regret_diff, spearman, validity
 
     truth, second = truths_of(case)
     vae = case in VAE_CASES
@@ -640,7 +641,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
 
 def oracle_floor(rows: list[dict], case: str) -> float:
     """The second view's ratio regret of the primary truth's own pick (the floor of that column)."""
-    from bound_tuner.selection import regret
+    from bound_tuner.maths.selection import regret
 
     truth, second = truths_of(case)
     return statistics.fmean(

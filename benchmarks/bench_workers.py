@@ -31,7 +31,7 @@ from pathlib import Path
 
 import optuna
 
-from bound_tuner.workers import run_workers
+from bound_tuner.execution.pool import run_workers
 
 EXECUTORS = ("pool", "ray")
 
@@ -73,7 +73,7 @@ def measure(
         kwargs = {"storage": storage, "n_workers": n_workers, "progress": False}
         t0 = time.perf_counter()
         if executor == "ray":
-            from bound_tuner.ray_executor import run_ray
+            from bound_tuner.execution.ray_executor import run_ray
 
             study = run_ray(str(spec), dashboard=False, **kwargs)
         else:
@@ -109,10 +109,10 @@ def main() -> None:
     if "ray" in executors:
         import ray
 
-        from bound_tuner.ray_executor import _start_ray
+        from bound_tuner.execution.ray_executor import start_ray
 
         t0 = time.perf_counter()
-        _start_ray(ray, None, 2)  # one local instance for every Ray run
+        start_ray(ray, None, 2)  # one local instance for every Ray run
         print(
             f"Ray {ray.__version__}: local instance started in {time.perf_counter() - t0:.1f} s "
             "(not in the rates); Ray runs its workers at nice "

@@ -1,7 +1,7 @@
 """bound_tuner: Optuna objectives scored by a generalization bound computed from training data.
 
 The public names below are imported lazily, on first use, so ``import bound_tuner`` stays cheap
-(no torch); so are the submodules (``bound_tuner.workers.run_workers`` after a plain
+(no torch); so are the submodules (``bound_tuner.execution.pool.run_workers`` after a plain
 ``import bound_tuner``).
 """
 
@@ -16,27 +16,27 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     # specs and studies
-    "load_spec": "bound_tuner.spec",
-    "parse_spec": "bound_tuner.spec",
+    "load_spec": "bound_tuner.config.spec",
+    "parse_spec": "bound_tuner.config.spec",
     "run_study": "bound_tuner.study",
     # data
     "load_dataset": "bound_tuner.data",
     "prepare_for": "bound_tuner.data",
     # objectives and the settings of one trial
-    "DiffusionObjective": "bound_tuner.objectives",
-    "DiffusionConfig": "bound_tuner.experiment",
-    "VAEObjective": "bound_tuner.objectives",
-    "VAEConfig": "bound_tuner.objectives",
+    "DiffusionObjective": "bound_tuner.objectives.diffusion",
+    "DiffusionConfig": "bound_tuner.training.config",
+    "VAEObjective": "bound_tuner.objectives.vae",
+    "VAEConfig": "bound_tuner.objectives.vae",
     # trained models, and models trained elsewhere
-    "load_model": "bound_tuner.artifacts",
-    "score": "bound_tuner.scoring",
+    "load_model": "bound_tuner.storage.artifacts",
+    "score": "bound_tuner.evaluation.scoring",
     # bounds and their pieces
-    "BoundReport": "bound_tuner.bounds.report",
-    "diffusion_bound": "bound_tuner.evaluate",
-    "vae_bound": "bound_tuner.bounds.vae",
-    "mixture_kl": "bound_tuner.bounds.mixture",
-    "prior_kl": "bound_tuner.sde",
-    "get_schedule": "bound_tuner.sde",
+    "BoundReport": "bound_tuner.maths.bounds.report",
+    "diffusion_bound": "bound_tuner.evaluation.evaluate",
+    "vae_bound": "bound_tuner.maths.bounds.vae",
+    "mixture_kl": "bound_tuner.maths.bounds.mixture",
+    "prior_kl": "bound_tuner.maths.sde",
+    "get_schedule": "bound_tuner.maths.sde",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

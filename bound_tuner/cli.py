@@ -25,10 +25,35 @@ import signal
 import sys
 import threading
 
-from .artifacts import ArtifactError
-from .spec import SpecError
-from .storage import StorageError, scrub
-from .workers import TrialError, WorkerConfigError, WorkerError, install_sigterm_handler
+from bound_tuner.config.spec import SpecError, load_spec, with_pack
+from bound_tuner.dashboard.server import serve
+from bound_tuner.data import prepare_for
+from bound_tuner.execution.errors import TrialError, WorkerConfigError, WorkerError
+from bound_tuner.execution.loop import run_worker
+from bound_tuner.execution.plan import check_device
+from bound_tuner.execution.pool import parse_gpus, run_workers
+from bound_tuner.execution.signals import install_sigterm_handler
+from bound_tuner.maths.bounds.report import value_label
+from bound_tuner.storage.artifacts import (
+    ArtifactError,
+    best_trial_or_none,
+    export_model,
+    load_model,
+    save_samples,
+)
+from bound_tuner.storage.database import (
+    ENV_VAR,
+    STUDY_ARTIFACTS_ATTR,
+    StorageError,
+    make_storage,
+    redact,
+    require_database,
+    resolve_url,
+    scrub,
+    serve_proxy,
+    storage_errors,
+)
+from bound_tuner.study import run_study
 
 USER_ERRORS = (SpecError, StorageError, WorkerConfigError, ArtifactError)
 RUN_ERRORS = (WorkerError, TrialError)
@@ -52,8 +77,6 @@ def _spec_of(args: argparse.Namespace):
     study, ``NAME-validate``: the same trials as the spec's own study (same spec, same seed),
     with held-out metrics beside the bound."""
     import dataclasses
-
-    from .spec import load_spec, with_pack
 
     spec = load_spec(args.spec)
     if getattr(args, "validate", False) and not spec.validation:
@@ -92,8 +115,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise WorkerConfigError("--ray-address and --gpus-per-trial go with --executor ray")
     pool = args.workers is not None or args.gpus is not None or args.trials_per_gpu is not None
     if pool:
-        from .workers import parse_gpus, run_workers
-
         if args.gpus is None and args.device not in ("cpu", "auto"):
             raise WorkerConfigError(
                 f"--device {args.device} with --workers: give --gpus 0,1,... instead"
@@ -109,8 +130,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             **hb,
         )
     else:
-        from .study import run_study
-
         study = run_study(
             spec,
             storage=args.storage,
@@ -130,7 +149,6 @@ def _now():
 
 def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
     """``run --executor ray``: Ray places the workers and their GPUs."""
-    from .study import run_study
 
     started = _now()
     if args.gpus is not None or args.trials_per_gpu is not None:
@@ -159,7 +177,6 @@ def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
-    from .storage import serve_proxy
 
     try:
         serve_proxy(
@@ -176,8 +193,6 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .storage import ENV_VAR
-    from .workers import run_worker
 
     if not (args.storage or os.environ.get(ENV_VAR)):
         raise WorkerConfigError(
@@ -201,16 +216,14 @@ def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
     """What a newcomer needs at the end of a run: what ran (or that nothing was left to do),
     the value's unit and direction, the pick's bound term by term (the columns add up to it),
     held-out metrics in validation mode, where the study and the weights are, and what next."""
-    from .bounds.report import value_label
-    from .reporting import (
+    # only the commands that use it load it: --help stays light
+    from bound_tuner.dashboard.report import (
         contributions_table,
         heldout_keys,
         pareto_lines,
         selection_lines,
         trials_json,
     )
-    from .storage import ENV_VAR, STUDY_ARTIFACTS_ATTR, redact, resolve_url
-    from .study import best_trial_or_none
 
     trials = trials_json(study)
     counts: dict[str, int] = {}
@@ -309,8 +322,14 @@ def _short(v) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     import optuna
 
-    from .reporting import pareto_lines, plot_study, selection_lines, trials_json, trials_table
-    from .storage import make_storage, require_database, resolve_url
+    # only the commands that use it load it: --help stays light
+    from bound_tuner.dashboard.report import (
+        pareto_lines,
+        plot_study,
+        selection_lines,
+        trials_json,
+        trials_table,
+    )
 
     require_database(resolve_url(args.storage))  # a read-only command creates no database
     store = make_storage(args.storage)
@@ -385,7 +404,6 @@ def _port(text: str) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
 
     serve(args.storage, host=args.host, port=args.port, artifact_dir=args.artifacts)
     return 0
@@ -414,8 +432,6 @@ def _positive(text: str) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from .artifacts import load_model
-    from .workers import check_device
 
     check_device(args.device)
     return load_model(
@@ -428,7 +444,6 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .artifacts import export_model
 
     if not args.out.endswith(".pt"):
         raise ArtifactError(f"--out {args.out}: the weights file must end in .pt")
@@ -439,7 +454,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .artifacts import save_samples
 
     if not args.out.lower().endswith((".npy", ".png")):
         raise ArtifactError(f"--out {args.out}: write samples to a .npy file (or .png for images)")
@@ -464,8 +478,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     (``bound_tuner.score``; docs/own_models.md)."""
     from pathlib import Path
 
-    from .workers import check_device
-
     if args.variant not in SCORE_VARIANTS:
         raise SpecError(
             f"--variant {args.variant}: that bound trains reference models with your training "
@@ -479,10 +491,10 @@ def cmd_score(args: argparse.Namespace) -> int:
             f"--data {args.data} not found; give a .npy, .npz, .csv or .pt file or a folder of images"
         )
     try:
-        from .data import prepare_for
-        from .data.files import load_tensors, read_image_folder, read_points
-        from .device import resolve_device
-        from .diffusers_adapter import load_pipeline
+        # only the commands that use it load it: --help stays light
+        from bound_tuner.data.files import load_tensors, read_image_folder, read_points
+        from bound_tuner.models.diffusers_adapter import load_pipeline
+        from bound_tuner.runtime.device import resolve_device
 
         model, schedule = load_pipeline(args.diffusers, device=resolve_device(args.device))
         # every point of the file trains (a file's own test part is not needed for the bound)
@@ -491,7 +503,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         train = prepare_for(split, "diffusion").train
     except (ImportError, OSError, ValueError) as e:
         raise SpecError(" ".join(str(e).split())) from None
-    from .scoring import score
+    # only the commands that use it load it: --help stays light
+    from bound_tuner.evaluation.scoring import score
 
     try:
         report = score(
@@ -727,7 +740,6 @@ def thread_excepthook(previous, storage: str | None):
     """A threading.excepthook that writes one line for a database error in a helper thread (a
     heartbeat the database refused; the run itself reports what it means) and hands every
     other exception to ``previous`` (Python's traceback)."""
-    from .storage import storage_errors
 
     kinds = storage_errors()
 

@@ -21,8 +21,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 import bound_tuner
-from bound_tuner.diffusers_adapter import unet_eps
-from bound_tuner.scoring import score
+from bound_tuner.evaluation.scoring import score
+from bound_tuner.models.diffusers_adapter import unet_eps
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import optuna
 
 from bound_tuner import DiffusionObjective, load_dataset, load_spec, run_study
-from bound_tuner.experiment import DiffusionConfig
+from bound_tuner.training.config import DiffusionConfig
 
 STORAGE = "sqlite:///quickstart.db"
 

@@ -15,11 +15,12 @@ import time
 
 from tqdm.auto import tqdm
 
-from bound_tuner.bounds import VARIANTS
 from bound_tuner.data import load_dataset
-from bound_tuner.evaluate import bound_terms, heldout_metrics, variant_report
-from bound_tuner.experiment import DiffusionConfig, train_model, train_split_models
-from bound_tuner.selection import regret, spearman
+from bound_tuner.evaluation.evaluate import bound_terms, heldout_metrics, variant_report
+from bound_tuner.maths.bounds import VARIANTS
+from bound_tuner.maths.selection import regret, spearman
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.diffusion import train_model, train_split_models
 
 DEFAULT_T = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.4, 1.8]
 

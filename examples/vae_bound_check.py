@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from bound_tuner.bounds.vae import MEASURED_R, reference_vae_R, vae_bound
 from bound_tuner.data.images import IMAGE_DATASETS, load_image_dataset
+from bound_tuner.maths.bounds.vae import MEASURED_R, reference_vae_R, vae_bound
 from bound_tuner.models.vae import MLPVAE
-from bound_tuner.seeding import seed_everything
-from bound_tuner.vae_training import train_vae
+from bound_tuner.runtime.seeding import seed_everything
+from bound_tuner.training.vae import train_vae
 
 PAPER_R = 1.0  # the paper's r; R = (1 + r)/sqrt(2)
 
@@ -108,7 +108,7 @@ def save_to_dashboard(result: dict, storage: str) -> str:
     custom charts show the bound, the encoder-only bound and the held-out loss by epoch."""
     import optuna
 
-    from bound_tuner.dashboard import save_charts
+    from bound_tuner.dashboard.charts import save_charts
 
     name = study_name(result["settings"])
     try:

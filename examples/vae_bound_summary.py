@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bound_tuner.bounds.vae import assemble_vae_bound, r_to_R
+from bound_tuner.maths.bounds.vae import assemble_vae_bound, r_to_R
 
 
 def summarize(result: dict) -> dict:

@@ -15,16 +15,17 @@ from optuna.artifacts import FileSystemArtifactStore
 from PIL import Image
 
 import bound_tuner
-from bound_tuner.artifacts import ATTR_ID, ArtifactError, load_model, read_weights
 from bound_tuner.cli import main
+from bound_tuner.config.spec import load_spec
 from bound_tuner.data import load_dataset
-from bound_tuner.experiment import DiffusionConfig
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model
-from bound_tuner.objectives import DiffusionObjective, VAEConfig, VAEObjective
-from bound_tuner.sampling import generate
-from bound_tuner.sde import get_schedule
-from bound_tuner.spec import load_spec
+from bound_tuner.objectives.diffusion import DiffusionObjective
+from bound_tuner.objectives.vae import VAEConfig, VAEObjective
+from bound_tuner.storage.artifacts import ATTR_ID, ArtifactError, load_model, read_weights
 from bound_tuner.study import run_study
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.sampling import generate
 
 TINY = DiffusionConfig(
     width=16, layers=2, steps=15, batch_size=32, n_steps=8, n_paths=4, train_draws=2

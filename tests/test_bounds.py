@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from bound_tuner.bounds import (
+from bound_tuner.data import gaussian, swiss_roll
+from bound_tuner.maths.bounds import (
     assemble_diffusion_bound,
     beta_integral,
     generator_info,
@@ -13,9 +14,8 @@ from bound_tuner.bounds import (
     prior_kl,
     prior_kl_sqrt,
 )
-from bound_tuner.data import gaussian, swiss_roll
-from bound_tuner.sampling import generate
-from bound_tuner.sde import get_schedule
+from bound_tuner.maths.sde import get_schedule
+from bound_tuner.training.sampling import generate
 
 LIN = get_schedule("linear")
 

@@ -19,23 +19,22 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna_dashboard import get_note
 from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
+import bound_tuner.objectives.factory as factory
 import bound_tuner.study as study_mod
-from bound_tuner.bounds.report import BoundReport
 from bound_tuner.cli import main
-from bound_tuner.dashboard import (
+from bound_tuner.config.spec import load_spec
+from bound_tuner.dashboard.charts import (
     CHART_BOUND_VS_HELDOUT,
     CHART_TERMS_VS_T,
     CHART_VAE_EPOCHS,
     ChartsCallback,
-    artifact_dir_for,
-    artifact_store_for,
-    bound_note,
-    dashboard_hooks,
-    save_samples_png,
     study_figures,
 )
-from bound_tuner.reporting import rank_correlation, selection_stats, trials_json
-from bound_tuner.spec import load_spec
+from bound_tuner.dashboard.hooks import dashboard_hooks
+from bound_tuner.dashboard.notes import bound_note, save_samples_png
+from bound_tuner.dashboard.report import rank_correlation, selection_stats, trials_json
+from bound_tuner.maths.bounds.report import BoundReport
+from bound_tuner.storage.folders import artifact_dir_for, artifact_store_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -90,10 +89,10 @@ def _run_tiny(folder: Path, *, validation: bool = True, **kw) -> tuple[str, optu
     spec_path = folder / "dash.toml"
     spec_path.write_text(textwrap.dedent(SPEC.format(validation=str(validation).lower())))
     url = f"sqlite:///{folder}/dash.db"
-    base = study_mod.diffusion_base_config
+    base = factory.diffusion_base_config
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            study_mod,
+            factory,
             "diffusion_base_config",
             lambda spec: replace(base(spec), heldout_n_generated=200, heldout_n_steps=50),
         )

@@ -14,11 +14,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bound_tuner.data import swiss_roll
-from bound_tuner.evaluate import negative_elbo
-from bound_tuner.experiment import DiffusionConfig, run_diffusion
-from bound_tuner.pack import train_packed
-from bound_tuner.sampling import generate
-from bound_tuner.sde import get_schedule
+from bound_tuner.evaluation.evaluate import negative_elbo
+from bound_tuner.evaluation.experiment import run_diffusion
+from bound_tuner.maths.sde import get_schedule
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.pack import train_packed
+from bound_tuner.training.sampling import generate
 
 # conversions: Module.to(dtype) and copies may take one dtype into another
 CONVERSIONS = {"__set__", "_has_compatible_shallow_copy_type", "copy_", "set_"}
@@ -95,9 +96,9 @@ def test_diffusion_pipeline_follows_the_data_dtype():
 
 
 def test_vae_pipeline_follows_the_data_dtype():
-    from bound_tuner.bounds.vae import vae_bound
+    from bound_tuner.maths.bounds.vae import vae_bound
     from bound_tuner.models.vae import MLPVAE
-    from bound_tuner.vae_training import train_vae
+    from bound_tuner.training.vae import train_vae
 
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(48, 1, 4, 4, generator=g) < 0.5).double()

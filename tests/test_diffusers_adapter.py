@@ -20,14 +20,14 @@ pytest.importorskip(
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from bound_tuner.cli import main  # noqa: E402
-from bound_tuner.diffusers_adapter import (  # noqa: E402
+from bound_tuner.maths.sde import sample_xt  # noqa: E402
+from bound_tuner.models.diffusers_adapter import (
     UNetEps,
     load_pipeline,
     schedule_from_scheduler,
     unet_eps,
 )
-from bound_tuner.sde import sample_xt  # noqa: E402
-from bound_tuner.training import coefficients, denoising_loss  # noqa: E402
+from bound_tuner.training.loop import coefficients, denoising_loss  # noqa: E402
 
 CASES = [
     ("linear", 1000),
@@ -140,7 +140,7 @@ def test_cli_scores_a_saved_pipeline(tmp_path, capsys):
     pipeline's UNet and scheduler; reference variants and a folder that is no pipeline are
     refused in one line with status 2."""
     from bound_tuner.data import load_dataset
-    from bound_tuner.scoring import score
+    from bound_tuner.evaluation.scoring import score
 
     pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=20))
     pipe.save_pretrained(tmp_path / "pipe")
@@ -173,17 +173,17 @@ def test_cli_scores_a_saved_pipeline(tmp_path, capsys):
 
 def test_small_unet2d_factory_in_the_objective():
     """The adapter's UNet2DModel as the built-in objective's network ([model] factory =
-    "bound_tuner.diffusers_adapter:small_unet2d"): it packs, trains and is scored."""
+    "bound_tuner.models.diffusers_adapter:small_unet2d"): it packs, trains and is scored."""
     from bound_tuner.data import load_dataset
-    from bound_tuner.experiment import DiffusionConfig
-    from bound_tuner.objectives import DiffusionObjective
+    from bound_tuner.objectives.diffusion import DiffusionObjective
+    from bound_tuner.training.config import DiffusionConfig
 
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     data = load_dataset("tensors", train=(images * 255).round() / 255, test_fraction=0.25)
     base = DiffusionConfig(
         steps=2, batch_size=4, channels=8, variant="elbo", n_steps=4, n_paths=4, train_draws=2
     )
-    name = "bound_tuner.diffusers_adapter:small_unet2d"
+    name = "bound_tuner.models.diffusers_adapter:small_unet2d"
     DiffusionObjective(data, search={"T": 0.5}, base=base, model=name, pack=2)  # packable
     obj = DiffusionObjective(data, search={"T": 0.5}, base=base, model=name, checkpoints=0)
     study = optuna.create_study()

@@ -153,8 +153,8 @@ def test_shown_commands_exist():
 
 
 def test_settings_table_is_the_settings():
-    """docs/specs.md's table of fixed settings lists bound_tuner.settings.SETTINGS, row for row."""
-    from bound_tuner.settings import SETTINGS
+    """docs/specs.md's table of fixed settings lists bound_tuner.config.settings.SETTINGS, row for row."""
+    from bound_tuner.config.settings import SETTINGS
 
     def row(s) -> str:
         used = ["yes" if model in s.fields else "" for model in ("diffusion", "vae")]
@@ -165,14 +165,14 @@ def test_settings_table_is_the_settings():
     text = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
     shown = re.findall(r"^\| `(?:training|bound)\.\w+` \|.*$", text, re.MULTILINE)
     assert shown == [row(s) for s in SETTINGS], (
-        "docs/specs.md's settings table differs from bound_tuner/settings.py; its rows should be:\n"
+        "docs/specs.md's settings table differs from bound_tuner/config/settings.py; its rows should be:\n"
         + "\n".join(row(s) for s in SETTINGS)
     )
 
 
 def test_spec_keys_are_documented():
     """Every section and key a spec may have is named in docs/specs.md."""
-    from bound_tuner.spec import SECTIONS
+    from bound_tuner.config.spec import SECTIONS
 
     text = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
     missing = [f"[{s}]" for s in [*SECTIONS, "search"] if f"`[{s}]`" not in text]
@@ -243,7 +243,7 @@ def test_public_names_resolve():
 
     for name in bound_tuner.__all__:
         assert getattr(bound_tuner, name) is not None, name
-    assert bound_tuner.workers.run_workers  # submodules load on first use
+    assert bound_tuner.execution.pool.run_workers  # submodules load on first use
     with pytest.raises(AttributeError):
         bound_tuner.no_such_name  # noqa: B018
 

@@ -6,21 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from bound_tuner.bounds import (
+from bound_tuner.data import swiss_roll
+from bound_tuner.evaluation.evaluate import bound_terms, variant_report
+from bound_tuner.evaluation.experiment import run_diffusion
+from bound_tuner.maths.bounds import (
     VARIANTS,
     assemble_diffusion_bound,
     girsanov_info,
     path_kl,
     split_info,
 )
-from bound_tuner.data import swiss_roll
-from bound_tuner.evaluate import bound_terms, variant_report
-from bound_tuner.experiment import DiffusionConfig, run_diffusion
-from bound_tuner.metrics import frechet_distance, knn_kl
+from bound_tuner.maths.metrics import frechet_distance, knn_kl
+from bound_tuner.maths.sde import get_schedule
+from bound_tuner.maths.selection import pick_rank, regret, spearman
 from bound_tuner.models import ScoreMLP
-from bound_tuner.sampling import generate
-from bound_tuner.sde import get_schedule
-from bound_tuner.selection import pick_rank, regret, spearman
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.sampling import generate
 
 LIN = get_schedule("linear")
 
@@ -104,7 +105,7 @@ def test_variant_totals_follow_their_formulas():
 def test_every_variant_from_one_model_run():
     x = swiss_roll(40, seed=0)
     cfg = DiffusionConfig(T=0.5, steps=30, width=16, batch_size=40)
-    from bound_tuner.experiment import train_fold_models, train_model, train_split_models
+    from bound_tuner.training.diffusion import train_fold_models, train_model, train_split_models
 
     model, schedule, _ = train_model(x, cfg)
     refs, sizes = train_split_models(x, cfg)
@@ -201,8 +202,8 @@ def test_selection_statistics():
 
 
 def test_spec_bound_variant_R_and_validation_test_size():
-    from bound_tuner.spec import SpecError, parse_spec
-    from bound_tuner.study import diffusion_base_config
+    from bound_tuner.config.spec import SpecError, parse_spec
+    from bound_tuner.objectives.factory import diffusion_base_config
 
     raw = {
         "study": {"name": "s", "validation": True},
@@ -223,7 +224,7 @@ def test_spec_bound_variant_R_and_validation_test_size():
 
 
 def test_report_selection_lines_for_every_heldout_metric():
-    from bound_tuner.reporting import heldout_key, selection_lines, selection_stats
+    from bound_tuner.dashboard.report import heldout_key, selection_lines, selection_stats
 
     def trial(n, value, kl, nelbo, state="COMPLETE"):
         attrs = {"heldout.sample_kl": kl, "heldout.sample_kl_se": 0.01, "heldout.neg_elbo": nelbo}

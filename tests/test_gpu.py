@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
+from bound_tuner.config.spec import load_spec
 from bound_tuner.data import swiss_roll
-from bound_tuner.experiment import DiffusionConfig, train_model
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import ScoreMLP
-from bound_tuner.pack import train_packed
-from bound_tuner.sampling import generate
-from bound_tuner.sde import get_schedule
-from bound_tuner.spec import load_spec
 from bound_tuner.study import run_study
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.diffusion import train_model
+from bound_tuner.training.pack import train_packed
+from bound_tuner.training.sampling import generate
 
 pytestmark = [
     pytest.mark.gpu,

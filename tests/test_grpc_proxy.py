@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.storage import make_storage
-from bound_tuner.workers import WORKER_ATTR, finished_count, run_workers
+from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
+from bound_tuner.execution.pool import run_workers
+from bound_tuner.storage.database import make_storage
 
 pytest.importorskip("grpc")
 REPO = Path(__file__).parent.parent

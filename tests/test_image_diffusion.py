@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bound_tuner.config.spec import parse_spec
 from bound_tuner.data.preprocess import dequantize, pixel_levels, to_symmetric
-from bound_tuner.evaluate import bits_per_dim, negative_elbo
-from bound_tuner.sde import get_schedule
-from bound_tuner.spec import parse_spec
+from bound_tuner.evaluation.evaluate import bits_per_dim, negative_elbo
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.study import run_study
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from bound_tuner.evaluate import negative_elbo
-from bound_tuner.metrics import memorized_share
+from bound_tuner.evaluation.evaluate import negative_elbo
+from bound_tuner.maths.metrics import memorized_share
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model
-from bound_tuner.sde import get_schedule
 
 
 @pytest.mark.parametrize("block", [2, 7, 64, 1000])
@@ -43,7 +43,7 @@ def test_negative_elbo_in_small_batches_equals_one_batch():
 
 
 def test_subgaussian_scale_over_blocks_of_the_grid_equals_the_whole_grid(monkeypatch):
-    import bound_tuner.bounds.kfold as kfold
+    import bound_tuner.maths.bounds.kfold as kfold
 
     g = torch.Generator().manual_seed(1)
     values = torch.cat([torch.randn(500, generator=g), 8 + torch.rand(5, generator=g)])  # a tail

@@ -13,13 +13,19 @@ import torch
 from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.device import set_fp32_precision, set_tf32
+from bound_tuner.config.spec import load_spec
+from bound_tuner.execution.accounting import WORKER_ATTR
+from bound_tuner.execution.errors import WorkerError
 from bound_tuner.models.vae import MLPVAE
-from bound_tuner.spec import load_spec
-from bound_tuner.storage import DEFAULT_HEARTBEAT_INTERVAL, default_grace_period, make_storage
-from bound_tuner.study import ARTIFACTS_ATTR, run_study
-from bound_tuner.vae_training import train_vae
-from bound_tuner.workers import WORKER_ATTR, WorkerError
+from bound_tuner.objectives.studies import ARTIFACTS_ATTR
+from bound_tuner.runtime.device import set_fp32_precision, set_tf32
+from bound_tuner.storage.database import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    default_grace_period,
+    make_storage,
+)
+from bound_tuner.study import run_study
+from bound_tuner.training.vae import train_vae
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -127,7 +133,7 @@ def test_postgresql_and_sqlite_studies_of_one_name_keep_apart(tmp_path, monkeypa
 
 
 def test_the_dashboard_serves_the_folder_the_studies_recorded(tmp_path, monkeypatch):
-    from bound_tuner.dashboard import served_artifact_dir
+    from bound_tuner.dashboard.server import served_artifact_dir
 
     kept = tmp_path / "kept"
     monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(kept))

@@ -13,11 +13,13 @@ from optuna.trial import TrialState, create_trial
 from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 from worker_spec import write_worker_spec
 
-import bound_tuner.dashboard as dashboard
-from bound_tuner.reporting import trials_json
-from bound_tuner.spec import load_spec
+import bound_tuner.dashboard.charts as charts
+from bound_tuner.config.spec import load_spec
+from bound_tuner.dashboard.report import trials_json
+from bound_tuner.execution.accounting import TrialCounter, tally_trials
+from bound_tuner.execution.signals import INTERRUPTED
+from bound_tuner.storage.folders import ARTIFACTS_ENV
 from bound_tuner.study import run_study
-from bound_tuner.workers import INTERRUPTED, TrialCounter, _tally
 
 
 def _stored_charts(study: optuna.Study) -> dict[str, dict]:
@@ -26,7 +28,7 @@ def _stored_charts(study: optuna.Study) -> dict[str, dict]:
 
 
 def _fresh_charts(study: optuna.Study) -> dict[str, dict]:
-    figures = dashboard.study_figures(trials_json(study))
+    figures = charts.study_figures(trials_json(study))
     return {k: json.loads(f.to_json()) for k, f in figures.items()}
 
 
@@ -46,8 +48,8 @@ def test_charts_rebuild_on_a_throttle_and_flush_brings_them_up_to_date(monkeypat
         built.append(clock.now)
         clock.now += 0.5
 
-    monkeypatch.setattr(dashboard, "save_charts", save_charts)
-    cb = dashboard.ChartsCallback(min_interval=2.0, share=0.2, clock=clock)
+    monkeypatch.setattr(charts, "save_charts", save_charts)
+    cb = charts.ChartsCallback(min_interval=2.0, share=0.2, clock=clock)
     cb.flush(None)  # nothing finished yet: nothing to rebuild
     assert built == []
     for _ in range(12):  # a trial every 0.25 s
@@ -69,7 +71,7 @@ def test_charts_rebuild_on_a_throttle_and_flush_brings_them_up_to_date(monkeypat
         built.append(clock.now)
         clock.now += 10.0
 
-    monkeypatch.setattr(dashboard, "save_charts", slow)
+    monkeypatch.setattr(charts, "save_charts", slow)
     cb(None, None)  # within min_interval of the last rebuild: waits
     clock.now = start + 3.0
     cb(None, None)
@@ -85,26 +87,26 @@ def test_charts_rebuild_on_a_throttle_and_flush_brings_them_up_to_date(monkeypat
 
 def test_charts_callback_settings_are_checked():
     with pytest.raises(ValueError):
-        dashboard.ChartsCallback(share=0.0)
+        charts.ChartsCallback(share=0.0)
     with pytest.raises(ValueError):
-        dashboard.ChartsCallback(min_interval=-1.0)
+        charts.ChartsCallback(min_interval=-1.0)
 
 
 def test_charts_are_current_when_a_throttled_run_ends(tmp_path, monkeypatch):
     """With a throttle that lets only the first trial rebuild the charts during the run, the
     charts in the storage still show every trial once the run returns."""
-    monkeypatch.setattr(dashboard, "CHARTS_MIN_INTERVAL", 1e9)
-    monkeypatch.setenv(dashboard.ARTIFACTS_ENV, str(tmp_path / "artifacts"))
+    monkeypatch.setattr(charts, "CHARTS_MIN_INTERVAL", 1e9)
+    monkeypatch.setenv(ARTIFACTS_ENV, str(tmp_path / "artifacts"))
     rebuilds = []
-    save = dashboard.save_charts
-    monkeypatch.setattr(dashboard, "save_charts", lambda study: rebuilds.append(1) or save(study))
+    save = charts.save_charts
+    monkeypatch.setattr(charts, "save_charts", lambda study: rebuilds.append(1) or save(study))
     path = write_worker_spec(tmp_path / "s.toml", "thr", n_trials=4, steps=3)
     study = run_study(load_spec(path), storage=f"sqlite:///{tmp_path}/s.db", progress=False)
     assert len(study.trials) == 4
     assert len(rebuilds) == 2  # the first trial, and the end of the run
     stored = _stored_charts(study)
     assert stored and stored == _fresh_charts(study)
-    line = stored[dashboard.CHART_TERMS_VS_T]["data"][-1]
+    line = stored[charts.CHART_TERMS_VS_T]["data"][-1]
     assert sorted(line["customdata"]) == [0, 1, 2, 3]  # four distinct T: each trial shown
 
 
@@ -157,7 +159,7 @@ def test_trial_counter_counts_as_the_full_tally_at_every_step(tmp_path):
                 )
             )
         trials = study.get_trials(deepcopy=False)
-        assert counter.tally(trials) == _tally(trials), i
+        assert counter.tally(trials) == tally_trials(trials), i
     # requeueing: every interrupted trial without a retry gets one, and only once
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -176,4 +178,4 @@ def test_trial_counter_counts_as_the_full_tally_at_every_step(tmp_path):
     counter.count(study)
     assert not counter.requeue_interrupted(study)  # they all have their retry now
     trials = study.get_trials(deepcopy=False)
-    assert counter.tally(trials) == _tally(trials)
+    assert counter.tally(trials) == tally_trials(trials)

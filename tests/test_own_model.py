@@ -10,15 +10,18 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore
 from torch import nn
 
-from bound_tuner import experiment
-from bound_tuner.artifacts import export_model, load_model
+import bound_tuner.training.diffusion as training_diffusion
+from bound_tuner.config.spec import SpecError, fingerprint, load_spec, parse_spec
 from bound_tuner.data import load_dataset
-from bound_tuner.experiment import DiffusionConfig, score_model, train_fold_models, train_model
-from bound_tuner.objectives import DiffusionObjective
-from bound_tuner.scoring import score
-from bound_tuner.sde import get_schedule
-from bound_tuner.spec import SpecError, fingerprint, load_spec, parse_spec
-from bound_tuner.study import build_objective, run_study
+from bound_tuner.evaluation.experiment import score_model
+from bound_tuner.evaluation.scoring import score
+from bound_tuner.maths.sde import get_schedule
+from bound_tuner.objectives.diffusion import DiffusionObjective
+from bound_tuner.objectives.factory import build_objective
+from bound_tuner.storage.artifacts import export_model, load_model
+from bound_tuner.study import run_study
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.diffusion import train_fold_models, train_model
 
 # tiny settings: a trial trains in well under a second on one CPU core
 BASE = DiffusionConfig(
@@ -192,7 +195,7 @@ def test_references_trained_alone_equal_the_pack(data, monkeypatch):
     cfg = dataclasses.replace(BASE, T=0.5, model=own_net)
     x = data.train
     packed, folds = train_fold_models(x, cfg)
-    monkeypatch.setattr(experiment, "pack_refusal", lambda cfg, shape: "not packable")
+    monkeypatch.setattr(training_diffusion, "pack_refusal", lambda cfg, shape: "not packable")
     alone, folds2 = train_fold_models(x, cfg)
     assert torch.equal(folds, folds2)
     for a, b in zip(packed, alone):

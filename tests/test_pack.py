@@ -1,13 +1,15 @@
-"""Packed training (bound_tuner.pack) against training each configuration alone."""
+"""Packed training (bound_tuner.training.pack) against training each configuration alone."""
 
 import pytest
 import torch
 
 from bound_tuner.data import swiss_roll
-from bound_tuner.evaluate import bound_terms, variant_report
-from bound_tuner.experiment import DiffusionConfig, pack_terms, train_model
-from bound_tuner.pack import check_packable, train_packed
-from bound_tuner.sde import get_schedule
+from bound_tuner.evaluation.evaluate import bound_terms, variant_report
+from bound_tuner.evaluation.experiment import pack_terms
+from bound_tuner.maths.sde import get_schedule
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.diffusion import train_model
+from bound_tuner.training.pack import check_packable, train_packed
 
 BASE = DiffusionConfig(width=16, layers=2, steps=60, batch_size=32)
 MEMBERS = [

@@ -6,9 +6,11 @@ import optuna
 import pytest
 
 from bound_tuner.cli import main
-from bound_tuner.experiment import DiffusionConfig, run_diffusion
-from bound_tuner.spec import SpecError, load_spec, with_pack
-from bound_tuner.study import load_data, run_study
+from bound_tuner.config.spec import SpecError, load_spec, with_pack
+from bound_tuner.evaluation.experiment import run_diffusion
+from bound_tuner.objectives.factory import load_data
+from bound_tuner.study import run_study
+from bound_tuner.training.config import DiffusionConfig
 
 PACKED = """
 [study]

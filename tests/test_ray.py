@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.workers import WORKER_ATTR
+from bound_tuner.execution.accounting import WORKER_ATTR
 
 HEARTBEAT = "[storage]\nheartbeat_interval = 1\ngrace_period = 3\n"
 
@@ -40,12 +40,12 @@ def local_ray(tmp_path_factory):
     """One local Ray instance with 2 CPUs for this module, started as ``run_ray`` starts one
     (run_ray then uses it instead of starting its own)."""
     ray = pytest.importorskip("ray")
-    from bound_tuner.ray_executor import _start_ray
+    from bound_tuner.execution.ray_executor import start_ray
 
     art = tmp_path_factory.mktemp("ray_artifacts")
     old = os.environ.get("BOUND_TUNER_ARTIFACTS")
     os.environ["BOUND_TUNER_ARTIFACTS"] = str(art)  # forwarded to the tasks
-    assert _start_ray(ray, None, 2)
+    assert start_ray(ray, None, 2)
     assert ray.cluster_resources()["CPU"] >= 2
     yield ray
     ray.shutdown()
@@ -76,7 +76,7 @@ def test_two_ray_workers_reach_exactly_n_trials(tmp_path, study_name, local_ray,
 @needs_pg
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_killed_ray_worker_is_rerun_and_its_trial_retried(tmp_path, study_name, local_ray):
-    from bound_tuner.ray_executor import run_ray
+    from bound_tuner.execution.ray_executor import run_ray
 
     spec = write_spec(tmp_path / "s.toml", study_name, n_trials=3, steps=1500)
     outcome: dict = {}
@@ -178,9 +178,9 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
     ],
 )
 def test_run_study_refuses_executor_options_that_do_not_fit(tmp_path, kwargs, needs):
-    from bound_tuner.spec import load_spec
+    from bound_tuner.config.spec import load_spec
+    from bound_tuner.execution.errors import WorkerConfigError
     from bound_tuner.study import run_study
-    from bound_tuner.workers import WorkerConfigError
 
     spec = load_spec(write_spec(tmp_path / "s.toml", "refused", n_trials=2))
     db = tmp_path / "study.db"

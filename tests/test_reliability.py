@@ -22,11 +22,12 @@ from optuna.trial import TrialState, create_trial
 from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.dashboard import host_warning
-from bound_tuner.spec import SECTIONS, load_spec
-from bound_tuner.storage import StorageError, check_storage, redact, scrub
+from bound_tuner.config.spec import SECTIONS, load_spec
+from bound_tuner.dashboard.server import host_warning
+from bound_tuner.execution.accounting import WORKER_ATTR, counts, finished_count
+from bound_tuner.execution.signals import INTERRUPTED
+from bound_tuner.storage.database import StorageError, check_storage, redact, scrub
 from bound_tuner.study import run_study
-from bound_tuner.workers import INTERRUPTED, WORKER_ATTR, counts, finished_count
 
 SECRET = "s3cretPW9"
 

@@ -17,7 +17,9 @@ import pytest
 from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, write_worker_spec
 
-from bound_tuner.workers import INTERRUPTED, WORKER_ATTR, finished_count, run_pool
+from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
+from bound_tuner.execution.pool import run_pool
+from bound_tuner.execution.signals import INTERRUPTED
 
 REPO = Path(__file__).parent.parent
 
@@ -195,7 +197,7 @@ def test_pool_parent_never_initializes_cuda(tmp_path):
                    "set_device", "synchronize", "mem_get_info"):
             setattr(torch.cuda, fn, trap(fn))
         torch._C._cuda_getDeviceCount = trap("_cuda_getDeviceCount")
-        from bound_tuner.workers import run_workers
+        from bound_tuner.execution.pool import run_workers
         study = run_workers({str(spec)!r}, storage={PG_URL!r}, n_workers=2, progress=False,
                             dashboard=False)
         assert len(study.get_trials()) == 2, study.get_trials()
@@ -221,7 +223,7 @@ def _cuda_available() -> bool:
 @needs_pg
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
 def test_gpu_workers_train_on_the_gpu_they_see(tmp_path, monkeypatch):
-    from bound_tuner.workers import run_workers
+    from bound_tuner.execution.pool import run_workers
 
     monkeypatch.setenv("BOUND_TUNER_ARTIFACTS", str(tmp_path / "art"))
     name = f"rel-cuda-run-{uuid.uuid4().hex[:8]}"

@@ -9,9 +9,10 @@ from optuna.trial import TrialState
 from worker_spec import write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.seeding import derive_seed
-from bound_tuner.spec import SAMPLERS, SpecError, load_spec
-from bound_tuner.study import SPEC_ATTR, run_study, sampler_seed
+from bound_tuner.config.spec import SAMPLERS, SpecError, load_spec
+from bound_tuner.objectives.studies import SPEC_ATTR, sampler_seed
+from bound_tuner.runtime.seeding import derive_seed
+from bound_tuner.study import run_study
 
 # the search space of each shipped sampler: ranges for the samplers that draw, lists for the
 # ones that enumerate (six T values x two lr values: twelve points)

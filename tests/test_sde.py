@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bound_tuner.sde import get_schedule, sample_xt
+from bound_tuner.maths.sde import get_schedule, sample_xt
 
 REFERENCE_SIGMA2 = {0.2: 0.34164, 0.4: 0.80446, 0.6: 0.97380, 1.0: 0.99996}
 

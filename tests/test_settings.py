@@ -1,4 +1,4 @@
-"""The one table of [training] and [bound] settings (bound_tuner.settings) against the code."""
+"""The one table of [training] and [bound] settings (bound_tuner.config.settings) against the code."""
 
 import dataclasses
 import inspect
@@ -6,11 +6,12 @@ import textwrap
 
 import pytest
 
-from bound_tuner.experiment import DiffusionConfig
-from bound_tuner.objectives import DiffusionObjective, VAEConfig, VAEObjective
-from bound_tuner.settings import OBJECTIVE, SETTINGS
-from bound_tuner.spec import SECTIONS, SpecError, load_spec
-from bound_tuner.study import build_objective, diffusion_base_config, load_data
+from bound_tuner.config.settings import OBJECTIVE, SETTINGS
+from bound_tuner.config.spec import SECTIONS, SpecError, load_spec
+from bound_tuner.objectives.diffusion import DiffusionObjective
+from bound_tuner.objectives.factory import build_objective, diffusion_base_config, load_data
+from bound_tuner.objectives.vae import VAEConfig, VAEObjective
+from bound_tuner.training.config import DiffusionConfig
 
 CONFIGS = {"diffusion": DiffusionConfig, "vae": VAEConfig}
 OBJECTIVES = {"diffusion": DiffusionObjective, "vae": VAEObjective}

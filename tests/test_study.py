@@ -5,7 +5,7 @@ import optuna
 import pytest
 
 from bound_tuner.cli import main
-from bound_tuner.spec import SpecError, load_spec, parse_spec
+from bound_tuner.config.spec import SpecError, load_spec, parse_spec
 from bound_tuner.study import run_study
 
 TERMS = (

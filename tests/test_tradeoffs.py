@@ -14,8 +14,7 @@ import optuna
 import pytest
 
 from bound_tuner.cli import main
-from bound_tuner.dashboard import CHART_PARETO, study_figures
-from bound_tuner.objective_names import (
+from bound_tuner.config.objective_names import (
     OBJECTIVES,
     ObjectiveValues,
     constraints_func,
@@ -23,8 +22,9 @@ from bound_tuner.objective_names import (
     metric_names,
     value_of,
 )
-from bound_tuner.reporting import trials_json
-from bound_tuner.spec import SpecError, load_spec, parse_spec
+from bound_tuner.config.spec import SpecError, load_spec, parse_spec
+from bound_tuner.dashboard.charts import CHART_PARETO, study_figures
+from bound_tuner.dashboard.report import trials_json
 from bound_tuner.study import run_study
 
 SPEC = """

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from bound_tuner.data import load_dataset, swiss_roll
-from bound_tuner.device import MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS
-from bound_tuner.evaluate import denoising_loss_pass, diffusion_bound
-from bound_tuner.experiment import DiffusionConfig, run_diffusion
+from bound_tuner.evaluation.evaluate import denoising_loss_pass, diffusion_bound
+from bound_tuner.evaluation.experiment import run_diffusion
+from bound_tuner.maths.draws import MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS
+from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import ScoreMLP
-from bound_tuner.sde import get_schedule
-from bound_tuner.seeding import derive_seed, seed_everything
-from bound_tuner.training import denoising_terms, train_score_model
+from bound_tuner.runtime.seeding import derive_seed, seed_everything
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.loop import denoising_terms, train_score_model
 
 LIN = get_schedule("linear")
 

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from bound_tuner.cli import main
-from bound_tuner.data import DataSplit, load_dataset, prepare_for
+from bound_tuner.config.spec import SpecError, load_spec
+from bound_tuner.data import load_dataset, prepare_for
 from bound_tuner.data.files import DataFileError, load_file
-from bound_tuner.spec import SpecError, load_spec
+from bound_tuner.data.split import DataSplit
 
 RNG = np.random.default_rng(0)
 POINTS = RNG.normal(size=(50, 3)).astype(np.float32)
@@ -224,7 +225,7 @@ def test_spec_path_relative_to_spec_file(tmp_path):
     _write(tmp_path / "data" / "x.npy")
     spec = load_spec(_spec(tmp_path, "data/x.npy", "test_fraction = 0.4\nm = 10"))
     assert spec.data["path"] == str((tmp_path / "data" / "x.npy").resolve())
-    from bound_tuner.study import load_data
+    from bound_tuner.objectives.factory import load_data
 
     split = load_data(spec)
     assert split.train.shape == (10, 3) and split.test.shape == (20, 3)
@@ -266,9 +267,9 @@ def test_python_and_spec_get_the_same_image_data(tmp_path):
     levels = RNG.integers(0, 256, size=(10, 8, 8), dtype=np.uint8)
     for i, a in enumerate(levels):
         _png(folder / f"{i:02d}.png", a)
-    from bound_tuner.experiment import DiffusionConfig
-    from bound_tuner.objectives import DiffusionObjective
-    from bound_tuner.study import load_data
+    from bound_tuner.objectives.diffusion import DiffusionObjective
+    from bound_tuner.objectives.factory import load_data
+    from bound_tuner.training.config import DiffusionConfig
 
     raw = load_dataset("file", path=folder, seed=0)
     assert 0 <= raw.train.min() and raw.train.max() <= 1  # pixels as read

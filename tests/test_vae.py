@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bound_tuner.bounds.vae import (
+from bound_tuner.maths.bounds.vae import (
     assemble_vae_bound,
     gaussian_kl,
     neg_log_bernoulli,
@@ -19,7 +19,7 @@ from bound_tuner.bounds.vae import (
     vae_terms,
 )
 from bound_tuner.models.vae import MLPVAE, ConvVAE
-from bound_tuner.vae_training import complexity_surrogate, train_vae
+from bound_tuner.training.vae import complexity_surrogate, train_vae
 
 
 def _binary_data(n: int = 300, d: int = 64, *, seed: int = 0) -> torch.Tensor:

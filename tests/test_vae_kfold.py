@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from bound_tuner.bounds.kfold import fold_assignment
-from bound_tuner.bounds.vae import (
+from bound_tuner.maths.bounds.kfold import fold_assignment
+from bound_tuner.maths.bounds.vae import (
     bernoulli_kl,
     decoder_kl,
     point_nelbo,
@@ -16,7 +16,7 @@ from bound_tuner.bounds.vae import (
     vae_kfold_bound,
 )
 from bound_tuner.models.vae import MLPVAE
-from bound_tuner.vae_training import train_fold_vaes, train_vae
+from bound_tuner.training.vae import train_fold_vaes, train_vae
 
 M, D = 40, 64
 

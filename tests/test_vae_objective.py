@@ -13,12 +13,14 @@ import optuna
 import pytest
 import torch
 
-from bound_tuner.data import DataSplit, load_dataset
+from bound_tuner.config.spec import SpecError, load_spec, parse_spec
+from bound_tuner.dashboard.report import trials_json, trials_table
+from bound_tuner.data import load_dataset
 from bound_tuner.data.images import FASHION_MNIST_FILES
-from bound_tuner.objectives import VAEConfig, VAEObjective
-from bound_tuner.reporting import trials_json, trials_table
-from bound_tuner.spec import SpecError, load_spec, parse_spec
-from bound_tuner.study import load_data, run_study
+from bound_tuner.data.split import DataSplit
+from bound_tuner.objectives.factory import load_data
+from bound_tuner.objectives.vae import VAEConfig, VAEObjective
+from bound_tuner.study import run_study
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -247,7 +249,7 @@ def test_fashion_mnist_vae_study_spec_parses():
 
 
 def test_R_settings_in_a_vae_study(binary_images, vae_spec, tmp_path):
-    from bound_tuner.bounds.vae import reference_vae_R
+    from bound_tuner.maths.bounds.vae import reference_vae_R
 
     path = vae_spec(lam="0.0", n_trials=1, epochs=2, bound_extra='R = "data"')
     path.write_text(path.read_text().replace("r = 1.0\n", ""))
@@ -270,7 +272,7 @@ def test_R_settings_in_a_vae_study(binary_images, vae_spec, tmp_path):
 
 
 def test_dashboard_chart_of_bound_against_heldout_by_epoch():
-    from bound_tuner.dashboard import CHART_VAE_BOUND_VS_HELDOUT, study_figures
+    from bound_tuner.dashboard.charts import CHART_VAE_BOUND_VS_HELDOUT, study_figures
 
     rows = [
         {"epoch": e, "total": 100.0 - e, "encoder_only_bound": 95.0 - e, "heldout_loss": 97.0}

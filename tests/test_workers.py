@@ -19,14 +19,9 @@ from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.workers import (
-    WORKER_ATTR,
-    WorkerError,
-    _worker_devices,
-    finished_count,
-    parse_gpus,
-    run_workers,
-)
+from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
+from bound_tuner.execution.errors import WorkerError
+from bound_tuner.execution.pool import parse_gpus, run_workers, worker_devices
 
 
 def write_spec(
@@ -160,5 +155,5 @@ def test_retried_failures_do_not_count():
 def test_worker_slots_per_gpu():
     # real processes and the devices they see: tests/test_reliability_runs.py
     assert parse_gpus("0, 2") == [0, 2]
-    assert _worker_devices(None, [0, 2], 2) == [("0", "cuda")] * 2 + [("2", "cuda")] * 2
-    assert _worker_devices(3, None, 1) == [("", "cpu")] * 3
+    assert worker_devices(None, [0, 2], 2) == [("0", "cuda")] * 2 + [("2", "cuda")] * 2
+    assert worker_devices(3, None, 1) == [("", "cpu")] * 3

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from bound_tuner.data.split import DataSplit
 
 if TYPE_CHECKING:
     import torch
@@ -56,18 +57,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class DataSplit:
-    """A training set (m points) and a held-out test set, with a description of where they came from."""
-
-    train: torch.Tensor
-    test: torch.Tensor
-    name: str
-    info: dict
-
-
 def _swiss_roll(*, m: int, seed: int, test_size: int, **kw) -> DataSplit:
-    from .synthetic import swiss_roll
+    from bound_tuner.data.synthetic import swiss_roll  # torch only when data are loaded
 
     # the test set is drawn with another seed: an independent sample of the same distribution
     train = swiss_roll(m, seed=seed, **kw)
@@ -77,7 +68,7 @@ def _swiss_roll(*, m: int, seed: int, test_size: int, **kw) -> DataSplit:
 
 def _points(name: str) -> Callable[..., DataSplit]:
     def load(*, m: int, seed: int, test_size: int, **kw) -> DataSplit:
-        from . import synthetic
+        from bound_tuner.data import synthetic  # torch only when data are loaded
 
         draw = getattr(synthetic, name)
         train = draw(m, seed=seed, **kw)
@@ -88,7 +79,7 @@ def _points(name: str) -> Callable[..., DataSplit]:
 
 
 def _gaussian(*, m: int, seed: int, test_size: int, d: int = 2, std: float = 2.0) -> DataSplit:
-    from .synthetic import gaussian
+    from bound_tuner.data.synthetic import gaussian  # torch only when data are loaded
 
     train = gaussian(m, d=d, std=std, seed=seed)
     test = gaussian(test_size, d=d, std=std, seed=seed + 1_000_003)
@@ -97,7 +88,7 @@ def _gaussian(*, m: int, seed: int, test_size: int, d: int = 2, std: float = 2.0
 
 def _image(name: str) -> Callable[..., DataSplit]:
     def load(**kw) -> DataSplit:
-        from . import images
+        from bound_tuner.data import images  # torch only when data are loaded
 
         split = images.load_image_dataset(name, **kw)
         split.info.setdefault("pixels", "[0, 1]")
@@ -137,10 +128,10 @@ def load_dataset(
     (``test_fraction`` splits when there is no test set). For both, ``m=None`` or ``"all"`` keeps
     every training point. ``model`` ("diffusion" or "vae") also applies ``prepare_for``.
     """
-    from .validate import validate_points
+    from bound_tuner.data.validate import validate_points  # torch only when data are loaded
 
     if name in USER_SOURCES:
-        from . import files
+        from bound_tuner.data import files  # torch only when data are loaded
 
         if m == "all":
             m = None
@@ -210,7 +201,7 @@ def prepare_for(split: DataSplit, model: str) -> DataSplit:
             and (test.numel() == 0 or _in_unit_range(test))
         )
         if pixels:
-            from .preprocess import to_symmetric
+            from bound_tuner.data.preprocess import to_symmetric  # torch only when data are loaded
 
             train, test = to_symmetric(train), to_symmetric(test)
             info["pixels"] = "[-1, 1] bin centres"

@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from bound_tuner.data.split import DataSplit
+from bound_tuner.data.validate import validate_points
+
 if TYPE_CHECKING:
-    from . import DataSplit
+    from bound_tuner.data.split import DataSplit
 
 __all__ = [
     "DataFileError",
@@ -306,7 +309,6 @@ def _split(
 
 
 def _check(x: torch.Tensor, where: str, *, min_points: int) -> torch.Tensor:
-    from .validate import validate_points
 
     try:
         return validate_points(x, name=where, min_points=min_points)
@@ -334,7 +336,6 @@ def load_tensors(
     name: str = "tensors",
 ) -> DataSplit:
     """A ``DataSplit`` from arrays or tensors in memory, split as a file would be."""
-    from . import DataSplit
 
     x = _check(_points_tensor(train, name), name, min_points=2)
     t = None
@@ -418,6 +419,5 @@ def load_file(
             g = torch.Generator().manual_seed(1_000_003)
             test = (torch.rand(test.shape, generator=g) < test).float()
         info.update(binarize=binarize, dynamic_binarize=binarize == "dynamic")
-    from . import DataSplit
 
     return DataSplit(train, test, path.name, info)

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from bound_tuner.data.split import DataSplit
+
 if TYPE_CHECKING:
-    from . import DataSplit
+    from bound_tuner.data.split import DataSplit
 
 __all__ = [
     "FASHION_MNIST_FILES",
@@ -316,7 +318,6 @@ def load_image_dataset(
     ``binarize`` is None, ``"fixed"`` or ``"dynamic"`` (module docstring). ``download=False``
     turns off torchvision's download fallback.
     """
-    from . import DataSplit
 
     if binarize not in (None, "fixed", "dynamic"):
         raise ValueError(f"binarize={binarize!r}; use None, 'fixed' or 'dynamic'")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .mlp import ScoreMLP
+from bound_tuner.models.mlp import ScoreMLP
+from bound_tuner.models.unet import SmallUNet
 
 __all__ = ["ScoreMLP", "build_score_model", "model_device", "model_dtype"]
 
@@ -23,7 +24,6 @@ def build_score_model(
     (``channels`` base channels) for images [C, H, W]."""
     if len(data_shape) == 1:
         return ScoreMLP(data_shape[0], hidden=width, layers=layers)
-    from .unet import SmallUNet
 
     return SmallUNet(channels=data_shape[0], base=channels)
 

@@ -8,7 +8,7 @@ the shape of one training point. A factory is given as the function itself or as
 name ``"package.module:function"`` (a spec's ``[model] factory``); the name is what a trial
 records, so ``load_model`` can rebuild the network from the kept weights.
 
-Packing (``bound_tuner.pack``) runs the module through ``torch.func`` (``stack_module_state``,
+Packing (``bound_tuner.training.pack``) runs the module through ``torch.func`` (``stack_module_state``,
 ``functional_call``, ``vmap``); ``vmap_error`` says whether it can.
 """
 
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bound_tuner.models import model_device, model_dtype
 
 __all__ = [
     "ModelFactory",
@@ -116,9 +118,8 @@ def vmap_error(model: nn.Module, data_shape: tuple[int, ...]) -> str | None:
     """Why ``torch.func`` cannot train copies of ``model`` as one pack (None: it can).
 
     Runs a forward and backward pass of two stacked copies on two points of zeros, as
-    ``bound_tuner.pack`` does (``stack_module_state``, ``functional_call`` on a meta copy,
+    ``bound_tuner.training.pack`` does (``stack_module_state``, ``functional_call`` on a meta copy,
     ``vmap``), on the model's device and dtype."""
-    from . import model_device, model_dtype
 
     try:
         copies = [copy.deepcopy(model) for _ in range(2)]

@@ -1,0 +1,339 @@
+"""Reading a finished study back: JSON trials, a text table, and plots of the trade-offs.
+
+JSON schema (``bound-tuner report --format json``): a list, one object per trial, with
+``number`` (int), ``state`` ("COMPLETE" | "PRUNED" | "FAIL" | "RUNNING" | "WAITING"),
+``params`` (sampled parameters), ``value`` (the bound's total, or null) and ``user_attrs``
+(``bound.*`` terms and settings, ``heldout.*`` metrics in validation mode, ``train_seconds``,
+``parameters``, ``fail_reason``). A PRUNED trial's value is its last partial bound (a
+checkpoint's, not the final one) and it has ``"partial": true``. In a multi-objective study
+every trial also has ``values`` ({objective name: value}, see ``bound_tuner.config.objective_names``)
+and ``pareto`` (whether it is in the study's Pareto set, feasible trials only), and, with
+[study] constraints, ``feasible``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from bound_tuner.config.objective_names import OBJECTIVES, bound_value, objective
+from bound_tuner.maths.bounds.report import TERM_LABELS, term_label, value_label
+from bound_tuner.maths.selection import pick_rank, regret, spearman
+
+TERMS = (
+    "train_loss",
+    "train_nelbo",
+    "encoder_mixture_kl",
+    "prior_kl_sqrt",
+    "generator_info",
+    "split_info",
+    "fold_info",
+    "cv_nelbo",
+    "cv_margin",
+)
+#: held-out metrics in order of preference as the ground truth (docs/theory.md section 4)
+HELDOUT_PREFERENCE = (
+    "heldout.sample_kl",
+    "heldout.test_kl",
+    "heldout.bits_per_dim",
+    "heldout.heldout_loss",
+    "heldout.neg_elbo",
+    "heldout.denoising_loss",
+)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def objective_names_of(study: optuna.Study) -> list[str] | None:
+    """The objective names of a multi-objective study (from its spec's record), else None."""
+    if len(study.directions) < 2:
+        return None
+
+    by_label = {o.label: name for name, o in OBJECTIVES.items()}
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    return [by_label.get(n, n.replace("held-out ", "heldout.", 1)) for n in names]
+
+
+def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's trials in the documented JSON schema."""
+    names = objective_names_of(study)
+    pareto = {t.number for t in study.best_trials} if names else set()
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        row = {
+            "number": t.number,
+            "state": t.state.name,
+            "params": dict(t.params),
+            "value": _clean(bound_value(t)),
+            "user_attrs": {k: _clean(v) for k, v in t.user_attrs.items()},
+        }
+        if t.state.name == "PRUNED" and row["value"] is not None:
+            row["partial"] = True
+        if names:
+            values = t.values or [None] * len(names)
+            row["values"] = {n: _clean(v) for n, v in zip(names, values)}
+            row["pareto"] = t.number in pareto
+        if t.constraints:
+            row["feasible"] = all(c <= 0 for c in t.constraints.values())
+        out.append(row)
+    return out
+
+
+def heldout_keys(trials: list[dict]) -> list[str]:
+    """Every held-out metric recorded (standard errors left out), the preferred truth first."""
+    keys = {
+        k
+        for t in trials
+        for k in t["user_attrs"]
+        if k.startswith("heldout.") and not k.endswith("_se")
+    }
+    first = [k for k in HELDOUT_PREFERENCE if k in keys]
+    return first + sorted(keys - set(first))
+
+
+def heldout_key(trials: list[dict]) -> str | None:
+    """The held-out metric to compare with: the k-NN sample KL where there is one (the ground
+    truth for low-dimensional data), else the paper's test KL, bits per dim, ..."""
+    keys = heldout_keys(trials)
+    return keys[0] if keys else None
+
+
+def _pairs(trials: list[dict], key: str) -> tuple[list[float], list[float]]:
+    done = [
+        (t["value"], t["user_attrs"].get(key))
+        for t in trials
+        if t["state"] == "COMPLETE"
+        and t["value"] is not None
+        and t["user_attrs"].get(key) is not None
+    ]
+    return [a for a, _ in done], [b for _, b in done]
+
+
+def rank_correlation(trials: list[dict], key: str) -> tuple[float, int]:
+    """Spearman's rho between the bound and a held-out metric over complete trials, and n."""
+    values, truth = _pairs(trials, key)
+    return spearman(values, truth), len(values)
+
+
+def selection_stats(trials: list[dict], key: str) -> dict[str, float]:
+    """How well the objective selected against a held-out metric (lower is better): Spearman's
+    rho, the regret of the best trial by the objective, the rank of that trial, and n."""
+    values, truth = _pairs(trials, key)
+    if not values:
+        return {"spearman": math.nan, "regret": math.nan, "pick_rank": math.nan, "n": 0}
+    return {
+        "spearman": spearman(values, truth),
+        "regret": regret(values, truth),
+        "pick_rank": pick_rank(values, truth),
+        "n": len(values),
+    }
+
+
+def selection_lines(trials: list[dict]) -> list[str]:
+    """One line per held-out metric: Spearman's rho and the regret of the objective's pick."""
+    lines = []
+    for key in heldout_keys(trials):
+        st = selection_stats(trials, key)
+        if st["n"] == 0:
+            continue
+        lines.append(
+            f"{key}: Spearman rho(bound, metric) = {st['spearman']:.3f}, regret of the pick = "
+            f"{100 * st['regret']:.1f}%, the pick ranks {st['pick_rank']} of {st['n']}"
+        )
+    return lines
+
+
+VAE_TERMS = ("rec", "kld", "mi", "encoder_only_bound")
+
+
+def trials_table(trials: list[dict]) -> str:
+    """A text table: one row per trial, the bound terms and the held-out metric."""
+    key = heldout_key(trials)
+    vae = any("bound.rec" in t["user_attrs"] for t in trials)
+    if vae:
+        cols = ["#", "state", "beta", "lam", "latent", "bound", "REC", "KLD", "MI", "enc_only"]
+        firsts = ("beta", "lam", "latent")
+        names = VAE_TERMS
+    else:
+        # the K-fold VAE bound has the diffusion default's terms
+        kfold_vae = any("bound.latent" in t["user_attrs"] for t in trials)
+        firsts = ("beta", "lam", "latent") if kfold_vae else ("T", "schedule")
+        names = tuple(n for n in TERMS if any(f"bound.{n}" in t["user_attrs"] for t in trials))
+        variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+        label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
+        variant = next(iter(variants)) if len(variants) == 1 else None
+        cols = ["#", "state", *firsts, label] + [term_label(n, variant)[0] for n in names]
+        if any("bound.total_upper95" in t["user_attrs"] for t in trials):
+            cols.insert(len(firsts) + 3, "upper95")
+            names = ("total_upper95", *names)
+    if key:
+        cols.append(key.split(".", 1)[1])
+    rows = [cols]
+
+    def f(v, fmt="{:.4g}"):
+        return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
+
+    for t in trials:
+        ua = t["user_attrs"]
+        row = [str(t["number"]), t["state"]]
+        config = ua.get("config") or {}
+        row += [f(t["params"].get(p, ua.get(f"bound.{p}", config.get(p)))) for p in firsts]
+        row.append(f(t["value"]) + (" (partial)" if t.get("partial") else ""))
+        row += [f(ua.get(f"bound.{name}")) for name in names]
+        if key:
+            row.append(f(ua.get(key)))
+        rows.append(row)
+    lines = _aligned(rows)
+    if any(t.get("partial") for t in trials):
+        lines += "\n(partial): a pruned trial's bound at its last checkpoint, not a final bound"
+    return lines
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _firsts(trials: list[dict]) -> tuple[str, ...]:
+    """The parameters that identify a trial in a table: T and schedule for diffusion, beta,
+    lam and latent for a VAE, then the other searched ones."""
+    vae = any("bound.latent" in t["user_attrs"] or "bound.rec" in t["user_attrs"] for t in trials)
+    base = ("beta", "lam", "latent") if vae else ("T", "schedule")
+    searched = sorted({p for t in trials for p in t["params"]} - set(base))
+    return (*base, *searched)
+
+
+def _param(t: dict, name: str) -> Any:
+    ua = t["user_attrs"]
+    return t["params"].get(name, ua.get(f"bound.{name}", (ua.get("config") or {}).get(name)))
+
+
+def _cell(v: Any, fmt: str = "{:.4g}") -> str:
+    return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
+
+
+def contributions_table(trials: list[dict]) -> str:
+    """One row per trial: its parameters, each term's signed contribution (the labels of
+    ``bounds.report.term_label``, as the dashboard's notes give them), and the bound they add
+    up to. A term that a trial's bound does not use (the other form of "elbo-kfold") is blank."""
+    prefix = "bound.contribution."
+    found = {k[len(prefix) :] for t in trials for k in t["user_attrs"] if k.startswith(prefix)}
+    names = [n for n in TERM_LABELS if n in found] + sorted(found - set(TERM_LABELS))
+    variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+    variant = next(iter(variants)) if len(variants) == 1 else None
+    label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
+    firsts = _firsts(trials)
+    heads = [term_label(n, variant)[1] for n in names]
+    rows = [["#", *firsts, *[("+ " if i else "") + h for i, h in enumerate(heads)], f"= {label}"]]
+    for t in trials:
+        ua = t["user_attrs"]
+        row = [str(t["number"]), *[_cell(_param(t, p)) for p in firsts]]
+        for n in names:
+            c = ua.get(prefix + n)
+            row.append("" if c is None else f"{c:+.4f}")
+        row.append(_cell(ua.get("bound.total", t["value"]), "{:.4f}"))
+        rows.append(row)
+    return _aligned(rows)
+
+
+def pareto_table(trials: list[dict]) -> str:
+    """The Pareto set of a multi-objective study (``trials_json``'s ``pareto``): one row per
+    trial, its parameters and its objectives' values (all minimized), and whether it kept
+    within the study's constraints where it has them."""
+    front = [t for t in trials if t.get("pareto")]
+    names = list(front[0]["values"]) if front else []
+    firsts = _firsts(front)
+    feas = any("feasible" in t for t in front)
+    rows = [["#", *firsts, *[f"{n} ↓" for n in names], *(["feasible"] if feas else [])]]
+    for t in sorted(front, key=lambda t: [t["values"][n] for n in names]):
+        row = [str(t["number"]), *[_cell(_param(t, p)) for p in firsts]]
+        row += [_cell(t["values"][n]) for n in names]
+        if feas:
+            row.append("yes" if t.get("feasible", True) else "no")
+        rows.append(row)
+    return _aligned(rows)
+
+
+def pareto_lines(trials: list[dict]) -> list[str]:
+    """The report's section on a multi-objective study's Pareto set (empty for one objective)."""
+    multi = [t for t in trials if "values" in t]
+    if not multi:
+        return []
+    names = list(multi[0]["values"])
+    front = [t for t in multi if t.get("pareto")]
+    units = ", ".join(f"{n} in {objective(n).unit}" for n in names)
+    lines = [
+        f"Pareto set: {len(front)} of {sum(t['state'] == 'COMPLETE' for t in multi)} complete "
+        f"trials, those no other trial beats on every objective (each lower is better; {units})"
+    ]
+    if any("feasible" in t for t in multi):
+        bad = [t["number"] for t in multi if t.get("feasible") is False]
+        lines.append(
+            f"infeasible (over the [study] constraints, left out of the set): "
+            f"{', '.join(map(str, bad)) or 'none'}"
+        )
+    if front:
+        lines.append(pareto_table(multi))
+        lines.append(
+            "no single best trial: export or sample one with --trial N (bound-tuner export "
+            "--study NAME --trial N --out model.pt)"
+        )
+    return lines
+
+
+def plot_study(trials: list[dict], path: str) -> float | None:
+    """Save a PNG: the bound's signed contributions against T and, where held-out metrics exist,
+    the bound against the held-out metric with Spearman's rho in the title. Returns rho or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t["state"] == "COMPLETE" and "bound.T" in t["user_attrs"]]
+    key = heldout_key(done)
+    ncols = 2 if key else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    done.sort(key=lambda t: t["user_attrs"]["bound.T"])
+    Ts = [t["user_attrs"]["bound.T"] for t in done]
+    for name in TERMS:
+        if not any(f"bound.contribution.{name}" in t["user_attrs"] for t in done):
+            continue
+        label = TERM_LABELS[name][1]
+        ax.plot(
+            Ts,
+            [t["user_attrs"].get(f"bound.contribution.{name}") for t in done],
+            "o-",
+            label=label,
+            ms=4,
+        )
+    ax.plot(Ts, [t["value"] for t in done], "k*-", label="bound", ms=8)
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("nats per sample")
+    ax.set_title("bound terms against T")
+    ax.legend(fontsize=8)
+    rho = None
+    if key:
+        rho, n = rank_correlation(trials, key)
+        ax2 = axes[0, 1]
+        xs = [t["user_attrs"].get(key) for t in done]
+        ax2.scatter(xs, [t["value"] for t in done], c=Ts, cmap="viridis")
+        for t, x in zip(done, xs, strict=True):
+            ax2.annotate(f"T={t['user_attrs']['bound.T']:.2g}", (x, t["value"]), fontsize=7)
+        ax2.set_xlabel(key)
+        ax2.set_ylabel("bound")
+        reg = selection_stats(trials, key)["regret"]
+        ax2.set_title(
+            f"bound against {key}: Spearman rho = {rho:.3f}, regret {100 * reg:.0f}% (n={n})",
+            fontsize=9,
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return rho

@@ -1,0 +1,213 @@
+"""What every executor does before and after its workers run: check the settings, the storage and
+the data before the study exists (``check_run``), open the study with heartbeats (``open_run``),
+watch it while the workers run (``watch_step``), and save the final charts.
+
+The local pool (``bound_tuner.execution.pool``) and Ray (``bound_tuner.execution.ray_executor``)
+differ only in where the workers run; everything here is shared."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from bound_tuner.config.spec import load_spec
+from bound_tuner.execution.accounting import TrialCounter, fail_stale, finished_count, nothing_left
+from bound_tuner.execution.errors import WorkerConfigError
+from bound_tuner.execution.lock import StudyLock
+from bound_tuner.objectives.studies import open_study
+from bound_tuner.storage.database import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    StorageError,
+    check_storage,
+    default_grace_period,
+    is_sqlite,
+    redact,
+    resolve_url,
+)
+from bound_tuner.storage.folders import artifact_dir_for
+
+if TYPE_CHECKING:
+    from bound_tuner.config.spec import StudySpec
+
+
+def open_with_heartbeat(
+    spec: StudySpec, url: str, interval: int, grace: int, **kw: Any
+) -> optuna.Study:
+    """The spec's study (created if missing) on a storage with heartbeat and retries; ``kw``
+    goes to ``bound_tuner.objectives.studies.open_study`` (worker_index, allow_changed_spec, ...)."""
+    with warnings.catch_warnings():  # heartbeat options are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return open_study(
+            spec, url, heartbeat=True, heartbeat_interval=interval, grace_period=grace, **kw
+        )
+
+
+def open_run_study(
+    spec: StudySpec, url: str, interval: int, grace: int, *, target: int, allow_changed_spec: bool
+) -> tuple[optuna.Study, str | None]:
+    """The study of a pool or Ray run (created if missing, the artifact folder recorded), and
+    the line that says nothing is left to run (None when trials are left)."""
+    study = open_with_heartbeat(
+        spec,
+        url,
+        interval,
+        grace,
+        allow_changed_spec=allow_changed_spec,
+        artifact_dir=str(artifact_dir_for(url).resolve()),
+    )
+    return study, nothing_left(study, target)
+
+
+def heartbeat_settings(spec: StudySpec, interval: int | None, grace: int | None) -> tuple[int, int]:
+    """The heartbeat interval and grace period of a run: given, else the spec's [storage], else
+    the defaults."""
+    if interval is None:
+        interval = spec.storage.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+    if grace is None:
+        grace = spec.storage.get("grace_period", default_grace_period(interval))
+    if interval < 1:
+        raise WorkerConfigError(f"heartbeat interval {interval} s must be at least 1 second")
+    if grace <= interval:
+        raise WorkerConfigError(
+            f"grace period {grace} s must be longer than the heartbeat interval {interval} s "
+            "(e.g. three times it), or live trials would be failed"
+        )
+    return interval, grace
+
+
+def as_spec(spec: StudySpec | str | Path) -> StudySpec:
+    """A spec given as a path is loaded (one-line SpecError on a bad one)."""
+    return load_spec(spec) if isinstance(spec, (str, Path)) else spec
+
+
+def trial_target(spec: StudySpec, n_trials: int | None) -> int:
+    """The finished trials a run stops at: ``n_trials`` if given, else the spec's."""
+    target = n_trials if n_trials is not None else spec.n_trials
+    if target < 1:
+        raise WorkerConfigError(f"n_trials = {target} must be at least 1")
+    return target
+
+
+def save_final_charts(study: optuna.Study) -> None:
+    """The dashboard charts of a finished pool (worker 0 built the earlier ones); a failure is a
+    warning, since charts are a view and the study is done."""
+    # scipy and plotly only with the dashboard on
+    from bound_tuner.dashboard.charts import save_charts
+
+    try:
+        save_charts(study)
+    except Exception as e:
+        warnings.warn(f"could not save the dashboard charts: {e}", stacklevel=3)
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device this process cannot use, with one line (before any study exists);
+    "auto" is always usable (``bound_tuner.runtime.device.resolve_device``)."""
+    # torch only after a worker set CUDA_VISIBLE_DEVICES
+    from bound_tuner.runtime.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as e:
+        raise WorkerConfigError(f"--{e}") from None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run of several workers on one study, checked before the study exists."""
+
+    spec: StudySpec
+    url: str
+    target: int  # finished trials the study stops at
+    interval: int  # heartbeat interval, seconds
+    grace: int  # grace period of a stale trial, seconds
+
+
+def check_run(
+    spec: StudySpec | str | Path,
+    *,
+    storage: str | None,
+    n_trials: int | None,
+    heartbeat_interval: int | None,
+    grace_period: int | None,
+    sqlite_refusal: str | None,
+) -> RunPlan:
+    """Everything a user can get wrong in a multi-worker run, checked before the study exists:
+    the spec, the heartbeat settings, the storage (SQLite refused with ``sqlite_refusal``, the
+    line that says why and what to use, unless it is None), and the data and search settings (by
+    building the objective once on the CPU, so that no worker fails on them)."""
+    spec = as_spec(spec)
+    target = trial_target(spec, n_trials)
+    interval, grace = heartbeat_settings(spec, heartbeat_interval, grace_period)
+    url = resolve_url(storage)
+    if sqlite_refusal is not None and is_sqlite(url):
+        raise StorageError(f"storage {redact(url)} is SQLite, {sqlite_refusal}")
+    check_storage(url)
+    # torch only after a worker set CUDA_VISIBLE_DEVICES
+    from bound_tuner.objectives.factory import build_objective, load_data
+
+    build_objective(spec, load_data(spec), device="cpu")
+    return RunPlan(spec, url, target, interval, grace)
+
+
+def open_run(
+    plan: RunPlan,
+    *,
+    dashboard: bool,
+    max_consecutive_failures: int | None,
+    allow_changed_spec: bool,
+) -> tuple[optuna.Study, str | None, bytes, dict[str, Any]]:
+    """The run's study (created if missing), the line that says nothing is left to run (None
+    when trials are left), and what every worker gets: the pickled spec and the keyword
+    arguments of ``bound_tuner.execution.loop.work``."""
+    study, done = open_run_study(
+        plan.spec,
+        plan.url,
+        plan.interval,
+        plan.grace,
+        target=plan.target,
+        allow_changed_spec=allow_changed_spec,
+    )
+    options = {
+        "n_trials": plan.target,
+        "heartbeat_interval": plan.interval,
+        "grace_period": plan.grace,
+        "dashboard": dashboard,
+        "max_consecutive_failures": max_consecutive_failures,
+        "allow_changed_spec": allow_changed_spec,
+        # every worker seeds its sampler from the trials the study had when the run started
+        "existing_trials": len(study.get_trials(deepcopy=False)),
+    }
+    return study, done, pickle.dumps(plan.spec), options
+
+
+def progress_bar(study: optuna.Study, target: int, desc: str) -> Any:
+    """A tqdm bar of the study's finished trials out of ``target``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=target, initial=min(finished_count(study), target), unit="trial", desc=desc)
+
+
+def watch_step(
+    study: optuna.Study, lock: StudyLock, counter: TrialCounter, bar: Any, target: int
+) -> None:
+    """One look at a running study from the executor: a dead worker's trial is failed and
+    queued again promptly (under the study lock), and the bar shows the finished trials."""
+    with lock():
+        fail_stale(study)
+    if bar is not None:
+        bar.n = min(counter.count(study).finished, target)
+        bar.refresh()
+
+
+def close_bar(bar: Any, study: optuna.Study | None, target: int) -> None:
+    """The bar's last count, then closed."""
+    if bar is not None:
+        if study is not None:
+            bar.n = min(finished_count(study), target)
+        bar.close()

@@ -1,0 +1,101 @@
+"""A spec -> its data set and its objective (what every executor's workers build)."""
+
+from __future__ import annotations
+
+from bound_tuner.config.objective_names import ObjectiveValues
+from bound_tuner.config.settings import config_kwargs
+from bound_tuner.config.spec import SpecError, StudySpec
+from bound_tuner.data import load_dataset
+from bound_tuner.data.split import DataSplit
+from bound_tuner.objectives.vae import VAEObjective
+from bound_tuner.runtime.device import DEFAULT_TF32, resolve_device, set_tf32
+from bound_tuner.training.config import DiffusionConfig
+
+
+def load_data(spec: StudySpec) -> DataSplit:
+    """The spec's data set, prepared for its model (``bound_tuner.data.prepare_for``: the same
+    data a Python user gets from ``load_dataset(..., model=...)``); a problem with it becomes a
+    SpecError naming [data]."""
+    d = dict(spec.data)
+    name = d.pop("name")
+    try:
+        split = load_dataset(name, **d, model=spec.model)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SpecError(f"{spec.path}: [data] {e}") from None
+    if spec.validation and split.test.shape[0] == 0:
+        raise SpecError(
+            f"{spec.path}: [data] validation needs held-out points, but test_fraction = 0 "
+            "keeps none; raise data.test_fraction or set study.validation = false"
+        )
+    return split
+
+
+def diffusion_base_config(spec: StudySpec) -> DiffusionConfig:
+    """Defaults for everything the search space leaves out, from [training] and [bound]
+    (``bound_tuner.config.settings``: the one table of spec keys and config fields)."""
+    fixed = {"training": spec.training, "bound": spec.bound}
+    return DiffusionConfig(**config_kwargs("diffusion", fixed))
+
+
+def check_architecture_keys(spec: StudySpec, *, images: bool) -> None:
+    """Refuse the architecture keys that the data's score network does not have: ``width`` and
+    ``layers`` shape the MLP of point data, ``channels`` the UNet of images (one line)."""
+    for key in ("width", "layers", "channels"):
+        if (key in spec.training or key in spec.search) and (key == "channels") != images:
+            net, mend = ("UNet", "channels") if images else ("MLP", "width and layers")
+            kind = "images" if images else "point data"
+            raise SpecError(
+                f"{spec.path}: {key} does not shape the {net} of {kind}; it takes {mend}"
+            )
+
+
+def build_objective(
+    spec: StudySpec,
+    data: DataSplit | None = None,
+    *,
+    device: str = "auto",
+    on_result=None,
+    artifact_store=None,
+):
+    """The objective of a spec's model, on its data (loaded here unless given).
+
+    Trained weights go to ``artifact_store`` (the best ``[study] keep_models`` trials); by
+    default to the store of the dashboard hook ``on_result`` when it has one. ``bound-tuner run``,
+    ``worker`` and ``run_study`` always give one (the store beside the database), with or
+    without the dashboard.
+    """
+    data = data if data is not None else load_data(spec)
+    if resolve_device(device).type == "cuda":
+        set_tf32(spec.training.get("tf32", DEFAULT_TF32))
+    if artifact_store is None:
+        artifact_store = getattr(on_result, "artifact_store", None)
+    multi = len(spec.objectives) > 1
+    if spec.model == "diffusion":
+        # scipy only when an objective is built
+        from bound_tuner.objectives.diffusion import DiffusionObjective
+
+        if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes
+            check_architecture_keys(spec, images=data.train.dim() > 2)
+
+        objective = DiffusionObjective(
+            data,
+            search=spec.search,
+            base=diffusion_base_config(spec),
+            validation=spec.validation,
+            # partial bounds serve pruners, which Optuna runs for single-objective studies only
+            checkpoints=0 if multi else spec.training.get("checkpoints", 3),
+            study_seed=spec.seed,
+            device=device,
+            on_result=on_result,
+            artifact_store=artifact_store,
+            keep_models=spec.keep_models,
+            pack=spec.training.get("pack", 1),
+            model=spec.factory,
+        )
+    else:
+        objective = VAEObjective.from_spec(
+            spec, data, device=device, on_result=on_result, artifact_store=artifact_store
+        )
+    if tuple(spec.objectives) == ("bound",):
+        return objective
+    return ObjectiveValues(objective, spec.objectives, validation=spec.validation)

@@ -1,0 +1,28 @@
+"""What an objective hands to its hooks, and the check that a bound can be a trial's value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from bound_tuner.maths.bounds.report import BoundReport
+from bound_tuner.training.sampling import DIVERGED_SCALE
+
+TrialHook = Callable[[optuna.Trial, Any], None]
+
+
+def unusable(report: BoundReport) -> str | None:
+    """Why a trial's bound cannot be its value (a term overflowed, or the generator diverges at
+    the bound's N steps: a likelihood pick must not hand over unusable samples), else None."""
+    if not math.isfinite(report.total):
+        return f"bound is {report.total} (a term overflowed)"
+    scale = report.settings.get("sample_scale", 0.0)
+    if not scale <= DIVERGED_SCALE:
+        return (
+            f"the generator diverges at N={report.settings['N']} steps (samples reach "
+            f"{scale:.3g} times the data's largest norm); raise [bound] N or search a smaller T"
+        )
+    return None

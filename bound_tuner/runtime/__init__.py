@@ -1,0 +1,1 @@
+"""Where trials run: device choice, float32 precision and seeds."""

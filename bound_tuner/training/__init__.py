@@ -1,0 +1,1 @@
+"""Training: the loops of score models and VAEs, vmapped packs, and the reverse-time sampler."""
