@@ -24,11 +24,11 @@ its trials (they must be equal: up to date when the study ends).
 torch runs on ``--threads`` threads (default 1, as the worker pool runs): on a shared 2-core
 machine more threads make tiny models many times slower.
 
-Two settings that are not the tool's, for finding where the time goes: ``sqlite-wal`` is SQLite
-with ``journal_mode=WAL`` and ``synchronous=NORMAL`` set on this process's connections (the
-tool's SQLite files keep SQLite's defaults, which sync the file on every commit, and a trial
-makes dozens of commits); ``--no-sample-images`` leaves out the samples PNG of each trial (the
-note is still written).
+The tool's SQLite files run in write-ahead-log mode with ``synchronous=NORMAL``
+(``bound_tuner.storage.database.WalConnection``); ``--sqlite-sync-full`` measures SQLite's own
+default (the file synced on every commit) beside it. Trials after the study's first 200 get a
+note and a sample image only when they lower the best bound (``NOTE_EVERY_TRIAL_UNTIL``);
+``--no-sample-images`` leaves out the samples PNG of every trial (the note is still written).
 
     python benchmarks/bench_overhead.py --trials 2000                      # SQLite
     BOUND_TUNER_TEST_PG_URL=postgresql+psycopg://postgres@127.0.0.1:5432/bound_tuner_test \\
@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -155,18 +156,15 @@ def stored_charts_current(study: optuna.Study) -> bool:
     return bool(fresh) and stored == fresh
 
 
-def sqlite_wal() -> None:
-    """WAL and synchronous=NORMAL on every SQLite connection this process opens from now on."""
-    import sqlite3
+def sqlite_sync_full() -> None:
+    """SQLite's defaults (rollback journal, a sync on every commit) on the tool's SQLite
+    connections from now on: what a study database cost before the tool switched to WAL."""
+    import bound_tuner.storage.database as database
 
-    import sqlalchemy
+    def defaults(self, *args, **kwargs) -> None:
+        sqlite3.Connection.__init__(self, *args, **kwargs)
 
-    def pragmas(dbapi_conn, record) -> None:
-        if isinstance(dbapi_conn, sqlite3.Connection):
-            dbapi_conn.execute("PRAGMA journal_mode=WAL")
-            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", pragmas)
+    database.WalConnection.__init__ = defaults
 
 
 def run_one(kind: str, url: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -225,7 +223,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2000)
     ap.add_argument("--window", type=int, default=200, help="trials in each compared window")
     ap.add_argument("--steps", type=int, default=3, help="training steps per trial")
-    ap.add_argument("--storages", default="sqlite", help="sqlite,sqlite-wal,postgresql")
+    ap.add_argument("--storages", default="sqlite", help="sqlite,postgresql,sqlite-sync-full")
     ap.add_argument(
         "--no-sample-images",
         dest="sample_images",
@@ -239,7 +237,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    order = ("sqlite", "postgresql", "sqlite-wal")  # sqlite-wal changes later SQLite runs
+    order = ("sqlite", "postgresql", "sqlite-sync-full")  # sync-full changes later SQLite runs
     kinds = [k.strip() for k in args.storages.split(",") if k.strip()]
     kinds.sort(key=lambda k: order.index(k) if k in order else -1)
     info = {
@@ -258,10 +256,10 @@ def main() -> None:
         tmp_path = Path(tmp)
         os.environ[ARTIFACTS_ENV] = str(tmp_path / "artifacts")
         for kind in kinds:
-            if kind in ("sqlite", "sqlite-wal"):
+            if kind in ("sqlite", "sqlite-sync-full"):
                 url = f"sqlite:///{tmp_path}/{kind}.db"
-                if kind == "sqlite-wal":
-                    sqlite_wal()
+                if kind == "sqlite-sync-full":
+                    sqlite_sync_full()
             elif kind == "postgresql":
                 if not args.pg_url:
                     raise SystemExit(

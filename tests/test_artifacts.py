@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import uuid
 
@@ -271,7 +270,7 @@ def test_objective_keeps_base_schedule():
     assert cfg.schedule == "cosine" and cfg.schedule_params == {"s": 0.05}
 
 
-PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+from worker_spec import PG_URL, pg_storage  # noqa: E402
 
 
 @pytest.mark.skipif(not PG_URL, reason="BOUND_TUNER_TEST_PG_URL is unset")
@@ -289,7 +288,7 @@ def test_postgres_study_with_named_artifact_folder(tmp_path, monkeypatch):
         assert main(["export", "--study", name, "--storage", PG_URL, "--out", str(out)]) == 0
         assert json.loads(out.with_suffix(".json").read_text())["trial"] == best.number
     finally:
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())
 
 
 def test_weights_are_kept_without_the_dashboard(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy.exc
 import torch
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.cli import main, thread_excepthook
 from bound_tuner.config.spec import load_spec
@@ -338,7 +338,7 @@ def test_a_killed_pool_worker_leaves_one_report_and_no_leaked_semaphore(tmp_path
     deadline = time.monotonic() + 120
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
         try:
-            trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+            trials = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
         except KeyError:
             trials = []
         running = [t for t in trials if t.state == TrialState.RUNNING]

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
@@ -66,7 +66,7 @@ def test_two_workers_through_the_proxy_reach_n_trials(tmp_path, study_name, prox
     spec.write_text(worker_spec(study_name, n_trials=6, steps=60, lr=True))  # both workers get some
     run_workers(str(spec), storage=proxy_url, n_workers=2, progress=False, dashboard=False)
     # the workers had only the proxy's address; the database holds what they did
-    trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+    trials = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
     numbers = sorted(t.number for t in trials)
     assert numbers == list(range(len(trials)))
     # no study lock through the proxy: the count may overshoot by up to workers - 1
@@ -119,7 +119,7 @@ def test_resume_through_the_proxy_does_not_wait_for_others_trials(tmp_path, stud
     spec = tmp_path / "s.toml"
     spec.write_text(worker_spec(study_name, n_trials=2, steps=20, lr=True))
     assert main(["worker", str(spec), "--storage", proxy_url, "--quiet", "--n-trials", "1"]) == 0
-    study = optuna.load_study(study_name=study_name, storage=PG_URL)
+    study = optuna.load_study(study_name=study_name, storage=pg_storage())
     trial = study.ask()  # a worker that claimed a slot, then died
     trial.set_user_attr(WORKER_ATTR, "gone:1/cpu")
     done = threading.Event()

@@ -179,3 +179,59 @@ def test_trial_counter_counts_as_the_full_tally_at_every_step(tmp_path):
     assert not counter.requeue_interrupted(study)  # they all have their retry now
     trials = study.get_trials(deepcopy=False)
     assert counter.tally(trials) == tally_trials(trials)
+
+
+def test_sqlite_storages_write_ahead_without_syncing_each_commit(tmp_path):
+    """A study's SQLite file is in WAL mode with synchronous=NORMAL (one sync per checkpoint,
+    not per commit), and what a trial committed is there for a new connection to read."""
+    import sqlite3
+
+    from bound_tuner.storage.database import make_storage
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = make_storage(url)
+    study = optuna.create_study(storage=storage, study_name="wal")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    with storage.engine.connect() as con:
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    raw = sqlite3.connect(tmp_path / "s.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 3
+    raw.close()
+    again = optuna.load_study(study_name="wal", storage=make_storage(url))
+    assert len(again.trials) == 3
+
+
+def test_notes_for_the_first_trials_then_only_for_a_new_lowest_bound():
+    """After the first ``every_trial_until`` trials, a trial gets a note only when its bound is
+    the lowest the hook has seen, so the number of notes stays small in a long study."""
+    from types import SimpleNamespace
+
+    from bound_tuner.dashboard.notes import TrialArtifacts
+    from bound_tuner.maths.bounds.report import BoundReport
+
+    noted = []
+
+    class Recording(TrialArtifacts):
+        def note(self, trial, result):
+            noted.append(trial.number)
+            super().note(trial, result)
+
+    hook = Recording(None, every_trial_until=3)
+    bounds = [5.0, 7.0, 6.0, 8.0, 4.0, 4.5, 3.0, 9.0]
+
+    def objective(trial):
+        total = bounds[trial.number]
+        report = BoundReport(
+            kind="diffusion",
+            total=total,
+            terms={"train_nelbo": total},
+            contributions={"train_nelbo": total},
+            settings={},
+        )
+        hook(trial, SimpleNamespace(report=report))
+        return total
+
+    study = optuna.create_study()
+    study.optimize(objective, n_trials=len(bounds))
+    assert noted == [0, 1, 2, 4, 6]

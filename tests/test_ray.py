@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.execution.accounting import WORKER_ATTR
@@ -62,7 +62,7 @@ def test_two_ray_workers_reach_exactly_n_trials(tmp_path, study_name, local_ray,
     assert main([*argv, "--quiet"]) == 0
     assert f"study '{study_name}': 6 complete" in capsys.readouterr().out
 
-    trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+    trials = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
     pids = {pid_of(t) for t in trials}
@@ -95,7 +95,7 @@ def test_killed_ray_worker_is_rerun_and_its_trial_retried(tmp_path, study_name, 
     deadline = time.monotonic() + 90
     while victim is None and time.monotonic() < deadline and thread.is_alive():
         try:
-            running = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+            running = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
         except KeyError:  # the study is not created yet
             running = []
         for t in running:
@@ -165,7 +165,7 @@ def test_more_gpus_per_trial_than_the_cluster_has_is_refused(
     err = capsys.readouterr().err.strip()
     assert f"the Ray cluster has {gpus:g} GPUs" in err and "\n" not in err, err
     with pytest.raises(KeyError):  # refused before the study was created
-        optuna.load_study(study_name=study_name, storage=PG_URL)
+        optuna.load_study(study_name=study_name, storage=pg_storage())
 
 
 @pytest.mark.parametrize(
@@ -214,7 +214,7 @@ def test_sigterm_to_a_ray_run_interrupts_its_trials_and_leaves_no_task(tmp_path,
     while len(running) < 2 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+            trials = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
         except KeyError:
             trials = []
         running = [
@@ -228,7 +228,7 @@ def test_sigterm_to_a_ray_run_interrupts_its_trials_and_leaves_no_task(tmp_path,
     assert proc.returncode == 130, err
     assert "interrupted" in err.strip().splitlines()[-1], err
 
-    trials = optuna.load_study(study_name=study_name, storage=PG_URL).get_trials()
+    trials = optuna.load_study(study_name=study_name, storage=pg_storage()).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert sorted(t.number for t in failed) == sorted(t.number for t in running)

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
-from worker_spec import PG_URL, needs_pg, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.config.spec import SECTIONS, load_spec
@@ -100,7 +100,7 @@ def test_a_study_on_a_password_url_stores_and_prints_no_password(tmp_path, capsy
             assert main(["run", str(spec), "--storage", url]) == 0
             assert main(["report", "--study", name, "--storage", url, "--format", "json"]) == 0
         out = capsys.readouterr()
-        study = optuna.load_study(study_name=name, storage=PG_URL)
+        study = optuna.load_study(study_name=name, storage=pg_storage())
         store = optuna.storages.get_storage(PG_URL)
         study_attrs = store.get_study_system_attrs(store.get_study_id_from_name(name))
         stored = repr(
@@ -112,7 +112,7 @@ def test_a_study_on_a_password_url_stores_and_prints_no_password(tmp_path, capsy
             assert SECRET not in text
     finally:
         os.environ.pop("BOUND_TUNER_ARTIFACTS", None)
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())
 
 
 # ------------------------------------------------------------------------------- 4. bad input

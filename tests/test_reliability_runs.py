@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
 from bound_tuner.execution.pool import run_pool
@@ -142,7 +142,7 @@ def test_sigterm_to_the_pool_interrupts_every_worker_and_leaves_no_process(tmp_p
         assert proc.returncode == 130, err
         assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
         assert not any(alive(p) for p in pids)  # no orphans
-        study = optuna.load_study(study_name=name, storage=PG_URL)
+        study = optuna.load_study(study_name=name, storage=pg_storage())
         trials = study.get_trials()
         failed = [t for t in trials if t.state == TrialState.FAIL]
         waiting = [t for t in trials if t.state == TrialState.WAITING]
@@ -152,7 +152,7 @@ def test_sigterm_to_the_pool_interrupts_every_worker_and_leaves_no_process(tmp_p
         )
         assert finished_count(study) == 0
     finally:
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())
 
 
 @needs_pg
@@ -176,7 +176,7 @@ def test_gpu_slot_workers_each_see_their_own_cuda_visible_devices(tmp_path, monk
         assert sorted(v for s in seen.values() for v in s) == ["0", "2"]  # one GPU each
         assert all(len(s) == 1 for s in seen.values()) and len(seen) == 2
     finally:
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())
 
 
 @needs_pg
@@ -211,7 +211,7 @@ def test_pool_parent_never_initializes_cuda(tmp_path):
         assert out.returncode == 0, out.stderr
         assert "CALLS [] False" in out.stdout, out.stdout
     finally:
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())
 
 
 def _cuda_available() -> bool:
@@ -238,4 +238,4 @@ def test_gpu_workers_train_on_the_gpu_they_see(tmp_path, monkeypatch):
 
         assert not torch.cuda.is_initialized()
     finally:
-        optuna.delete_study(study_name=name, storage=PG_URL)
+        optuna.delete_study(study_name=name, storage=pg_storage())

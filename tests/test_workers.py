@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.cli import main
 from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
@@ -33,7 +33,7 @@ def write_spec(
 
 
 def pg_trials(name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=PG_URL).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=name, storage=pg_storage()).get_trials(deepcopy=False)
 
 
 @needs_pg

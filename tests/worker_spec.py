@@ -9,6 +9,22 @@ from pathlib import Path
 import pytest
 
 PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+_PG_STORAGE = []
+
+
+def pg_storage():
+    """One shared storage of PG_URL for the tests' own reads: ``load_study(storage=PG_URL)`` in
+    a polling loop opens a new connection pool on every call, which stays open until garbage
+    collection (dozens of connections against the server's limit of 100)."""
+    import optuna
+
+    if not _PG_STORAGE:
+        _PG_STORAGE.append(
+            optuna.storages.RDBStorage(PG_URL, engine_kwargs={"pool_size": 2, "max_overflow": 2})
+        )
+    return _PG_STORAGE[0]
+
+
 needs_pg = pytest.mark.skipif(
     not PG_URL,
     reason="BOUND_TUNER_TEST_PG_URL is unset (PostgreSQL URL of a test database; .ci/run sets it)",

@@ -147,6 +147,13 @@ def _diffusion_samples(
     return run.samples
 
 
+# every trial among a study's first NOTE_EVERY_TRIAL_UNTIL gets a note and samples; later ones
+# only when they lower the best bound this process has seen. optuna-dashboard keeps all notes in
+# the study's system attributes and reads them all on every save, so a note costs about 0.18 ms
+# more per earlier note (docs/benchmarks.md): unbounded notes would make trial n cost O(n).
+NOTE_EVERY_TRIAL_UNTIL = 200
+
+
 class TrialArtifacts:
     """``on_result`` hook: a trial note with the bound's breakdown and a PNG of samples.
 
@@ -158,6 +165,8 @@ class TrialArtifacts:
         n_steps: generator steps for the samples (for images, at most the bound's N: a UNet
             pass per step and sample is the dominant cost of a trial's artifacts on a CPU).
         shape: shape of one sample; by default that of ``reference``, else of the model's data.
+        every_trial_until: trials numbered below this all get a note and samples; later trials
+            only when their bound is the lowest this hook has seen (``NOTE_EVERY_TRIAL_UNTIL``).
 
     A failure here is logged and never fails the trial.
     """
@@ -170,14 +179,28 @@ class TrialArtifacts:
         n_samples: int = 512,
         n_steps: int = 200,
         shape: tuple[int, ...] | None = None,
+        every_trial_until: int = NOTE_EVERY_TRIAL_UNTIL,
     ) -> None:
         self.artifact_store = artifact_store
+        self.every_trial_until = every_trial_until
+        self.best_bound = math.inf
         self.reference = reference
         self.n_samples = n_samples
         self.n_steps = n_steps
         self.shape = shape
 
+    def wanted(self, trial: optuna.Trial, result: Any) -> bool:
+        """Whether this trial gets a note and samples: one of the study's first
+        ``every_trial_until`` trials, or the lowest bound this hook has seen."""
+        total = float(result.report.total)
+        lowest = total < self.best_bound
+        if lowest:
+            self.best_bound = total
+        return trial.number < self.every_trial_until or lowest
+
     def __call__(self, trial: optuna.Trial, result: Any) -> None:
+        if not self.wanted(trial, result):
+            return
         try:
             self.note(trial, result)
         except Exception as e:  # the bound is computed; a note must not lose the trial

@@ -11,6 +11,7 @@ of workers minus one, and a dead worker's trial stays RUNNING."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -402,4 +403,8 @@ def work(
         if not isinstance(e, (SpecError, StorageError, WorkerConfigError, TrialError)):
             traceback.print_exc()
         return _one_line(e, storage)
+    finally:
+        # an Optuna storage holds its database connections until the garbage collector frees it;
+        # a Ray worker process runs many tasks, so free this task's before the next one
+        gc.collect()
     return None
