@@ -235,3 +235,63 @@ def test_notes_for_the_first_trials_then_only_for_a_new_lowest_bound():
     study = optuna.create_study()
     study.optimize(objective, n_trials=len(bounds))
     assert noted == [0, 1, 2, 4, 6]
+
+
+def test_the_weights_keeper_reads_the_study_only_for_a_trial_that_may_be_kept(tmp_path):
+    """Once ``keep`` trials hold weights, a trial no better than the keep-th best is turned away
+    without reading the study's trials, and the best ``keep`` still end up kept."""
+    import torch
+
+    from bound_tuner.storage.artifacts import ATTR_ID, ModelKeeper
+    from bound_tuner.storage.folders import artifact_store_for
+
+    reads = []
+
+    class Counting(ModelKeeper):
+        def _kept_trials(self, trial):
+            reads.append(trial.number)
+            return super()._kept_trials(trial)
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    study = optuna.create_study(storage=url, study_name="k")
+    keeper = Counting(artifact_store_for(url), kind="diffusion", build={"shape": [2]}, keep=2)
+    model = torch.nn.Linear(2, 2)
+    for value in [5.0, 4.0, 3.0, 6.0, 7.0, 4.5, 2.0]:
+        trial = study.ask()
+        keeper(trial, model, value)
+        study.tell(trial, value)
+    folder = tmp_path / "k_artifacts"
+    present = sorted(
+        t.number
+        for t in study.trials
+        if ATTR_ID in t.user_attrs and (folder / t.user_attrs[ATTR_ID]).is_file()
+    )
+    assert present == [2, 6]  # the two best (3.0 and 2.0); the others were pushed out
+    assert reads == [0, 1, 2, 6]  # 6.0, 7.0 and 4.5 were no better than the 2nd best, 4.0
+
+
+def test_a_fresh_trial_finds_its_seed_without_reading_the_study(monkeypatch):
+    """Before it samples, a trial without parameters is no retry: its seed comes from its own
+    number with no read of the study; a queued retry still finds the trial it replaces."""
+    from bound_tuner.runtime.seeding import RETRY_ATTR, derive_seed, trial_seed
+
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    study.add_trial(
+        create_trial(
+            state=TrialState.WAITING,
+            params={"x": 0.5},
+            distributions={"x": FloatDistribution(0, 1)},
+            system_attrs={RETRY_ATTR: 1},
+        )
+    )
+    retry = study.ask()  # the queued retry, number 3, with its parameters
+    assert retry.params == {"x": 0.5} and trial_seed(retry, 7) == derive_seed(7, 1)
+    study.tell(retry, 0.5)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the study's trials were read")
+
+    fresh = study.ask()
+    monkeypatch.setattr(study, "get_trials", no_reads)
+    assert trial_seed(fresh, 7) == derive_seed(7, fresh.number)

@@ -129,6 +129,7 @@ class DiffusionObjective:
                 )
 
     def config_for(self, trial: optuna.Trial) -> DiffusionConfig:
+        seed = trial_seed(trial, self.study_seed)  # before sampling: a fresh trial is no retry
         search = self.search
         if "schedule" not in search:  # the base schedule, with its parameters
             search = {**search, "schedule": Param("schedule", str, fixed=self.base.schedule)}
@@ -140,7 +141,7 @@ class DiffusionObjective:
         return replace(
             self.base,
             **params,
-            seed=trial_seed(trial, self.study_seed),
+            seed=seed,
             eval_seed=self.study_seed,
         )
 

@@ -284,8 +284,9 @@ class VAEObjective:
                 )
 
     def config_for(self, trial: optuna.Trial) -> VAEConfig:
+        seed = trial_seed(trial, self.study_seed)  # before sampling: a fresh trial is no retry
         params = {name: suggest(trial, p) for name, p in self.search.items()}
-        return replace(self.base, **params, seed=trial_seed(trial, self.study_seed))
+        return replace(self.base, **params, seed=seed)
 
     def build_model(self, cfg: VAEConfig) -> nn.Module:
         """A fresh VAE of ``cfg.arch`` (weights from the torch seed set by the caller)."""

@@ -32,12 +32,14 @@ def original_trial_number(trial) -> int:
     system attr ``failed_trial``.
 
     ``trial`` is an ``optuna.Trial`` (its record is read through its study), a FrozenTrial or a
-    FixedTrial."""
+    FixedTrial. An ``optuna.Trial`` that has no parameters yet is not a retry (a retry is queued
+    with the parameters of the trial it replaces), so called before a trial samples, this reads
+    the study's trials only for retries and enqueued trials."""
     attrs = getattr(trial, "system_attrs", None)  # FrozenTrial, FixedTrial
     if attrs is None:
         study = getattr(trial, "study", None)
         attrs = {}
-        if study is not None:  # optuna.Trial: its record, through the public study API
+        if study is not None and trial.params:  # its record, through the public study API
             for t in study.get_trials(deepcopy=False):
                 if t.number == trial.number:
                     attrs = t.system_attrs

@@ -128,18 +128,25 @@ class ModelKeeper:
         self.build = dict(build)
         self.data = {k: v for k, v in (data or {}).items() if _plain(v)}
         self.keep = keep
+        # the keep-th best kept value this process last read: the study's can only have
+        # improved since, so a trial no better than it is not among the best (no read needed)
+        self.threshold = math.inf
 
     def __call__(self, trial: optuna.Trial, model: nn.Module, value: float) -> str | None:
         if self.keep == 0 or not math.isfinite(value):
             return None
         if self.keep is None:
             return self._upload(trial, model)
+        if value >= self.threshold:
+            return None
         # the kept trials and this one, best first (ties: the earlier trial)
         ranked = sorted(
             [(bound_value(t), t.number, t) for t in self._kept_trials(trial)]
             + [(value, trial.number, None)],
             key=lambda r: (r[0], r[1]),
         )
+        if len(ranked) > self.keep:
+            self.threshold = ranked[self.keep - 1][0]
         if all(r[2] is not None for r in ranked[: self.keep]):
             return None  # not among the best: nothing to upload
         artifact_id = self._upload(trial, model)
