@@ -33,7 +33,6 @@ from bound_tuner.execution.accounting import (
     FailureStreak,
     TrialCounter,
     fail_stale,
-    finished_count,
     nothing_left,
     requeue_interrupted,
 )
@@ -44,6 +43,7 @@ from bound_tuner.execution.plan import (
     check_device,
     heartbeat_settings,
     open_with_heartbeat,
+    progress_bar,
     trial_target,
 )
 from bound_tuner.execution.signals import INTERRUPTED, ignore_signals, restore_signals
@@ -56,7 +56,7 @@ from bound_tuner.storage.database import (
     scrub,
     storage_errors,
 )
-from bound_tuner.storage.folders import artifact_dir_for, artifact_store_for
+from bound_tuner.storage.folders import artifact_store_for
 
 if TYPE_CHECKING:
     from bound_tuner.config.spec import StudySpec
@@ -314,7 +314,6 @@ def run_worker(
         worker_index=worker_index,
         existing_trials=existing_trials,
         allow_changed_spec=allow_changed_spec,
-        artifact_dir=str(artifact_dir_for(url).resolve()),
     )
     changes = spec_changes(study, spec)
     streak = FailureStreak(
@@ -334,11 +333,7 @@ def run_worker(
     if visible:
         ident += f" (GPU {visible})"
     lock = StudyLock(url, spec.name)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=target, initial=min(finished_count(study), target), unit="trial")
+    bar = progress_bar(study, target) if progress else None
     loop = {
         "target": target,
         "callbacks": [*extra, *callbacks],

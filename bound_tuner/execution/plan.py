@@ -38,29 +38,20 @@ if TYPE_CHECKING:
 def open_with_heartbeat(
     spec: StudySpec, url: str, interval: int, grace: int, **kw: Any
 ) -> optuna.Study:
-    """The spec's study (created if missing) on a storage with heartbeat and retries; ``kw``
-    goes to ``bound_tuner.objectives.studies.open_study`` (worker_index, allow_changed_spec, ...)."""
+    """The spec's study (created if missing) on a storage with heartbeat and retries, with the
+    artifact folder of ``url`` recorded; ``kw`` goes to
+    ``bound_tuner.objectives.studies.open_study`` (worker_index, allow_changed_spec, ...)."""
     with warnings.catch_warnings():  # heartbeat options are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return open_study(
-            spec, url, heartbeat=True, heartbeat_interval=interval, grace_period=grace, **kw
+            spec,
+            url,
+            heartbeat=True,
+            heartbeat_interval=interval,
+            grace_period=grace,
+            artifact_dir=str(artifact_dir_for(url).resolve()),
+            **kw,
         )
-
-
-def open_run_study(
-    spec: StudySpec, url: str, interval: int, grace: int, *, target: int, allow_changed_spec: bool
-) -> tuple[optuna.Study, str | None]:
-    """The study of a pool or Ray run (created if missing, the artifact folder recorded), and
-    the line that says nothing is left to run (None when trials are left)."""
-    study = open_with_heartbeat(
-        spec,
-        url,
-        interval,
-        grace,
-        allow_changed_spec=allow_changed_spec,
-        artifact_dir=str(artifact_dir_for(url).resolve()),
-    )
-    return study, nothing_left(study, target)
 
 
 def heartbeat_settings(spec: StudySpec, interval: int | None, grace: int | None) -> tuple[int, int]:
@@ -165,13 +156,8 @@ def open_run(
     """The run's study (created if missing), the line that says nothing is left to run (None
     when trials are left), and what every worker gets: the pickled spec and the keyword
     arguments of ``bound_tuner.execution.loop.work``."""
-    study, done = open_run_study(
-        plan.spec,
-        plan.url,
-        plan.interval,
-        plan.grace,
-        target=plan.target,
-        allow_changed_spec=allow_changed_spec,
+    study = open_with_heartbeat(
+        plan.spec, plan.url, plan.interval, plan.grace, allow_changed_spec=allow_changed_spec
     )
     options = {
         "n_trials": plan.target,
@@ -183,10 +169,10 @@ def open_run(
         # every worker seeds its sampler from the trials the study had when the run started
         "existing_trials": len(study.get_trials(deepcopy=False)),
     }
-    return study, done, pickle.dumps(plan.spec), options
+    return study, nothing_left(study, plan.target), pickle.dumps(plan.spec), options
 
 
-def progress_bar(study: optuna.Study, target: int, desc: str) -> Any:
+def progress_bar(study: optuna.Study, target: int, desc: str | None = None) -> Any:
     """A tqdm bar of the study's finished trials out of ``target``."""
     from tqdm.auto import tqdm
 
