@@ -234,15 +234,3 @@ def study_name(request):
             optuna.delete_study(study_name=name, storage=pg_storage())
         except KeyError:
             pass
-
-
-@pytest.fixture(autouse=True)
-def _release_database_connections():
-    """Collect the storages a test leaves behind, so that their pooled PostgreSQL connections
-    close before the next test: the suite's process would otherwise hold dozens at once (up to 86
-    seen against the server's 100)."""
-    yield
-    if PG_URL:
-        import gc
-
-        gc.collect()
