@@ -202,19 +202,27 @@ def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
     assert DEFAULT_VARIANT == "elbo-kfold"
     info = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200)
     assert info.total == pytest.approx(2.0 + math.sqrt(2) * 0.1)
-    assert set(info.contributions) == {"train_nelbo", "fold_info"}
-    # the certificate adds the sample term sqrt(2) R sqrt(ln(20)/m), the Chernoff deviation of a
-    # mean of m points, and 1.645 Monte Carlo errors; it never exceeds the cross-fitted form
-    cert = assemble_kfold_bound(
+    assert set(info.contributions) == {"train_nelbo", "fold_info", "mc_margin"}
+    # the value carries 1.645 Monte Carlo errors of the training NELBO estimate; the certificate
+    # adds the sample term sqrt(2) R sqrt(ln(20)/m), the Chernoff deviation of a mean of m
+    # points; neither exceeds the cross-fitted form
+    noisy = assemble_kfold_bound(
         train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200, train_mc_se=0.05
-    ).extras["total_upper95"]
-    sample = math.sqrt(2) * math.sqrt(math.log(20) / 200)
-    assert cert == pytest.approx(2.0 + math.sqrt(2) * 0.1 + sample + 1.6448536 * 0.05)
-    tight_cv = assemble_kfold_bound(
-        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=2.1, cv_se=0.05, m=200, train_mc_se=0.05
     )
-    assert tight_cv.total == pytest.approx(2.0 + math.sqrt(2) * 0.1)
+    assert noisy.total == pytest.approx(2.0 + math.sqrt(2) * 0.1 + 1.6448536 * 0.05)
+    assert noisy.contributions["mc_margin"] == pytest.approx(1.6448536 * 0.05)
+    sample = math.sqrt(2) * math.sqrt(math.log(20) / 200)
+    assert noisy.extras["total_upper95"] == pytest.approx(noisy.total + sample)
+    tight_cv = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=2.1, cv_se=0.05, m=200, train_mc_se=0.03
+    )
+    assert tight_cv.total == pytest.approx(2.0 + math.sqrt(2) * 0.1 + 1.6448536 * 0.03)
     assert tight_cv.extras["total_upper95"] == pytest.approx(2.2)
+    # a noisier training NELBO estimate hands the trial to the cross-fitted form
+    very_noisy = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=2.1, cv_se=0.05, m=200, train_mc_se=0.1
+    )
+    assert very_noisy.total == pytest.approx(2.2) and very_noisy.extras["branch"] == 1.0
     cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50)
     assert cv.total == pytest.approx(5.0)
     assert set(cv.contributions) == {"cv_nelbo", "cv_margin"}
@@ -223,7 +231,7 @@ def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
     floor = assemble_kfold_bound(train_nelbo=5.0, c_fold=1.0, R=3.0, cv_nelbo=4.0, cv_se=0.2, m=50)
     assert floor.total == pytest.approx(5.0) and floor.extras["cv_floor"] == 1.0
     assert floor.extras["branch"] == 1.0 and cv.extras["cv_floor"] == 0.0
-    for rep in (info, cv, floor):
+    for rep in (info, noisy, cv, floor):
         assert sum(rep.contributions.values()) == pytest.approx(rep.total)
         assert rep.extras["total_upper95"] >= rep.total
 

@@ -98,8 +98,11 @@ def test_a_model_that_ignores_its_data_has_no_fold_information():
     rep = vae_kfold_bound(model, refs, x, folds, seed=5)
     assert rep.terms["fold_info"] == 0.0
     assert rep.terms["cv_nelbo"] == pytest.approx(rep.terms["train_nelbo"], abs=1e-9)
-    assert rep.extras["info_bound"] == pytest.approx(rep.terms["train_nelbo"], abs=1e-9)
-    assert rep.total == pytest.approx(rep.terms["train_nelbo"], abs=1e-9)
+    # the information form is the training NELBO plus its Monte Carlo margin alone
+    margin = rep.terms["mc_margin"]
+    assert margin == pytest.approx(1.6448536 * rep.extras["train_mc_se"]) and margin > 0
+    assert rep.extras["info_bound"] == pytest.approx(rep.terms["train_nelbo"] + margin, abs=1e-9)
+    assert rep.total == pytest.approx(rep.extras["info_bound"], abs=1e-9)
     assert rep.extras["branch"] == 0.0
 
 
@@ -115,7 +118,8 @@ def test_a_memorizing_vae_has_a_cross_fitting_gap_and_fold_information():
     assert t["cv_nelbo"] > t["train_nelbo"] + 1.0
     assert t["fold_info"] > 0.0 and e["decoder_kl_max"] > 0.0
     R = rep.settings["R"]
-    assert e["info_bound"] == pytest.approx(t["train_nelbo"] + math.sqrt(2) * R * t["fold_info"])
+    info = t["train_nelbo"] + math.sqrt(2) * R * t["fold_info"] + t["mc_margin"]
+    assert e["info_bound"] == pytest.approx(info)
     assert e["cv_bound"] == pytest.approx(t["cv_nelbo"] + 2 * e["cv_se"])
     assert rep.total == pytest.approx(min(e["info_bound"], e["cv_bound"]))
     assert e["total_upper95"] >= rep.total

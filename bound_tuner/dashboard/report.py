@@ -32,6 +32,7 @@ TERMS = (
     "fold_info",
     "cv_nelbo",
     "cv_margin",
+    "mc_margin",
 )
 #: held-out metrics in order of preference as the ground truth (docs/theory.md section 4)
 HELDOUT_PREFERENCE = (

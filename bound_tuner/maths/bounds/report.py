@@ -19,6 +19,7 @@ TERM_LABELS: dict[str, tuple[str, str]] = {
     "fold_info": ("C_fold", "√2 R · C_fold"),
     "cv_nelbo": ("NELBO_cv", "NELBO_cv"),
     "cv_margin": ("2 se_cv", "2 se_cv"),
+    "mc_margin": ("1.645 mc_se", "1.645 mc_se"),
     "rec": ("REC", "REC"),
     "kld": ("KLD", "√2 R · √KLD"),  # the paper's (1+r) √KLD when R = (1+r)/√2
     "mi": ("MI", "√2 R · √(MI/m)"),
