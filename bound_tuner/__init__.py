@@ -32,6 +32,7 @@ _LAZY = {
     "score": "bound_tuner.evaluation.scoring",
     # bounds and their pieces
     "BoundReport": "bound_tuner.maths.bounds.report",
+    "flat_attrs": "bound_tuner.maths.bounds.report",
     "diffusion_bound": "bound_tuner.evaluation.evaluate",
     "vae_bound": "bound_tuner.maths.bounds.vae",
     "mixture_kl": "bound_tuner.maths.bounds.mixture",

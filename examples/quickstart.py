@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import optuna
 
-from bound_tuner import DiffusionObjective, load_dataset, load_spec, run_study
+from bound_tuner import DiffusionObjective, flat_attrs, load_dataset, load_spec, run_study
 from bound_tuner.training.config import DiffusionConfig
 
 STORAGE = "sqlite:///quickstart.db"
@@ -18,10 +18,11 @@ def from_spec() -> None:
     spec = load_spec("studies/swiss_roll.toml")
     study = run_study(spec, storage=STORAGE, n_trials=4)
     best = study.best_trial
+    attrs = flat_attrs(best.user_attrs)  # settings and extras spread into bound.<name> keys
     print(f"[spec] best T={best.params['T']:.3f} bound={best.value:.3f}")
-    print(f"    variant {best.user_attrs['bound.variant']}, R = {best.user_attrs['bound.R']:.3f}")
+    print(f"    variant {attrs['bound.variant']}, R = {attrs['bound.R']:.3f}")
     for key in ("train_nelbo", "generator_info"):
-        print(f"    {key:<20} {best.user_attrs['bound.' + key]:.4f}")
+        print(f"    {key:<20} {attrs.get('bound.' + key, float('nan')):.4f}")
 
 
 def by_hand() -> None:

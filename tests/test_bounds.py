@@ -14,6 +14,7 @@ from bound_tuner.maths.bounds import (
     prior_kl,
     prior_kl_sqrt,
 )
+from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.training.sampling import generate
 
@@ -239,9 +240,17 @@ def test_report_contributions_sum_to_total():
     )
     k = math.sqrt(2) * 2.0
     assert rep.total == pytest.approx(1.0 - 2.0 + k * (0.5 + 0.5))
+    rep.extras.update(total_upper95=9.0, L_hat=3.0)
     attrs = rep.user_attrs()
-    assert attrs["bound.total"] == rep.total
-    assert attrs["bound.encoder_mixture_kl"] == 2.0 and attrs["bound.T"] == 1.0
+    assert attrs["bound.total"] == rep.total and attrs["bound.total_upper95"] == 9.0
+    # settings and the other extras are one user attr each (one database write per attr)
+    assert attrs["bound.settings"] == {"T": 1.0} and attrs["bound.extras"] == {"L_hat": 3.0}
+    assert "bound.T" not in attrs and len(attrs) == 1 + 4 + 4 + 1 + 2
+    flat = flat_attrs(attrs)
+    assert flat["bound.encoder_mixture_kl"] == 2.0 and flat["bound.T"] == 1.0
+    assert flat["bound.L_hat"] == 3.0 and "bound.settings" not in flat
+    # a trial stored with flat keys reads back as it is
+    assert flat_attrs(flat) == flat
 
 
 def test_mixture_kl_rejects_bad_input():

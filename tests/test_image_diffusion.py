@@ -7,6 +7,7 @@ import torch
 from bound_tuner.config.spec import parse_spec
 from bound_tuner.data.preprocess import dequantize, pixel_levels, to_symmetric
 from bound_tuner.evaluation.evaluate import bits_per_dim, negative_elbo
+from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.study import run_study
 
@@ -110,7 +111,7 @@ def test_tiny_image_study_on_real_fashion_mnist(tmp_path):
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     for t in trials:
-        ua = t.user_attrs
+        ua = flat_attrs(t.user_attrs)
         assert ua["bound.d"] == 784 and ua["bound.m"] == 8
         # the default: the smaller of the K-fold information and cross-fitted forms (K = 4 for
         # 8 images), in the discrete data's nats per image

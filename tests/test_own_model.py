@@ -15,6 +15,7 @@ from bound_tuner.config.spec import SpecError, fingerprint, load_spec, parse_spe
 from bound_tuner.data import load_dataset
 from bound_tuner.evaluation.experiment import score_model
 from bound_tuner.evaluation.scoring import score
+from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.objectives.factory import build_objective
@@ -103,8 +104,11 @@ def test_own_module_through_python_with_kfold_references_and_artifacts(data, tmp
     study = _one_trial(obj, tmp_path)
     trial = study.best_trial
     assert trial.user_attrs["config"]["model"] == "test_own_model:own_net"
-    assert trial.user_attrs["bound.variant"] == "elbo-kfold"
-    assert trial.user_attrs["bound.folds"] == 5 and trial.user_attrs["bound.C_fold"] >= 0
+    assert flat_attrs(trial.user_attrs)["bound.variant"] == "elbo-kfold"
+    assert (
+        flat_attrs(trial.user_attrs)["bound.folds"] == 5
+        and flat_attrs(trial.user_attrs)["bound.C_fold"] >= 0
+    )
     assert isinstance(seen["model"], OwnNet)
     tm = load_model(study, "best")
     assert isinstance(tm.model, OwnNet)
@@ -185,8 +189,8 @@ def test_unpackable_module_refused_for_packs_and_trained_alone(data):
         data, search={"T": 0.5}, base=BASE, model=unpackable_net, checkpoints=0
     )
     trial = _one_trial(obj).best_trial
-    assert trial.user_attrs["bound.variant"] == "elbo-kfold"
-    assert trial.user_attrs["bound.C_fold"] >= 0 and trial.value == trial.value
+    assert flat_attrs(trial.user_attrs)["bound.variant"] == "elbo-kfold"
+    assert flat_attrs(trial.user_attrs)["bound.C_fold"] >= 0 and trial.value == trial.value
 
 
 def test_references_trained_alone_equal_the_pack(data, monkeypatch):
@@ -263,7 +267,9 @@ def test_score_with_train_fn_equals_the_kfold_trial(data):
     )
     assert report.settings["variant"] == "elbo-kfold"
     assert report.total == pytest.approx(trial.value, rel=1e-4)
-    assert report.settings["C_fold"] == pytest.approx(trial.user_attrs["bound.C_fold"], rel=1e-3)
+    assert report.settings["C_fold"] == pytest.approx(
+        flat_attrs(trial.user_attrs)["bound.C_fold"], rel=1e-3
+    )
     assert report.extras["total_upper95"] == pytest.approx(
         trial.user_attrs["bound.total_upper95"], rel=1e-4
     )

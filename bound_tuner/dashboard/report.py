@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from bound_tuner.config.objective_names import OBJECTIVES, bound_value, objective
-from bound_tuner.maths.bounds.report import TERM_LABELS, term_label, value_label
+from bound_tuner.maths.bounds.report import TERM_LABELS, flat_attrs, term_label, value_label
 from bound_tuner.maths.selection import pick_rank, regret, spearman
 
 TERMS = (
@@ -72,7 +72,7 @@ def trials_json(study: optuna.Study) -> list[dict[str, Any]]:
             "state": t.state.name,
             "params": dict(t.params),
             "value": _clean(bound_value(t)),
-            "user_attrs": {k: _clean(v) for k, v in t.user_attrs.items()},
+            "user_attrs": {k: _clean(v) for k, v in flat_attrs(t.user_attrs).items()},
         }
         if t.state.name == "PRUNED" and row["value"] is not None:
             row["partial"] = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,27 @@ def value_label(variant: str | None) -> str:
     return "bound" if variant is None or variant in MEASURED_BOUNDS else "score"
 
 
+#: extras kept as user attrs of their own (a dashboard column to sort by); the others are
+#: grouped in ``bound.extras``
+FLAT_EXTRAS = ("total_upper95",)
+#: the report's parts stored as one dict-valued user attr each
+GROUPED_ATTRS = ("settings", "extras")
+
+
+def flat_attrs(attrs: Mapping[str, Any], prefix: str = "bound") -> dict[str, Any]:
+    """A trial's user attrs with the grouped ``bound.settings`` and ``bound.extras`` dicts
+    spread into ``bound.<name>`` keys (the flat form every reader of the tool uses; a trial
+    stored with flat keys comes back as it is)."""
+    grouped = {f"{prefix}.{g}" for g in GROUPED_ATTRS}
+    out = {k: v for k, v in attrs.items() if k not in grouped}
+    for key in grouped:
+        values = attrs.get(key)
+        if isinstance(values, Mapping):
+            for name, value in values.items():
+                out.setdefault(f"{prefix}.{name}", value)
+    return out
+
+
 @dataclass
 class BoundReport:
     """A computed bound.
@@ -77,16 +99,23 @@ class BoundReport:
         return asdict(self)
 
     def user_attrs(self, prefix: str = "bound") -> dict[str, Any]:
-        """Flat ``bound.<name>`` keys for Optuna trial user attrs (JSON-serializable)."""
+        """Optuna trial user attrs (JSON-serializable): ``bound.total``, each term
+        ``bound.<term>``, its share ``bound.contribution.<term>`` and ``bound.total_upper95``
+        flat; the settings and the other extras as one dict each (``bound.settings``,
+        ``bound.extras``), since every user attr is a database write of its own.
+        ``flat_attrs`` spreads them back into ``bound.<name>`` keys."""
         out: dict[str, Any] = {f"{prefix}.total": self.total}
         for name, value in self.terms.items():
             out[f"{prefix}.{name}"] = value
         for name, value in self.contributions.items():
             out[f"{prefix}.contribution.{name}"] = value
-        for name, value in self.settings.items():
-            out[f"{prefix}.{name}"] = value
-        for name, value in self.extras.items():
-            out[f"{prefix}.{name}"] = value
+        for name in FLAT_EXTRAS:
+            if name in self.extras:
+                out[f"{prefix}.{name}"] = self.extras[name]
+        out[f"{prefix}.settings"] = dict(self.settings)
+        rest = {k: v for k, v in self.extras.items() if k not in FLAT_EXTRAS}
+        if rest:
+            out[f"{prefix}.extras"] = rest
         return json.loads(json.dumps(out, default=str))
 
     def table(self) -> str:
