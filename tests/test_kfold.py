@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bound_tuner.evaluation.evaluate import bound_terms, variant_report
+from bound_tuner.evaluation.evaluate import bound_terms, fold_terms, variant_report
 from bound_tuner.evaluation.experiment import score_model
 from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, assemble_kfold_bound
 from bound_tuner.maths.bounds.kfold import (
@@ -95,6 +95,11 @@ def test_fold_info_and_cross_fitting_by_hand():
     assert s["cv_se"] == pytest.approx(s["R_cv_std"] / 2)
     assert s["R_cv"] >= s["R_cv_std"]  # the sub-Gaussian scale of a long upper tail
     assert s["R_cv_half_range"] == pytest.approx(14.0)
+    # each reference's NELBO on the points it trained on (reference 0 saw fold 1, reference 1
+    # fold 0), averaged over the references; reference 0 on fold 0 is the 80/20 split's model
+    t = fold_terms(per_ref, torch.zeros_like(per_ref), folds)
+    assert t["refs_train_nelbo"] == pytest.approx(((1.0 + 3.0) / 2 + (20.0 + 40.0) / 2) / 2)
+    assert t["holdout_nelbo"] == pytest.approx(3.0) and t["cv_nelbo"] == pytest.approx(11.5)
 
 
 def _terms(model, refs, x, folds, schedule, T):
