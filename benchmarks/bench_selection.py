@@ -534,6 +534,7 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
             cv_se=raw["fold.cv_se"],
             m=raw["m"],
             train_mc_se=raw["train_nelbo_mc_se"],
+            refs_train_nelbo=raw.get("fold.refs_train_nelbo"),  # rows before it: no shift
         )
         fixed = assemble_kfold_bound(  # the certificate as fixed before the fresh-seed run
             train_nelbo=nelbo,
@@ -544,6 +545,7 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
             m=raw["m"],
             delta=0.0,
             train_mc_se=raw["train_nelbo_mc_se"],
+            refs_train_nelbo=raw.get("fold.refs_train_nelbo"),  # rows before it: no shift
         )
         first = fixed.extras["total_upper95"]
         out["elbo-kfold certificate without the sample term"] = first if stable else math.inf

@@ -231,13 +231,25 @@ def test_kfold_is_the_default_and_takes_the_smaller_of_its_two_bounds():
     assert very_noisy.total == pytest.approx(2.2) and very_noisy.extras["branch"] == 1.0
     cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50)
     assert cv.total == pytest.approx(5.0)
-    assert set(cv.contributions) == {"cv_nelbo", "cv_margin"}
+    assert set(cv.contributions) == {"cv_nelbo", "cv_shift", "cv_margin"}
+    assert cv.contributions["cv_shift"] == 0.0  # no references' training NELBO given: no shift
+    # a model that fits its own points 0.5 worse than the references fit theirs is taken to be
+    # 0.5 worse out of sample too (eq. 2.10b); one that fits them better is not credited
+    worse = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50, refs_train_nelbo=1.5
+    )
+    assert worse.total == pytest.approx(4.0 + 0.5 + 1.0) and worse.terms["cv_shift"] == 0.5
+    assert worse.contributions["cv_shift"] == pytest.approx(0.5)
+    better = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50, refs_train_nelbo=2.5
+    )
+    assert better.total == pytest.approx(cv.total) and better.terms["cv_shift"] == 0.0
     # references better on unseen points than the model on its own: the cross-fitted form is
     # floored at the model's training NELBO (a bound is never below what the model shows)
     floor = assemble_kfold_bound(train_nelbo=5.0, c_fold=1.0, R=3.0, cv_nelbo=4.0, cv_se=0.2, m=50)
     assert floor.total == pytest.approx(5.0) and floor.extras["cv_floor"] == 1.0
     assert floor.extras["branch"] == 1.0 and cv.extras["cv_floor"] == 0.0
-    for rep in (info, noisy, cv, floor):
+    for rep in (info, noisy, cv, worse, floor):
         assert sum(rep.contributions.values()) == pytest.approx(rep.total)
         assert rep.extras["total_upper95"] >= rep.total
 

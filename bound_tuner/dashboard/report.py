@@ -31,6 +31,7 @@ TERMS = (
     "split_info",
     "fold_info",
     "cv_nelbo",
+    "cv_shift",
     "cv_margin",
     "mc_margin",
 )

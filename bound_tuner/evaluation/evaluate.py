@@ -273,9 +273,7 @@ def fold_terms(
     folds = folds.to(per_ref.device)
     out = cv_summary(cross_fitted(per_ref, folds), cross_fitted(mc_var, folds))
     seen = torch.arange(per_ref.shape[0], device=per_ref.device)[:, None] != folds[None]
-    out["refs_train_nelbo"] = float(
-        ((per_ref.double() * seen).sum(dim=1) / seen.sum(dim=1)).mean()
-    )
+    out["refs_train_nelbo"] = float(((per_ref.double() * seen).sum(dim=1) / seen.sum(dim=1)).mean())
     out["holdout_nelbo"] = float(per_ref[0, folds == 0].double().mean())
     return out
 
@@ -529,6 +527,7 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
             cv_se=fold["cv_se"],
             m=terms.settings["m"],
             train_mc_se=mc_se,
+            refs_train_nelbo=fold["refs_train_nelbo"],
             settings=settings,
         )
     enc = terms.encoder or {}

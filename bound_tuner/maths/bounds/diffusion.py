@@ -229,6 +229,7 @@ def assemble_kfold_bound(
     m: int,
     delta: float = SAMPLE_DELTA,
     train_mc_se: float = 0.0,
+    refs_train_nelbo: float | None = None,
     settings: dict | None = None,
     kind: str = "diffusion",
 ) -> BoundReport:
@@ -236,10 +237,14 @@ def assemble_kfold_bound(
     expected population NELBO built on the same K-fold references,
 
       information:      NELBO_train + sqrt(2) R C_fold + 1.645 mc_se
-      cross-fitting:    max(NELBO_cv + 2 se_cv, NELBO_train)
+      cross-fitting:    max(NELBO_cv + shift + 2 se_cv, NELBO_train),
+                        shift = max(0, NELBO_train - NELBO_refs)
 
     (the information form carries the Monte Carlo error of its training NELBO estimate, as the
-    cross-fitted form carries its 2 se_cv), and its 95% certificate ``total_upper95``
+    cross-fitted form carries its 2 se_cv; ``refs_train_nelbo``, NELBO_refs, is the references'
+    NELBO on their own training points: a model that fits its points worse than its references
+    fit theirs is taken to be worse out of sample by as much, eq. 2.10b; None: no shift), and
+    its 95% certificate ``total_upper95``
     (eq. 2.11b), the smaller of
 
       NELBO_train + sqrt(2) R (C_fold + sqrt(ln(1/delta) / m)) + 1.645 mc_se,   the cross-fitted form:
@@ -256,12 +261,14 @@ def assemble_kfold_bound(
     info = train_nelbo + k * c_fold + mc_margin
     # never below the model's own training NELBO: references that do better on unseen points
     # than the model on its own are not the model's algorithm on average (theory.md 2.11)
-    cv = max(cv_nelbo + 2.0 * cv_se, train_nelbo)
+    shift = 0.0 if refs_train_nelbo is None else max(0.0, train_nelbo - refs_train_nelbo)
+    cv = max(cv_nelbo + shift + 2.0 * cv_se, train_nelbo)
     dev = sample_deviation(m, delta=delta)
     terms = {
         "train_nelbo": train_nelbo,
         "fold_info": c_fold,
         "cv_nelbo": cv_nelbo,
+        "cv_shift": shift,
         "cv_margin": 2.0 * cv_se,
         "mc_margin": mc_margin,
     }
@@ -272,13 +279,17 @@ def assemble_kfold_bound(
             "mc_margin": mc_margin,
         }
     else:
-        contributions = {"cv_nelbo": cv_nelbo, "cv_margin": cv - cv_nelbo}
+        contributions = {
+            "cv_nelbo": cv_nelbo,
+            "cv_shift": shift,
+            "cv_margin": cv - cv_nelbo - shift,
+        }
     extras = {
         "info_bound": info,
         "cv_bound": cv,
         "cv_se": cv_se,
         "branch": 0.0 if info <= cv else 1.0,
-        "cv_floor": 1.0 if cv_nelbo + 2.0 * cv_se < train_nelbo else 0.0,
+        "cv_floor": 1.0 if cv_nelbo + shift + 2.0 * cv_se < train_nelbo else 0.0,
         "sample_deviation": k * dev,
         "total_upper95": min(info + k * dev, cv),
     }
