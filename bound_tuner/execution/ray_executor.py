@@ -256,11 +256,11 @@ def _watch(
 def _cancel(ray: Any, refs: list, *, timeout: float = 30.0) -> None:
     """Cancel the tasks: each gets KeyboardInterrupt, ends its trial as interrupted and queues
     it again; any still running after ``timeout`` seconds is killed (its trial goes stale)."""
-    for ref in refs:
-        ray.cancel(ref)
     deadline = time.monotonic() + timeout
     left = list(refs)
     while left and time.monotonic() < deadline:
+        for ref in left:  # again each second: a KeyboardInterrupt can be lost in a finalizer
+            ray.cancel(ref)
         _, left = ray.wait(left, num_returns=len(left), timeout=min(1.0, timeout))
     for ref in left:
         ray.cancel(ref, force=True)
