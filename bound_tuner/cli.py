@@ -787,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
+    # main thread only: the handler it had, put back on return (main may run inside a longer
+    # process; an ignored SIGINT would also pass on to every process it starts)
+    old_sigint = signal.getsignal(signal.SIGINT) if old_sigterm is not None else None
     storage = getattr(args, "storage", None)
     old_hook = threading.excepthook
     threading.excepthook = thread_excepthook(old_hook, storage)
@@ -822,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         ours.propagate = propagate
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
 
 
 if __name__ == "__main__":
