@@ -787,9 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
-    # main thread only: the handler it had, put back on return (main may run inside a longer
-    # process; an ignored SIGINT would also pass on to every process it starts)
-    old_sigint = signal.getsignal(signal.SIGINT) if old_sigterm is not None else None
+    # the SIGINT handler it found, put back on return (main may run inside a longer process; an
+    # ignored SIGINT would also pass on to every process it starts); main thread only
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     storage = getattr(args, "storage", None)
     old_hook = threading.excepthook
     threading.excepthook = thread_excepthook(old_hook, storage)

@@ -21,8 +21,8 @@ def from_spec() -> None:
     attrs = flat_attrs(best.user_attrs)  # settings and extras spread into bound.<name> keys
     print(f"[spec] best T={best.params['T']:.3f} bound={best.value:.3f}")
     print(f"    variant {attrs['bound.variant']}, R = {attrs['bound.R']:.3f}")
-    for key in ("train_nelbo", "generator_info"):
-        print(f"    {key:<20} {attrs.get('bound.' + key, float('nan')):.4f}")
+    for key in ("train_nelbo", "fold_info", "cv_nelbo"):  # terms of the default, elbo-kfold
+        print(f"    {key:<20} {attrs['bound.' + key]:.4f}")
 
 
 def by_hand() -> None:

@@ -259,7 +259,7 @@ def _cancel(ray: Any, refs: list, *, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     left = list(refs)
     while left and time.monotonic() < deadline:
-        for ref in left:  # again each second: a KeyboardInterrupt can be lost in a finalizer
+        for ref in left:  # again each second: a task can miss a cancel request
             ray.cancel(ref)
         _, left = ray.wait(left, num_returns=len(left), timeout=min(1.0, timeout))
     for ref in left:
