@@ -113,11 +113,11 @@ def test_tiny_image_study_on_real_fashion_mnist(tmp_path):
     for t in trials:
         ua = flat_attrs(t.user_attrs)
         assert ua["bound.d"] == 784 and ua["bound.m"] == 8
-        # the default: the smaller of the K-fold information and cross-fitted forms (K = 4 for
-        # 8 images), in the discrete data's nats per image
+        # the default: the K-fold cross-fitted form (K = 4 for 8 images), in the discrete
+        # data's nats per image, the information form recorded beside it
         assert ua["bound.variant"] == "elbo-kfold" and ua["bound.folds"] == 4
         assert ua["bound.fold_info"] >= 0
-        assert t.value == pytest.approx(min(ua["bound.info_bound"], ua["bound.cv_bound"]))
+        assert t.value == pytest.approx(ua["bound.cv_bound"]) and ua["bound.info_bound"] > 0
         contributions = [v for k, v in ua.items() if k.startswith("bound.contribution.")]
         assert t.value == pytest.approx(sum(contributions))
         assert ua["bound.total_upper95"] >= t.value
