@@ -95,6 +95,34 @@ def test_only_failures_in_a_row_count(tmp_path):
     assert len(states) == 9 and states.count(TrialState.FAIL) == 6
 
 
+def test_a_trial_failed_as_stale_while_it_ran_is_dropped_and_the_worker_goes_on(tmp_path, caplog):
+    """A worker whose heartbeat came late (a stalled or overloaded machine) finds that another
+    process failed its trial: whether the trial then writes an attribute, raises or returns, the
+    worker drops it with one warning and goes on, and the trial stays as the other process left
+    it."""
+    study, url = _study(tmp_path)
+    other = optuna.load_study(study_name="f", storage=make_storage(url))
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number < 3:
+            other.tell(trial.number, state=TrialState.FAIL)  # as fail_stale_trials does
+        if trial.number == 0:
+            trial.set_user_attr("late", 1.0)  # the write finds its trial finished
+        if trial.number == 1:
+            raise RuntimeError("and then it fails")  # its fail_reason finds it finished
+        return x  # trial 2 returns: Optuna cannot tell a finished trial
+
+    with caplog.at_level(logging.WARNING, logger="bound_tuner.execution.loop"):
+        optimize_until(study, objective, target=5, url=url)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 2
+    assert not any("fail_reason" in t.user_attrs or "late" in t.user_attrs for t in trials)
+    stale = [r.getMessage() for r in caplog.records if "failed as stale" in r.getMessage()]
+    assert [m.split()[1] for m in stale] == ["0", "1", "2"]
+    assert all("grace_period" in m for m in stale)
+
+
 def test_keyboard_interrupt_and_system_exit_still_stop(tmp_path):
     study, url = _study(tmp_path)
 

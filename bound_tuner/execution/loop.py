@@ -69,6 +69,32 @@ class _Abandon(BaseException):
     Exception and KeyboardInterrupt, so the trial goes stale and is retried on resume."""
 
 
+class _TakenOver(BaseException):
+    """Another process finished this worker's trial while it ran (failed it as stale: the
+    heartbeat came later than the grace period, on a stalled or overloaded machine). Its retry
+    is queued; this worker drops the trial and goes on (BaseException: Optuna must not try to
+    tell a trial that is already finished)."""
+
+
+def _finished_elsewhere(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what it was raised from or during) says the trial had already finished."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _taken_over_warning(number: int) -> None:
+    _log.warning(
+        "trial %d was failed as stale by another process while this one ran it (its heartbeat "
+        "came later than the grace period: a stalled or overloaded machine; raise [storage] "
+        "grace_period); its retry runs instead",
+        number,
+    )
+
+
 def _one_line(e: BaseException, url: str | None = None) -> str:
     for _ in range(10):  # Optuna wraps database errors: the innermost says what happened
         if not isinstance(e.__cause__, Exception):
@@ -91,6 +117,21 @@ def _storage_failure(e: BaseException | None) -> BaseException | None:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
+
+
+def _told_elsewhere(study: optuna.Study, current: dict[str, Any]) -> bool:
+    """Whether the trial this worker ran to its end (a value or a prune, not a failure of its
+    own) is FAIL in the study: another process failed it while it ran, and Optuna's tell
+    refused it. Read on an error path only."""
+    if "number" not in current or "failed" in current:
+        return False
+    try:
+        states = [
+            t.state for t in study.get_trials(deepcopy=False) if t.number == current["number"]
+        ]
+    except storage_errors():
+        return False
+    return states == [optuna.trial.TrialState.FAIL]
 
 
 def _not_an_interrupt(record: logging.LogRecord) -> bool:
@@ -164,6 +205,8 @@ def optimize_until(
                     _log.warning("trial %d: not marked interrupted: %s", trial.number, werr)
                 raise
             except Exception as err:
+                if _finished_elsewhere(err):
+                    raise _TakenOver from err
                 current["reason"] = _one_line(err, url)
                 if _storage_failure(err):
                     current["storage_failure"] = err
@@ -176,6 +219,8 @@ def optimize_until(
                 try:
                     if "fail_reason" not in trial.user_attrs:
                         trial.set_user_attr("fail_reason", current["reason"])
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    raise _TakenOver from err
                 except storage_errors() as werr:  # the FAIL itself is written next, or raises
                     _log.warning("trial %d: fail_reason not recorded: %s", trial.number, werr)
                 raise
@@ -222,8 +267,13 @@ def optimize_until(
             raise
         except TooManyFailures:
             raise
+        except _TakenOver:
+            _taken_over_warning(current["number"])
         except (Exception, _Abandon) as failure:
             held.close()
+            if _storage_failure(failure) is None and _told_elsewhere(study, current):
+                _taken_over_warning(current["number"])  # it ended; Optuna could not tell it
+                continue
             e = _storage_failure(failure)
             if e is None:
                 raise
