@@ -325,6 +325,7 @@ def run_vae_task(task: Task) -> dict:
             "fold.cv_nelbo": kf.terms["cv_nelbo"],
             "fold.cv_se": kx["cv_se"],
             "fold.holdout_nelbo": kx["holdout_nelbo"],
+            "fold.refs_train_nelbo": kx["refs_train_nelbo"],
         },
         "heldout": {
             "neg_elbo": kx["test_neg_elbo"],
@@ -356,6 +357,7 @@ def vae_scores_from_raw(raw: dict) -> dict[str, float]:
             cv_se=raw["fold.cv_se"],
             m=raw["m"],
             train_mc_se=raw["train_nelbo_mc_se"],
+            refs_train_nelbo=raw.get("fold.refs_train_nelbo"),  # rows before it: no shift
         )
         kfold = {
             "elbo-kfold (default)": rep.total,

@@ -204,6 +204,20 @@ def test_the_objective_gives_every_trial_the_studys_evaluation_seed():
     assert len({c.seed for c in cfgs}) == 3  # training seeds stay per trial
 
 
+def test_the_references_own_fit_averages_each_one_over_the_points_it_saw():
+    from bound_tuner.maths.bounds.kfold import refs_own_fit
+
+    folds = torch.tensor([0, 1, 2, 0, 1, 2])
+    per_ref = torch.tensor(
+        [
+            [9.0, 1.0, 2.0, 9.0, 3.0, 4.0],  # reference 0 saw points 1, 2, 4, 5: mean 2.5
+            [1.0, 9.0, 1.0, 1.0, 9.0, 1.0],  # reference 1 saw points 0, 2, 3, 5: mean 1.0
+            [2.0, 4.0, 9.0, 6.0, 8.0, 9.0],  # reference 2 saw points 0, 1, 3, 4: mean 5.0
+        ]
+    )
+    assert refs_own_fit(per_ref, folds) == pytest.approx((2.5 + 1.0 + 5.0) / 3)
+
+
 def test_kfold_is_the_default_and_its_value_is_the_cross_fitted_bound():
     assert DEFAULT_VARIANT == "elbo-kfold"
     rep = assemble_kfold_bound(train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=3.0, cv_se=0.1, m=200)

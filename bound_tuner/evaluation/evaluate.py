@@ -38,7 +38,7 @@ from bound_tuner.maths.bounds.diffusion import (
     reference_R,
     split_info,
 )
-from bound_tuner.maths.bounds.kfold import Z95, cross_fitted, cv_summary, fold_info
+from bound_tuner.maths.bounds.kfold import Z95, cross_fitted, cv_summary, fold_info, refs_own_fit
 from bound_tuner.maths.bounds.kfold import fold_sizes as kfold_sizes
 from bound_tuner.maths.bounds.report import BoundReport
 from bound_tuner.maths.draws import chunk_length, generator_for
@@ -272,8 +272,7 @@ def fold_terms(
     (reference 0 on fold 0) as a baseline."""
     folds = folds.to(per_ref.device)
     out = cv_summary(cross_fitted(per_ref, folds), cross_fitted(mc_var, folds))
-    seen = torch.arange(per_ref.shape[0], device=per_ref.device)[:, None] != folds[None]
-    out["refs_train_nelbo"] = float(((per_ref.double() * seen).sum(dim=1) / seen.sum(dim=1)).mean())
+    out["refs_train_nelbo"] = refs_own_fit(per_ref, folds)
     out["holdout_nelbo"] = float(per_ref[0, folds == 0].double().mean())
     return out
 

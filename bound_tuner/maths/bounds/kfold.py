@@ -72,6 +72,15 @@ def cross_fitted(per_member: torch.Tensor, assignment: torch.Tensor) -> torch.Te
     return per_member.gather(0, assignment.to(per_member.device)[None]).squeeze(0)
 
 
+def refs_own_fit(per_member: torch.Tensor, assignment: torch.Tensor) -> float:
+    """NELBO_refs (docs/theory.md eq. 2.10a): each reference's mean value on the points it was
+    trained on (every point outside its own fold), averaged over the K references."""
+    assignment = assignment.to(per_member.device)
+    seen = torch.arange(per_member.shape[0], device=per_member.device)[:, None] != assignment[None]
+    per_ref = (per_member.double() * seen).sum(dim=1) / seen.sum(dim=1)
+    return float(per_ref.mean())
+
+
 def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict[str, float]:
     """The cross-fitted NELBO's mean (eq. 2.10), its standard error as an estimate of the
     references' population NELBO (points and draws), and the cross-fitted scale R_cv, the

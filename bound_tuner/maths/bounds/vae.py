@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from bound_tuner.maths.bounds.diffusion import R_SOURCES, assemble_kfold_bound, estimate_R
-from bound_tuner.maths.bounds.kfold import cross_fitted, cv_summary, fold_info, fold_sizes
+from bound_tuner.maths.bounds.kfold import (
+    cross_fitted,
+    cv_summary,
+    fold_info,
+    fold_sizes,
+    refs_own_fit,
+)
 from bound_tuner.maths.bounds.report import BoundReport
 from bound_tuner.maths.draws import generator_for
 
@@ -453,6 +459,7 @@ def vae_kfold_bound(
     c_fold = fold_info(kls, sizes)
     train_nelbo = float(nelbo.mean())
     train_mc_se = float(mc_var.sum().sqrt()) / m
+    refs_fit = refs_own_fit(per_ref, folds)  # eq. 2.10a: the shift of eq. 2.10b
     settings = {
         "variant": "elbo-kfold",
         "R": cv["R_cv"],
@@ -473,6 +480,7 @@ def vae_kfold_bound(
         cv_se=cv["cv_se"],
         m=m,
         train_mc_se=train_mc_se,
+        refs_train_nelbo=refs_fit,
         settings=settings,
         kind="vae",
     )
@@ -483,6 +491,7 @@ def vae_kfold_bound(
         R_cv_std=cv["R_cv_std"],
         R_cv_half_range=cv["R_cv_half_range"],
         holdout_nelbo=float(per_ref[0, folds == 0].mean()),
+        refs_train_nelbo=refs_fit,
         decoder_kl_max=max(kls),
     )
     if test_x is not None:
