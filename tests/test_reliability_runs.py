@@ -31,7 +31,12 @@ def write_spec(path: Path, name: str, *, n_trials: int = 2, steps: int = 10) -> 
 
 
 def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",  # SIGABRT prints every thread's stack (``answer``)
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "bound_tuner.cli", *argv, "--quiet"],
         cwd=REPO,
@@ -58,6 +63,17 @@ def wait_running(name: str, url: str, n: int, proc: subprocess.Popen, timeout: f
             return running
         time.sleep(0.2)
     raise AssertionError("no trial started")
+
+
+def answer(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The process's output once it ends; if it has not ended within ``timeout`` seconds, fail
+    with the stack of each of its threads (SIGABRT with PYTHONFAULTHANDLER set by ``start``)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"no end within {timeout:g} s; its threads:\n{err[-8000:]}") from None
 
 
 def alive(pid: int) -> bool:
@@ -89,7 +105,7 @@ def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command
     proc = start([command, str(spec), "--storage", url], tmp_path)
     (victim,) = wait_running("intr", url, 1, proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = answer(proc, 60)
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
