@@ -129,6 +129,7 @@ def build_tasks(
     fewshot: bool,
     seed_offset: int = 0,
     configs: int = 16,
+    folds: int | None = None,
 ) -> list[Task]:
     """The selection problems. Every model of a problem shares its data, its evaluation draws
     (eval_seed: common random numbers, as in a study) and its folds; models differ by their
@@ -136,6 +137,8 @@ def build_tasks(
     tasks: list[Task] = []
     low_d = {"test_size": 10_000, "n_generated": 4000, "n_steps": 250}
     bound_2d = {"n_steps": 500, "n_paths": 256}  # the evaluation draws of DiffusionConfig
+    if folds is not None:  # K of the 2-D cases' references (None: the objective's default)
+        bound_2d["folds"] = folds
 
     def cfg(s: int, j: int, **kw) -> dict:  # model j of problem s: its own training seed
         return _cfg(seed=1000 * s + j, eval_seed=s, **bound_2d, **kw)
@@ -729,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=4, help="seeds of case (a); (b)-(d) use up to 2")
     ap.add_argument("--memo-steps", type=int, default=8000, help="training steps of case (c)")
     ap.add_argument(
+        "--folds", type=int, help="K of the 2-D cases' K-fold references (default: the objective's)"
+    )
+    ap.add_argument(
         "--configs", type=int, default=16, help="random configurations of cases (b) and (f)-(i)"
     )
     ap.add_argument(
@@ -767,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         fewshot=fewshot,
         seed_offset=args.seed_offset,
         configs=args.configs,
+        folds=args.folds,
     )
     from functools import partial
 
