@@ -612,7 +612,9 @@ def _problems(rows: list[dict], case: str) -> list[list[dict]]:
 
 def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
     """Validity (pooled over the case's models), regret in the primary truth's units and
-    Spearman (means over problems), the pick ranks, and the second view's ratio regret."""
+    Spearman (means over problems), the pick ranks, and the second view's ratio regret. An
+    infinite score is a trial the objective fails (its generator diverged): never picked, left
+    out of validity, counted beside the pick rank; regret is still against the best of all."""
     from bound_tuner.maths.selection import pick_rank, regret, regret_diff, spearman, validity
 
     truth, second = truths_of(case)
@@ -621,16 +623,18 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
     regs, rhos, ranks, regs2 = [], [], [], []
     for rs in _problems(rows, case):
         sc = [_units(case, r, score, score_row(r)[score]) for r in rs]
-        if not all(math.isfinite(v) for v in sc):
+        if any(math.isnan(v) for v in sc) or not any(math.isfinite(v) for v in sc):
             return None
         tr = [r["heldout"][truth] for r in rs]
         se = [r["heldout"].get(f"{truth}_se", 0.0) for r in rs]
-        sc_all += sc
-        tr_all += tr
-        se_all += se
+        kept = [i for i, v in enumerate(sc) if math.isfinite(v)]
+        sc_all += [sc[i] for i in kept]
+        tr_all += [tr[i] for i in kept]
+        se_all += [se[i] for i in kept]
         regs.append(regret_diff(sc, tr))
-        rhos.append(spearman(sc, tr))
-        ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}")
+        rhos.append(spearman([sc[i] for i in kept], [tr[i] for i in kept]))
+        failed = len(rs) - len(kept)
+        ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}" + (f" ({failed} failed)" if failed else ""))
         if not vae:
             regs2.append(regret(sc, [r["heldout"][second] for r in rs]))
     out = {
