@@ -35,6 +35,7 @@ VALUES = {
     "N": 17,
     "k": 3,
     "n_paths": 19,
+    "max_sample_scale": 7.5,
     "train_draws": 5,
     "folds": 4,
     "r": 0.5,

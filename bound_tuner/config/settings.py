@@ -101,6 +101,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bound", "n_paths", int, {"diffusion": "n_paths"}, "generator paths of the bound"),
     Setting(
         "bound",
+        "max_sample_scale",
+        float,
+        {"diffusion": "max_sample_scale"},
+        "a trial whose samples reach this many times the data's largest norm fails (diverged)",
+    ),
+    Setting(
+        "bound",
         "train_draws",
         int,
         {"diffusion": "train_draws"},

@@ -20,6 +20,8 @@ created. The schema (every section optional except [study].name):
              torch.compile; pack = K trains K diffusion trials at once as one ensemble,
              bound_tuner.training.pack)
   [bound]    variant, R (a number, "estimate" or "data"), L_estimator, N, k, n_paths, train_draws,
+             max_sample_scale (a trial whose samples reach that many times the data's largest
+             norm fails),
              heldout_samples, heldout_steps (generator samples and steps of validation mode)
              (VAE: R or the paper's r, mc_samples, bound_subset)
   [sampler]  type ("tpe" | "random" | "grid" | "bruteforce" | "nsga2"), seed, n_startup_trials,
@@ -436,6 +438,7 @@ def parse_spec(raw: dict, *, where: str = "spec", base: Path | None = None) -> S
         "bound_subset",
         "heldout_samples",
         "heldout_steps",
+        "max_sample_scale",
     ):
         if key in spec.bound and spec.bound[key] < 1:
             raise SpecError(f"{where}: bound.{key} = {spec.bound[key]} must be at least 1")

@@ -194,7 +194,7 @@ class DiffusionObjective:
             trial.set_user_attr(f"heldout.{key}", value)
         trial.set_user_attr("config", cfg.to_dict())
         record_cost(trial, res.model, time.perf_counter() - start)
-        reason = unusable(report)
+        reason = unusable(report, max_scale=cfg.max_sample_scale)
         if reason is not None:
             trial.set_user_attr("fail_reason", reason)
             return math.nan

@@ -14,15 +14,17 @@ from bound_tuner.training.sampling import DIVERGED_SCALE
 TrialHook = Callable[[optuna.Trial, Any], None]
 
 
-def unusable(report: BoundReport) -> str | None:
+def unusable(report: BoundReport, *, max_scale: float = DIVERGED_SCALE) -> str | None:
     """Why a trial's bound cannot be its value (a term overflowed, or the generator diverges at
-    the bound's N steps: a likelihood pick must not hand over unusable samples), else None."""
+    the bound's N steps: its samples reach more than ``max_scale`` times the data's largest
+    norm, and a likelihood pick must not hand over unusable samples), else None."""
     if not math.isfinite(report.total):
         return f"bound is {report.total} (a term overflowed)"
     scale = report.settings.get("sample_scale", 0.0)
-    if not scale <= DIVERGED_SCALE:
+    if not scale <= max_scale:
         return (
             f"the generator diverges at N={report.settings['N']} steps (samples reach "
-            f"{scale:.3g} times the data's largest norm); raise [bound] N or search a smaller T"
+            f"{scale:.3g} times the data's largest norm, over [bound] max_sample_scale = "
+            f"{max_scale:g}); raise [bound] N or search a smaller T"
         )
     return None

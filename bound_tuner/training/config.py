@@ -16,6 +16,7 @@ from bound_tuner.models import DEFAULT_CHANNELS, build_score_model
 from bound_tuner.models.factory import build_from_factory, factory_name, vmap_error
 from bound_tuner.runtime.device import DEFAULT_TF32
 from bound_tuner.runtime.seeding import seed_everything
+from bound_tuner.training.sampling import DIVERGED_SCALE
 
 #: ``train_fn(points) -> trained model``: a reference model trained by the user's own loop on a
 #: subset of the training points (``bound_tuner.score``, docs/own_models.md)
@@ -48,6 +49,9 @@ class DiffusionConfig:
     train_draws: int | None = None
     # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9); None: bounds.kfold.folds_for
     folds: int | None = None
+    # a trial whose generated samples reach this many times the data's largest norm at N steps
+    # fails: its generator diverged (docs/theory.md 2.11)
+    max_sample_scale: float = DIVERGED_SCALE
     # the evaluation draws (NELBO, generator paths, folds): fixed per study, not per trial, so
     # that two trials differ only by their models (common random numbers)
     eval_seed: int = 0
