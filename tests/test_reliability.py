@@ -175,6 +175,7 @@ WRONG_VALUE = {
         "N": 0,
         "k": 0,
         "n_paths": 0,
+        "max_sample_scale": 0.5,
         "train_draws": 0,
         "r": -0.5,
         "mc_samples": 0,
