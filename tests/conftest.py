@@ -187,6 +187,7 @@ checkpoints = {checkpoints}
 variant = "paper"  # these tests check the paper's four terms
 R = 5.0
 N = 10
+max_sample_scale = 1000.0  # tiny models sampled in a few steps spread their samples
 n_paths = 8
 train_draws = 2
 

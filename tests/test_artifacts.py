@@ -27,7 +27,14 @@ from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.sampling import generate
 
 TINY = DiffusionConfig(
-    width=16, layers=2, steps=15, batch_size=32, n_steps=8, n_paths=4, train_draws=2
+    width=16,
+    layers=2,
+    steps=15,
+    batch_size=32,
+    n_steps=8,
+    n_paths=4,
+    train_draws=2,
+    max_sample_scale=1000.0,  # a 15-step model sampled in 8 steps spreads its samples
 )
 
 
@@ -121,6 +128,7 @@ batch_size = 16
 checkpoints = 0
 [bound]
 N = 6
+max_sample_scale = 1000.0  # tiny models sampled in a few steps spread their samples
 n_paths = 4
 train_draws = 2
 [sampler]

@@ -98,6 +98,7 @@ def test_tiny_image_study_on_real_fashion_mnist(tmp_path):
             "training": {"steps": 5, "batch_size": 8, "channels": 8, "checkpoints": 0},
             "bound": {
                 "N": 5,
+                "max_sample_scale": 1000.0,  # a 5-step model sampled in 5 steps
                 "n_paths": 4,
                 "train_draws": 2,
                 "heldout_samples": 16,

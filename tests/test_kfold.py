@@ -3,6 +3,7 @@ answers, packed references, common random numbers and the default bound's assemb
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import optuna
@@ -303,28 +304,32 @@ def test_a_study_scores_a_trial_as_the_benchmark_scores_its_configuration():
         assert t.user_attrs["bound.total_upper95"] >= t.value
 
 
-def test_a_trial_whose_generator_diverges_fails_with_the_reason(monkeypatch):
+def test_a_trial_whose_generator_diverges_fails_with_the_reason():
     from bound_tuner.data import load_dataset
-    from bound_tuner.objectives import outcome
     from bound_tuner.objectives.diffusion import DiffusionObjective
-    from bound_tuner.training.sampling import sample_scale
+    from bound_tuner.training.sampling import DIVERGED_SCALE, sample_scale
 
     data = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
     assert sample_scale(torch.tensor([[30.0, 40.0]]), data) == pytest.approx(10.0)
     assert sample_scale(torch.tensor([[math.nan, 0.0]]), data) == math.inf
+    assert DiffusionConfig().max_sample_scale == DIVERGED_SCALE == 10.0
 
     split = load_dataset("swiss_roll", m=20, seed=0, test_size=10)
     base = DiffusionConfig(
         steps=10, batch_size=20, width=16, layers=2, n_steps=50, n_paths=16, variant="elbo"
     )
-    obj = DiffusionObjective(split, search={"T": 0.5}, base=base, checkpoints=0)
-    monkeypatch.setattr(outcome, "DIVERGED_SCALE", 1e-3)  # every generator "diverges"
     study = optuna.create_study()
-    study.optimize(obj, n_trials=1)
-    (t,) = study.trials
-    assert t.state == optuna.trial.TrialState.FAIL
-    assert "generator diverges at N=50" in t.user_attrs["fail_reason"]
-    assert flat_attrs(t.user_attrs)["bound.sample_scale"] > 1e-3
+    for limit in (1e-3, 1e6):  # every generator "diverges"; none does
+        cfg = dataclasses.replace(base, max_sample_scale=limit)
+        obj = DiffusionObjective(split, search={"T": 0.5}, base=cfg, checkpoints=0)
+        study.optimize(obj, n_trials=1)
+    failed, kept = study.trials
+    assert failed.state == optuna.trial.TrialState.FAIL
+    reason = failed.user_attrs["fail_reason"]
+    assert "generator diverges at N=50" in reason and "max_sample_scale = 0.001" in reason
+    scale = flat_attrs(failed.user_attrs)["bound.sample_scale"]
+    assert 1e-3 < scale < 1e6
+    assert kept.state == optuna.trial.TrialState.COMPLETE
 
 
 def test_the_subgaussian_scale_is_the_std_of_a_gaussian_and_larger_for_a_long_upper_tail():

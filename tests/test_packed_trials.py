@@ -36,6 +36,7 @@ pack = {pack}
 
 [bound]
 N = 10
+max_sample_scale = 1000.0  # tiny models sampled in a few steps spread their samples
 n_paths = 8
 train_draws = 2
 

@@ -205,6 +205,7 @@ width = 8
 checkpoints = 0
 [bound]
 N = 5
+max_sample_scale = 1000.0  # tiny models sampled in a few steps spread their samples
 n_paths = 4
 train_draws = 2
 [sampler]

@@ -61,6 +61,7 @@ batch_size = 32
 {width_line}checkpoints = 0
 [bound]
 N = 10
+max_sample_scale = 1000.0  # tiny models sampled in a few steps spread their samples
 n_paths = 8
 train_draws = 2
 [sampler]
