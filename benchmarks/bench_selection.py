@@ -628,11 +628,12 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
         tr = [r["heldout"][truth] for r in rs]
         se = [r["heldout"].get(f"{truth}_se", 0.0) for r in rs]
         kept = [i for i, v in enumerate(sc) if math.isfinite(v)]
-        sc_all += [sc[i] for i in kept]
-        tr_all += [tr[i] for i in kept]
+        kept_sc, kept_tr = [sc[i] for i in kept], [tr[i] for i in kept]
+        sc_all += kept_sc
+        tr_all += kept_tr
         se_all += [se[i] for i in kept]
         regs.append(regret_diff(sc, tr))
-        rhos.append(spearman([sc[i] for i in kept], [tr[i] for i in kept]))
+        rhos.append(spearman(kept_sc, kept_tr))
         failed = len(rs) - len(kept)
         ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}" + (f" ({failed} failed)" if failed else ""))
         if not vae:

@@ -76,16 +76,6 @@ class _TakenOver(BaseException):
     tell a trial that is already finished)."""
 
 
-def _finished_elsewhere(e: BaseException | None) -> bool:
-    """Whether ``e`` (or what it was raised from or during) says the trial had already finished."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
 def _taken_over_warning(number: int) -> None:
     _log.warning(
         "trial %d was failed as stale by another process while this one ran it (its heartbeat "
@@ -106,17 +96,29 @@ def _one_line(e: BaseException, url: str | None = None) -> str:
     return scrub(f"{type(orig or e).__name__}: {first}" if first else type(e).__name__, url)
 
 
-def _storage_failure(e: BaseException | None) -> BaseException | None:
-    """The database error behind ``e`` (itself, or what it was raised from or during), else
-    None. Only the storage's own errors count (``bound_tuner.storage.database.storage_errors``): an
-    OSError of a trial's code is that trial's failure."""
-    kinds = storage_errors()
+def _behind(
+    e: BaseException | None, kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of ``kinds`` in ``e``'s chain (itself, or what it was raised from or
+    during, ten links at most), else None."""
     seen = 0
     while e is not None and seen < 10:
         if isinstance(e, kinds):
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
+
+
+def _storage_failure(e: BaseException | None) -> BaseException | None:
+    """The database error behind ``e``, else None. Only the storage's own errors count
+    (``bound_tuner.storage.database.storage_errors``): an OSError of a trial's code is that
+    trial's failure."""
+    return _behind(e, storage_errors())
+
+
+def _finished_elsewhere(e: BaseException | None) -> bool:
+    """Whether ``e``'s chain says the trial had already finished (another process ended it)."""
+    return _behind(e, (optuna.exceptions.UpdateFinishedTrialError,)) is not None
 
 
 def _told_elsewhere(study: optuna.Study, current: dict[str, Any]) -> bool:
@@ -271,10 +273,10 @@ def optimize_until(
             _taken_over_warning(current["number"])
         except (Exception, _Abandon) as failure:
             held.close()
-            if _storage_failure(failure) is None and _told_elsewhere(study, current):
+            e = _storage_failure(failure)
+            if e is None and _told_elsewhere(study, current):
                 _taken_over_warning(current["number"])  # it ended; Optuna could not tell it
                 continue
-            e = _storage_failure(failure)
             if e is None:
                 raise
             if isinstance(failure, _Abandon):
