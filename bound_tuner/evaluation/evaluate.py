@@ -38,7 +38,14 @@ from bound_tuner.maths.bounds.diffusion import (
     reference_R,
     split_info,
 )
-from bound_tuner.maths.bounds.kfold import Z95, cross_fitted, cv_summary, fold_info, refs_own_fit
+from bound_tuner.maths.bounds.kfold import (
+    Z95,
+    cross_fitted,
+    cv_summary,
+    fold_info,
+    holdout_fit,
+    refs_own_fit,
+)
 from bound_tuner.maths.bounds.kfold import fold_sizes as kfold_sizes
 from bound_tuner.maths.bounds.report import BoundReport
 from bound_tuner.maths.draws import chunk_length, generator_for
@@ -273,7 +280,7 @@ def fold_terms(
     folds = folds.to(per_ref.device)
     out = cv_summary(cross_fitted(per_ref, folds), cross_fitted(mc_var, folds))
     out["refs_train_nelbo"] = refs_own_fit(per_ref, folds)
-    out["holdout_nelbo"] = float(per_ref[0, folds == 0].double().mean())
+    out["holdout_nelbo"] = holdout_fit(per_ref, folds)
     return out
 
 

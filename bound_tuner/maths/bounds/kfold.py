@@ -81,6 +81,12 @@ def refs_own_fit(per_member: torch.Tensor, assignment: torch.Tensor) -> float:
     return float(per_ref.mean())
 
 
+def holdout_fit(per_member: torch.Tensor, assignment: torch.Tensor) -> float:
+    """The plain 80/20 split's held-out value (K = 5): reference 0's mean on fold 0, the points
+    it did not see (``bound.holdout_nelbo``, a baseline)."""
+    return float(per_member[0, assignment.to(per_member.device) == 0].double().mean())
+
+
 def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict[str, float]:
     """The cross-fitted NELBO's mean (eq. 2.10), its standard error as an estimate of the
     references' population NELBO (points and draws), and the cross-fitted scale R_cv, the

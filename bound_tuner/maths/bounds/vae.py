@@ -32,6 +32,7 @@ from bound_tuner.maths.bounds.kfold import (
     cv_summary,
     fold_info,
     fold_sizes,
+    holdout_fit,
     refs_own_fit,
 )
 from bound_tuner.maths.bounds.report import BoundReport
@@ -490,7 +491,7 @@ def vae_kfold_bound(
         train_mc_se=train_mc_se,
         R_cv_std=cv["R_cv_std"],
         R_cv_half_range=cv["R_cv_half_range"],
-        holdout_nelbo=float(per_ref[0, folds == 0].mean()),
+        holdout_nelbo=holdout_fit(per_ref, folds),
         refs_train_nelbo=refs_fit,
         decoder_kl_max=max(kls),
     )
