@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = [t for t in tasks if t.case not in IMAGE_CASES]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         run = partial(run_task, split_refs=not args.no_split)
-        for row in tqdm(pool.map(run, cpu), total=len(cpu), desc="2-D models"):
+        for row in tqdm(pool.map(run, cpu), total=len(cpu), desc="2-D and VAE models"):
             keep(row)
     for t in tqdm([t for t in tasks if t.case in IMAGE_CASES], desc="image models"):
         os.environ.setdefault("BENCH_THREADS", str(os.cpu_count() or 1))
