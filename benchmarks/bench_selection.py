@@ -100,6 +100,8 @@ VAE_FOLDS = 5
 VAE_TEST_SIZE = 2000
 #: the few-shot image cases, judged in bits per dim
 IMAGE_CASES = ("e", "y")
+#: how many random fresh held-out samples of m points the yardstick of ``sample_floor`` averages
+FLOOR_SAMPLES = 400
 
 
 @dataclass
@@ -411,6 +413,7 @@ def run_task(task: Task, *, split_refs: bool = True) -> dict:
         bound_terms,
         draws_for,
         heldout_metrics,
+        negative_elbo,
         variant_report,
     )
     from bound_tuner.maths.bounds import VARIANTS
@@ -462,6 +465,9 @@ def run_task(task: Task, *, split_refs: bool = True) -> dict:
         t_min=cfg.t_min,
         seed=cfg.eval_seed,
     )
+    per_point = negative_elbo(
+        model, split.test, schedule, T=cfg.T, t_min=cfg.t_min, draws=64, seed=cfg.eval_seed
+    ).per_point
     return {
         "case": task.case,
         "group": task.group,
@@ -488,11 +494,26 @@ def run_task(task: Task, *, split_refs: bool = True) -> dict:
             **{f"fold.{k}": v for k, v in terms.fold.items()},
         },
         "heldout": held,
+        "heldout_samples": heldout_sample_means(
+            per_point, size=int(split.train.shape[0]), seed=task.data_seed
+        ),
         "seconds": time.perf_counter() - t0,
         "seconds_model": t_model,
         "seconds_folds": t_folds,
         "seconds_to_score": t_scored,
     }
+
+
+def heldout_sample_means(per_point, *, size: int, seed: int) -> list[float]:
+    """Each model's mean held-out NELBO on FLOOR_SAMPLES random sets of ``size`` test points, the
+    same sets for every model of a problem (drawn from ``seed``): what a fresh held-out set as
+    large as the training set would have measured (the yardstick of ``sample_floor``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = per_point.numel()
+    idx = torch.stack([torch.randperm(n, generator=g)[:size] for _ in range(FLOOR_SAMPLES)])
+    return per_point[idx].mean(dim=1).tolist()
 
 
 def scores_from_raw(raw: dict) -> dict[str, float]:
@@ -620,7 +641,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
     truth, second = truths_of(case)
     vae = case in VAE_CASES
     sc_all, tr_all, se_all = [], [], []
-    regs, rhos, ranks, regs2 = [], [], [], []
+    regs, shares, rhos, ranks, regs2 = [], [], [], [], []
     for rs in _problems(rows, case):
         sc = [_units(case, r, score, score_row(r)[score]) for r in rs]
         if any(math.isnan(v) for v in sc) or not any(math.isfinite(v) for v in sc):
@@ -633,6 +654,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
         tr_all += kept_tr
         se_all += [se[i] for i in kept]
         regs.append(regret_diff(sc, tr))
+        shares.append(regs[-1] / (max(tr) - min(tr)) if max(tr) > min(tr) else 0.0)
         rhos.append(spearman(kept_sc, kept_tr))
         failed = len(rs) - len(kept)
         ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}" + (f" ({failed} failed)" if failed else ""))
@@ -640,6 +662,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
             regs2.append(regret(sc, [r["heldout"][second] for r in rs]))
     out = {
         "regret": statistics.fmean(regs),
+        "regret_share": statistics.fmean(shares),
         "spearman": statistics.fmean(rhos),
         "ranks": " ".join(ranks),
         "regret2": statistics.fmean(regs2) if regs2 else math.nan,
@@ -663,6 +686,27 @@ def oracle_floor(rows: list[dict], case: str) -> float:
     )
 
 
+def sample_floor(rows: list[dict], case: str) -> dict | None:
+    """The regret of picking each problem's model by a fresh held-out sample of m points (m the
+    training set's size; the same points for every model), averaged over FLOOR_SAMPLES such
+    samples: how well m new points tell the models apart, a yardstick for any score computed
+    from m training points. Mean regret (nats) and mean share of the spread; None for rows
+    without the samples (runs before they were recorded, images, VAEs)."""
+    from bound_tuner.maths.selection import regret_diff
+
+    truth = truths_of(case)[0]
+    regs, shares = [], []
+    for rs in _problems(rows, case):
+        if any("heldout_samples" not in r for r in rs):
+            return None
+        means = np.asarray([r["heldout_samples"] for r in rs])  # [models, samples]
+        tr = [r["heldout"][truth] for r in rs]
+        reg = statistics.fmean(regret_diff(means[:, b], tr) for b in range(means.shape[1]))
+        regs.append(reg)
+        shares.append(reg / (max(tr) - min(tr)))
+    return {"regret": statistics.fmean(regs), "share": statistics.fmean(shares)}
+
+
 def summarize(rows: list[dict]) -> str:
     out = []
     for case in sorted({r["case"] for r in rows}):
@@ -679,16 +723,22 @@ def summarize(rows: list[dict]) -> str:
                 f"(second view: {second}, ratio regret; its floor, the truth's own pick: "
                 f"{100 * oracle_floor(rows, case):.0f}%)"
             )
+        floor = sample_floor(rows, case)
+        if floor is not None:
+            out.append(
+                f"(yardstick: picking by a fresh held-out sample as large as the training set: "
+                f"regret {floor['regret']:.3f} {unit}, {100 * floor['share']:.0f}% of the spread)"
+            )
         out.append(
-            f"| score | {reg_head} | mean Spearman | pick rank | above (2 se) | mean excess "
+            f"| score | {reg_head} | of the spread | mean Spearman | pick rank | above (2 se) | mean excess "
             f"| worst excess |" + ("" if vae else f" regret by {second} |")
         )
-        out.append("| --- " * (7 if vae else 8) + "|")
+        out.append("| --- " * (8 if vae else 9) + "|")
         for score in scores_for(case):
             st = score_stats(rows, case, score)
             if st is None:
                 continue
-            reg = f"{st['regret']:.3f}"
+            reg = f"{st['regret']:.3f} | {100 * st['regret_share']:.0f}%"
             line = (
                 f"| {score} | {reg} | {st['spearman']:+.2f} | {st['ranks']} | "
                 f"{100 * st['share_above']:.0f}% | {st['mean_excess']:+.3f} | "
@@ -727,6 +777,11 @@ def compact_table(rows: list[dict]) -> str:
                 continue
             reg = f"{st['regret']:.2f}"
             cells.append(f"{reg} / {100 * st['share_above']:.0f}%")
+        out.append("| " + " | ".join(cells) + " |")
+    floors = [sample_floor(rows, case) for case in cases]
+    if any(f is not None for f in floors):
+        cells = ["yardstick: a fresh held-out sample of m points"]
+        cells += ["—" if f is None else f"{f['regret']:.2f} / —" for f in floors]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
