@@ -49,14 +49,14 @@ from bound_tuner.maths.bounds.vae import MEASURED_R
 #: training NELBO) and the earlier variants
 SCORES = (
     "elbo-kfold (default)",
+    "the shift clamped at 0 (the rule before)",
     "elbo-kfold without the shift (2.10b)",
-    "smaller of the two K-fold forms (the rule before)",
+    "smaller of the two K-fold forms (an earlier rule)",
     "kfold information, R=cv",
     "kfold information, R=cv std",
     "kfold information, R=data",
     "kfold information, R=cv half-range",
     "K-fold CV NELBO",
-    "train NELBO + (CV − references' own fit), not a bound",
     "80/20 held-out NELBO",
     "train NELBO",
     "elbo",
@@ -84,7 +84,8 @@ VAE_CASES = {"f": 1000, "g": 5000, "h": 1000, "i": 200}
 VAE_EPOCHS = {"h": (20, 100), "i": (100, 300)}
 VAE_SCORES = (
     "elbo-kfold (default)",
-    "smaller of the two K-fold forms (the rule before)",
+    "the shift clamped at 0 (the rule before)",
+    "smaller of the two K-fold forms (an earlier rule)",
     "kfold information, R=cv",
     "K-fold CV NELBO",
     "80/20 held-out NELBO",
@@ -345,17 +346,13 @@ def run_vae_task(task: Task) -> dict:
     }
 
 
-def vae_scores_from_raw(raw: dict) -> dict[str, float]:
-    """Every score of VAE_SCORES from a VAE's measured terms, through ``assemble_vae_bound``."""
+def kfold_rules(raw: dict) -> dict[str, float]:
+    """A row's K-fold value under the rule of today (docs/theory.md eq. 2.11) and under the
+    rules it replaced, through the library's ``assemble_kfold_bound`` (diffusion and VAE rows)."""
     from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound
-    from bound_tuner.maths.bounds.vae import assemble_vae_bound, r_to_R
 
-    def bound(R: float) -> float:
-        return assemble_vae_bound(raw["rec"], raw["kld"], raw["mi"], m=raw["m"], R=R)[0]
-
-    kfold = {}
-    if "fold.R_cv" in raw:
-        rep = assemble_kfold_bound(
+    def bound(refs_train_nelbo: float | None):
+        return assemble_kfold_bound(
             train_nelbo=raw["train_nelbo"],
             c_fold=raw["fold.C_fold"],
             R=raw["fold.R_cv"],
@@ -363,19 +360,37 @@ def vae_scores_from_raw(raw: dict) -> dict[str, float]:
             cv_se=raw["fold.cv_se"],
             m=raw["m"],
             train_mc_se=raw["train_nelbo_mc_se"],
-            refs_train_nelbo=raw.get("fold.refs_train_nelbo"),  # rows before it: no shift
+            refs_train_nelbo=refs_train_nelbo,
         )
+
+    refs = raw.get("fold.refs_train_nelbo")  # rows saved before it: no shift
+    rep = bound(refs)
+    clamped = bound(None if refs is None else min(refs, raw["train_nelbo"])).total
+    return {
+        "elbo-kfold (default)": rep.total,
+        "the shift clamped at 0 (the rule before)": clamped,
+        "elbo-kfold without the shift (2.10b)": bound(None).total,
+        "smaller of the two K-fold forms (an earlier rule)": min(clamped, rep.extras["info_bound"]),
+        "kfold information, R=cv": rep.extras["info_bound"],
+    }
+
+
+def vae_scores_from_raw(raw: dict) -> dict[str, float]:
+    """Every score of VAE_SCORES from a VAE's measured terms, through ``assemble_vae_bound``."""
+    from bound_tuner.maths.bounds.vae import assemble_vae_bound, r_to_R
+
+    def bound(R: float) -> float:
+        return assemble_vae_bound(raw["rec"], raw["kld"], raw["mi"], m=raw["m"], R=R)[0]
+
+    kfold = {}
+    if "fold.R_cv" in raw:
         kfold = {
-            "elbo-kfold (default)": rep.total,
-            "smaller of the two K-fold forms (the rule before)": min(
-                rep.total, rep.extras["info_bound"]
-            ),
-            "kfold information, R=cv": rep.extras["info_bound"],
+            **kfold_rules(raw),
             "K-fold CV NELBO": raw["fold.cv_nelbo"],
             "80/20 held-out NELBO": raw["fold.holdout_nelbo"],
         }
     return {
-        **{k: kfold.get(k, math.nan) for k in VAE_SCORES[:5]},
+        **{k: kfold.get(k, math.nan) for k in VAE_SCORES[:6]},
         "vae bound, r=1 (R=1.41)": bound(r_to_R(1.0)),
         f"vae bound, R={MEASURED_R:g}": bound(MEASURED_R),
         "vae bound, R data": bound(raw["R_data"]),
@@ -530,7 +545,6 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
     import math
 
     from bound_tuner.maths.bounds import assemble_diffusion_bound
-    from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound
 
     def bound(variant: str, R: float) -> float:
         if variant == "paper":
@@ -562,29 +576,8 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
         from bound_tuner.training.sampling import DIVERGED_SCALE
 
         stable = raw.get("sample_scale", 0.0) <= DIVERGED_SCALE  # the objective fails the rest
-        kfold = assemble_kfold_bound(
-            train_nelbo=nelbo,
-            c_fold=c_fold,
-            R=raw["fold.R_cv"],
-            cv_nelbo=raw["fold.cv_nelbo"],
-            cv_se=raw["fold.cv_se"],
-            m=raw["m"],
-            train_mc_se=raw["train_nelbo_mc_se"],
-            refs_train_nelbo=raw.get("fold.refs_train_nelbo"),  # rows before it: no shift
-        )
-        unshifted = assemble_kfold_bound(  # the rule before the shift of theory.md 2.10b
-            train_nelbo=nelbo,
-            c_fold=c_fold,
-            R=raw["fold.R_cv"],
-            cv_nelbo=raw["fold.cv_nelbo"],
-            cv_se=raw["fold.cv_se"],
-            m=raw["m"],
-            train_mc_se=raw["train_nelbo_mc_se"],
-        ).total
-        out["elbo-kfold without the shift (2.10b)"] = unshifted if stable else math.inf
-        out["elbo-kfold (default)"] = kfold.total if stable else math.inf
-        earlier = min(kfold.total, kfold.extras["info_bound"])  # theory.md 2.11 before 7.1's change
-        out["smaller of the two K-fold forms (the rule before)"] = earlier if stable else math.inf
+        for label, value in kfold_rules(raw).items():
+            out[label] = value if stable else math.inf
         for label, R in (
             ("R=cv", raw["fold.R_cv"]),
             ("R=cv std", raw.get("fold.R_cv_std", math.nan)),
@@ -593,9 +586,6 @@ def scores_from_raw(raw: dict) -> dict[str, float]:
         ):
             out[f"kfold information, {label}"] = nelbo + 2**0.5 * R * c_fold
         out["K-fold CV NELBO"] = raw["fold.cv_nelbo"]
-        if "fold.refs_train_nelbo" in raw:  # the references' gap moved onto the model's own fit
-            gap = raw["fold.cv_nelbo"] - raw["fold.refs_train_nelbo"]
-            out["train NELBO + (CV − references' own fit), not a bound"] = nelbo + gap
         out["80/20 held-out NELBO"] = raw["fold.holdout_nelbo"]
     return {k: out.get(k, math.nan) for k in SCORES}
 

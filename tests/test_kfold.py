@@ -243,7 +243,7 @@ def test_kfold_is_the_default_and_its_value_is_the_cross_fitted_bound():
     cv = assemble_kfold_bound(train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50)
     assert cv.total == pytest.approx(5.0) and cv.extras["info_bound"] > 20.0
     # a model that fits its own points 0.5 worse than the references fit theirs is taken to be
-    # 0.5 worse out of sample too (eq. 2.10b); one that fits them better is not credited
+    # 0.5 worse out of sample too (eq. 2.10b); one that fits them 0.5 better, 0.5 better
     worse = assemble_kfold_bound(
         train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50, refs_train_nelbo=1.5
     )
@@ -252,7 +252,14 @@ def test_kfold_is_the_default_and_its_value_is_the_cross_fitted_bound():
     better = assemble_kfold_bound(
         train_nelbo=2.0, c_fold=5.0, R=3.0, cv_nelbo=4.0, cv_se=0.5, m=50, refs_train_nelbo=2.5
     )
-    assert better.total == pytest.approx(cv.total) and better.terms["cv_shift"] == 0.0
+    assert better.total == pytest.approx(4.0 - 0.5 + 1.0) and better.terms["cv_shift"] == -0.5
+    assert better.contributions["cv_shift"] == pytest.approx(-0.5)
+    # down to the model's own training NELBO and no further: a references' gap below zero
+    # (their unseen points fit better than their own) does not take the value under it
+    under = assemble_kfold_bound(
+        train_nelbo=2.0, c_fold=0.1, R=1.0, cv_nelbo=2.5, cv_se=0.1, m=50, refs_train_nelbo=3.0
+    )
+    assert under.total == pytest.approx(2.0) and under.extras["cv_floor"] == 1.0
     # references better on unseen points than the model on its own: the value is floored at
     # the model's training NELBO (a bound is never below what the model shows)
     floor = assemble_kfold_bound(train_nelbo=5.0, c_fold=1.0, R=3.0, cv_nelbo=4.0, cv_se=0.2, m=50)

@@ -236,11 +236,12 @@ def assemble_kfold_bound(
     """The "elbo-kfold" bound (docs/theory.md eq. 2.11): the cross-fitted upper bound on the
     expected population NELBO from the K-fold references,
 
-      max(NELBO_cv + shift + 2 se_cv, NELBO_train),   shift = max(0, NELBO_train - NELBO_refs)
+      max(NELBO_cv + shift + 2 se_cv, NELBO_train),   shift = NELBO_train - NELBO_refs
 
-    (``refs_train_nelbo``, NELBO_refs, is the references' NELBO on their own training points: a
-    model that fits its points worse than its references fit theirs is taken to be worse out of
-    sample by as much, eq. 2.10b; None: no shift). 2 se_cv cover the cross-fitted mean's
+    (``refs_train_nelbo``, NELBO_refs, is the references' NELBO on their own training points, so
+    NELBO_cv - NELBO_refs is the references' generalization gap, moved onto the model's own fit:
+    a model that fits its points worse or better than its references fit theirs is taken to be
+    as much worse or better out of sample, eq. 2.10b; None: no shift). 2 se_cv cover the cross-fitted mean's
     sampling and Monte Carlo error, so the value is also the 95% certificate
     ``total_upper95`` (eq. 2.11b). The information form of the same references (eq. 2.9),
 
@@ -257,7 +258,7 @@ def assemble_kfold_bound(
     info = train_nelbo + k * c_fold + mc_margin
     # never below the model's own training NELBO: references that do better on unseen points
     # than the model on its own are not the model's algorithm on average (theory.md 2.11)
-    shift = 0.0 if refs_train_nelbo is None else max(0.0, train_nelbo - refs_train_nelbo)
+    shift = 0.0 if refs_train_nelbo is None else train_nelbo - refs_train_nelbo
     cv = max(cv_nelbo + shift + 2.0 * cv_se, train_nelbo)
     terms = {
         "train_nelbo": train_nelbo,

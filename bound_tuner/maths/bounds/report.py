@@ -19,7 +19,7 @@ TERM_LABELS: dict[str, tuple[str, str]] = {
     "split_info": ("C_split", "√2 R · C_split"),
     "fold_info": ("C_fold", "√2 R · C_fold"),
     "cv_nelbo": ("NELBO_cv", "NELBO_cv"),
-    "cv_shift": ("NELBO_train − NELBO_refs", "max(0, NELBO_train − NELBO_refs)"),
+    "cv_shift": ("NELBO_train − NELBO_refs", "NELBO_train − NELBO_refs"),
     "cv_margin": ("2 se_cv", "2 se_cv"),
     "mc_margin": ("1.645 mc_se", "1.645 mc_se"),
     "rec": ("REC", "REC"),
