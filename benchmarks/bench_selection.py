@@ -2,10 +2,13 @@
 
 Each case is a set of selection problems (one per seed): several trained models, each scored by
 every bound variant (and, as baselines, by its training losses alone), and judged by a held-out
-ground truth (docs/theory.md section 4): the k-NN sample KL(data || generated) for 2-D data,
-held-out bits per dim (and the pixel Frechet distance beside it) for images. For every score it
-prints the mean regret (truth of the pick over the best, minus 1), the mean Spearman correlation
-with the truth, and the mean rank of the pick.
+ground truth (docs/theory.md section 4): the held-out NELBO (nats) for 2-D data, with the k-NN
+sample KL(data || generated) as a second view; held-out bits per dim, with the pixel Frechet
+distance beside it, for images; the held-out -ELBO for VAEs. For every score it prints the mean
+regret (the pick's truth minus the best one's, and its share of the spread), the mean Spearman
+correlation with the truth, the pick's rank and the share of models whose score lies at or above
+the truth; for 2-D data also two yardsticks, picking by a fresh held-out sample as large as the
+training set and by the references' own held-out NELBO.
 
   (a) T sweep on the Swiss roll, m=200                       4 seeds
   (b) 16 random configurations of studies/swiss_roll.toml's space  2 seeds
