@@ -16,7 +16,11 @@ On whatever device is present (CUDA when available, else the CPU), in one run:
    dashboard included), and the share of that time outside training and scoring.
 5. The few-shot Fashion-MNIST study (studies/fashion_mnist_diffusion_fewshot.toml): seconds per
    trial over the trials that fit in ``--study-seconds``, and the projected wall time.
-6. With ``--large-2d M``: one trial on M Swiss-roll points (training, then the default
+6. The default's cost: one trial of the main job (studies/swiss_roll.toml's settings: m = 200,
+   1,500 steps, N = 300, 128 paths) scored by "elbo-kfold" (the model and its five references,
+   trained as one pack) against the same trial scored by "elbo" (the model alone), alternately,
+   seconds per trial and their ratio.
+7. With ``--large-2d M``: one trial on M Swiss-roll points (training, then the default
    "elbo-kfold" bound with its five references), in a child process whose peak resident memory
    is printed, once as shipped and once with the passes that are now blocked over the points
    (the samples' distances to every training point for the memorized share, the sub-Gaussian
@@ -415,6 +419,24 @@ def bench_large_2d(device: torch.device, m: int, steps: int, draws: int | None) 
     return {"m": m, "steps": steps, "rows": rows}
 
 
+def bench_kfold_cost(device: torch.device, repeats: int) -> dict:
+    """Seconds per trial of the main job's settings with the default "elbo-kfold" (the model
+    and its K = 5 references as one pack, then the bound) against "elbo" (the model alone),
+    timed alternately on the same data, seeds and evaluation draws; medians over ``repeats``."""
+    from bound_tuner.evaluation.experiment import run_diffusion
+
+    x = swiss_roll(200, seed=0)
+    base = {"T": 0.5, "steps": 1500, "batch_size": 200, "n_steps": 300, "n_paths": 128}
+    times: dict[str, list[float]] = {"elbo-kfold": [], "elbo": []}
+    for r in range(repeats):
+        for variant in times:
+            cfg = DiffusionConfig(**base, variant=variant, seed=r)
+            _, t = run_timed(lambda c=cfg: run_diffusion(x, c, device=device), device)
+            times[variant].append(t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {"seconds": med, "ratio": med["elbo-kfold"] / med["elbo"], "repeats": repeats}
+
+
 def bench_study(device: torch.device, seconds: float) -> dict:
     """Run the few-shot study for at most ``seconds``; the trials' own durations give the rest:
     projected wall time = start-up (to the first trial) + 10 x the mean trial."""
@@ -451,7 +473,7 @@ def bench_study(device: torch.device, seconds: float) -> dict:
     }
 
 
-SECTIONS = ("mixture", "unet", "pack", "whole-study", "study", "large-2d")
+SECTIONS = ("mixture", "unet", "pack", "whole-study", "study", "kfold-cost", "large-2d")
 
 
 def main() -> None:
@@ -576,6 +598,14 @@ def main() -> None:
             )
         else:
             print(f"few-shot Fashion-MNIST study: no trial finished in {r['seconds']:.0f} s")
+
+    if "kfold-cost" in only:
+        r = out["kfold_cost"] = bench_kfold_cost(device, args.repeats)
+        sec = r["seconds"]
+        print(
+            f"a main-job trial (m = 200, 1,500 steps, N = 300): elbo-kfold {sec['elbo-kfold']:.1f} "
+            f"s, elbo {sec['elbo']:.1f} s, ratio {r['ratio']:.2f}x (medians of {r['repeats']})"
+        )
 
     if "large-2d" in only:
         draws = args.large_2d_draws if args.large_2d_draws or cuda else 2
