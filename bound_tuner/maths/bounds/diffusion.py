@@ -256,8 +256,8 @@ def assemble_kfold_bound(
     k = math.sqrt(2.0) * R
     mc_margin = Z95 * train_mc_se
     info = train_nelbo + k * c_fold + mc_margin
-    # never below the model's own training NELBO: references that do better on unseen points
-    # than the model on its own are not the model's algorithm on average (theory.md 2.11)
+    # never below the model's own training NELBO: a references' gap below zero (unseen points
+    # fit better than seen ones) says nothing of the model's (theory.md 2.11)
     shift = 0.0 if refs_train_nelbo is None else train_nelbo - refs_train_nelbo
     cv = max(cv_nelbo + shift + 2.0 * cv_se, train_nelbo)
     terms = {
