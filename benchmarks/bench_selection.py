@@ -660,7 +660,7 @@ def score_stats(rows: list[dict], case: str, score: str) -> dict | None:
         tr_all += kept_tr
         se_all += [se[i] for i in kept]
         regs.append(regret_diff(sc, tr))
-        shares.append(regs[-1] / (max(tr) - min(tr)) if max(tr) > min(tr) else 0.0)
+        shares.append(_spread_share(regs[-1], tr))
         rhos.append(spearman(kept_sc, kept_tr))
         failed = len(rs) - len(kept)
         ranks.append(f"{pick_rank(sc, tr)}/{len(rs)}" + (f" ({failed} failed)" if failed else ""))
@@ -692,42 +692,56 @@ def oracle_floor(rows: list[dict], case: str) -> float:
     )
 
 
-def sample_floor(rows: list[dict], case: str) -> dict | None:
-    """The regret of picking each problem's model by a fresh held-out sample of m points (m the
-    training set's size; the same points for every model), averaged over FLOOR_SAMPLES such
-    samples: how well m new points tell the models apart, a yardstick for any score computed
-    from m training points. Mean regret (nats) and mean share of the spread; None for rows
-    without the samples (runs before they were recorded, images, VAEs)."""
+def _spread_share(regret: float, truth: list[float]) -> float:
+    """A regret as a share of the problem's spread, best to worst truth (0 when there is none)."""
+    spread = max(truth) - min(truth)
+    return regret / spread if spread > 0 else 0.0
+
+
+def _yardstick(rows: list[dict], case: str, picks) -> dict | None:
+    """Mean regret (the truth's units) and mean share of the spread of the picks ``picks(rs)``
+    makes in each problem: score vectors over the problem's models, the regret averaged over
+    them; None where a problem's rows lack what ``picks`` reads."""
     from bound_tuner.maths.selection import regret_diff
 
     truth = truths_of(case)[0]
     regs, shares = [], []
     for rs in _problems(rows, case):
-        if any("heldout_samples" not in r for r in rs):
+        try:
+            scores = picks(rs)
+        except KeyError:  # rows saved before the yardstick was recorded, images, VAEs
             return None
-        means = np.asarray([r["heldout_samples"] for r in rs])  # [models, samples]
         tr = [r["heldout"][truth] for r in rs]
-        reg = statistics.fmean(regret_diff(means[:, b], tr) for b in range(means.shape[1]))
+        reg = statistics.fmean(regret_diff(sc, tr) for sc in scores)
         regs.append(reg)
-        shares.append(reg / (max(tr) - min(tr)))
+        shares.append(_spread_share(reg, tr))
     return {"regret": statistics.fmean(regs), "share": statistics.fmean(shares)}
+
+
+def sample_floor(rows: list[dict], case: str) -> dict | None:
+    """The regret of picking each problem's model by a fresh held-out sample of m points (m the
+    training set's size; the same points for every model), averaged over FLOOR_SAMPLES such
+    samples: how well m new points tell the models apart, a yardstick for any score computed
+    from m training points."""
+
+    def picks(rs: list[dict]):
+        return np.asarray([r["heldout_samples"] for r in rs]).T  # [samples, models]
+
+    return _yardstick(rows, case, picks)
 
 
 def refs_floor(rows: list[dict], case: str) -> dict | None:
     """The regret of picking by the references' own held-out NELBO (their mean on the 10,000
     test points): cross-validation with unlimited evaluation points, the best any score built
-    on the references' losses can pick. None for rows without it."""
-    from bound_tuner.maths.selection import regret_diff
+    on the references' losses can pick."""
+    return _yardstick(rows, case, lambda rs: [[r["heldout"]["refs_neg_elbo"] for r in rs]])
 
-    truth = truths_of(case)[0]
-    regs, shares = [], []
-    for rs in _problems(rows, case):
-        if any("refs_neg_elbo" not in r["heldout"] for r in rs):
-            return None
-        tr = [r["heldout"][truth] for r in rs]
-        regs.append(regret_diff([r["heldout"]["refs_neg_elbo"] for r in rs], tr))
-        shares.append(regs[-1] / (max(tr) - min(tr)))
-    return {"regret": statistics.fmean(regs), "share": statistics.fmean(shares)}
+
+#: the yardsticks printed beside the scores (docs/theory.md section 4), by label
+YARDSTICKS = (
+    ("a fresh held-out sample of m points", sample_floor),
+    ("the references' own held-out NELBO", refs_floor),
+)
 
 
 def summarize(rows: list[dict]) -> str:
@@ -746,18 +760,13 @@ def summarize(rows: list[dict]) -> str:
                 f"(second view: {second}, ratio regret; its floor, the truth's own pick: "
                 f"{100 * oracle_floor(rows, case):.0f}%)"
             )
-        floor = sample_floor(rows, case)
-        if floor is not None:
-            out.append(
-                f"(yardstick: picking by a fresh held-out sample as large as the training set: "
-                f"regret {floor['regret']:.3f} {unit}, {100 * floor['share']:.0f}% of the spread)"
-            )
-        refs = refs_floor(rows, case)
-        if refs is not None:
-            out.append(
-                f"(yardstick: picking by the references' own held-out NELBO: "
-                f"regret {refs['regret']:.3f} {unit}, {100 * refs['share']:.0f}% of the spread)"
-            )
+        for label, yardstick in YARDSTICKS:
+            y = yardstick(rows, case)
+            if y is not None:
+                out.append(
+                    f"(yardstick, picking by {label}: regret {y['regret']:.3f} {unit}, "
+                    f"{100 * y['share']:.0f}% of the spread)"
+                )
         out.append(
             f"| score | {reg_head} | of the spread | mean Spearman | pick rank | above (2 se) | mean excess "
             f"| worst excess |" + ("" if vae else f" regret by {second} |")
@@ -807,13 +816,12 @@ def compact_table(rows: list[dict]) -> str:
             reg = f"{st['regret']:.2f}"
             cells.append(f"{reg} / {100 * st['share_above']:.0f}%")
         out.append("| " + " | ".join(cells) + " |")
-    for label, floor in (
-        ("yardstick: a fresh held-out sample of m points", sample_floor),
-        ("yardstick: the references' own held-out NELBO", refs_floor),
-    ):
-        floors = [floor(rows, case) for case in cases]
-        if any(f is not None for f in floors):
-            cells = [label] + ["—" if f is None else f"{f['regret']:.2f} / —" for f in floors]
+    for label, yardstick in YARDSTICKS:
+        ys = [yardstick(rows, case) for case in cases]
+        if any(y is not None for y in ys):
+            cells = [f"yardstick: {label}"] + [
+                "—" if y is None else f"{y['regret']:.2f} / —" for y in ys
+            ]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -241,8 +241,8 @@ def assemble_kfold_bound(
     (``refs_train_nelbo``, NELBO_refs, is the references' NELBO on their own training points, so
     NELBO_cv - NELBO_refs is the references' generalization gap, moved onto the model's own fit:
     a model that fits its points worse or better than its references fit theirs is taken to be
-    as much worse or better out of sample, eq. 2.10b; None: no shift). 2 se_cv cover the cross-fitted mean's
-    sampling and Monte Carlo error, so the value is also the 95% certificate
+    as much worse or better out of sample, eq. 2.10b; None: no shift). 2 se_cv cover the
+    cross-fitted mean's sampling and Monte Carlo error, so the value is also the 95% certificate
     ``total_upper95`` (eq. 2.11b). The information form of the same references (eq. 2.9),
 
       NELBO_train + sqrt(2) R C_fold + 1.645 mc_se,
