@@ -117,3 +117,36 @@ def test_pack_terms_equal_each_member_measured_alone(dtype, rtol):
     # the paper's variant is measured one by one
     paper = [DiffusionConfig(**{**c.to_dict(), "variant": "paper"}) for c in cfgs]
     assert pack_terms([p.model for p in packed], paper, x.float()) is None
+
+
+def test_every_member_dropped_at_one_checkpoint_ends_the_pack_cleanly():
+    """All members pruned at the same checkpoint (a pack's trials are pruned together under
+    load): each carries its error, none raises out of the pack."""
+    x = swiss_roll(60, seed=0)
+
+    def callback(member, step, model):
+        raise RuntimeError(f"pruned {member}")
+
+    packed = train_packed(x, MEMBERS[:3], device="cpu", callback=callback, callback_every=20)
+    assert [str(p.error) for p in packed] == ["pruned 0", "pruned 1", "pruned 2"]
+    assert all(p.losses is None for p in packed)
+
+
+def test_members_with_fold_rows_dropped_mid_training_leave_the_rest_as_trained_alone():
+    """Fold rows (K-fold references) and pruning together: members 0 and 2 dropped at the
+    first checkpoint, member 3 at the second; members 1 and 4 end where training them alone
+    on their rows ends."""
+    x = swiss_roll(60, seed=0)
+    cfgs = [BASE] * 5
+    rows = [None] + [torch.arange(60)[torch.arange(60) % 4 != k] for k in range(4)]
+    dropped = {0: 20, 2: 20, 3: 40}
+
+    def callback(member, step, model):
+        if dropped.get(member) == step:
+            raise RuntimeError("pruned")
+
+    packed = train_packed(x, cfgs, device="cpu", rows=rows, callback=callback, callback_every=20)
+    assert [p.error is None for p in packed] == [False, True, False, False, True]
+    for j in (1, 4):
+        alone = train_packed(x, [BASE], device="cpu", rows=[rows[j]])[0]
+        assert packed[j].losses == pytest.approx(alone.losses, rel=2e-3, abs=2e-3)

@@ -98,14 +98,15 @@ class _Pack:
         self.lam = col([c.lam for c in cfgs]).to(self.dtype)
         self.m = col([self.sizes[j] for j in self.members]).to(self.dtype)
         self.lr = col([c.lr for c in cfgs]).to(self.dtype)
-        self.rows = torch.tensor(self.members, device=self.device)  # rows of the history
+        # rows of the history
+        self.rows = torch.tensor(self.members, dtype=torch.long, device=self.device)
         self.coef = MemberSchedules([self.schedules[j] for j in self.members], self.device)
 
     def keep(self, rows: list[int]) -> None:
         """Keep the members at these rows of the stacked tensors (in order)."""
         if len(rows) == len(self.members):
             return
-        r = torch.tensor(rows, device=self.device)
+        r = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.members = [self.members[i] for i in rows]
         self.params = {
             k: v.detach()[r].clone().requires_grad_(True) for k, v in self.params.items()
@@ -241,10 +242,10 @@ def train_packed(
         _adam_step(pack, step + 1)
         last = step + 1 == steps
         if last or (callback is not None and callback_every and (step + 1) % callback_every == 0):
-            rows = _checkpoint(pack, out, history, step + 1, callback if not last else None)
+            kept = _checkpoint(pack, out, history, step + 1, callback if not last else None)
             if not pack.members:
                 break
-            r = torch.tensor(rows, device=device)
+            r = torch.tensor(kept, dtype=torch.long, device=device)
             idx_c, t_c, eps_c = idx_c[r], t_c[r], eps_c[r]  # the chunk's draws of those kept
             coef_c = [c[r] for c in coef_c]
     for row in range(len(pack.members)):
