@@ -39,6 +39,7 @@ from bound_tuner.maths.bounds.diffusion import (
     split_info,
 )
 from bound_tuner.maths.bounds.kfold import (
+    CV_Z,
     Z95,
     cross_fitted,
     cv_summary,
@@ -284,6 +285,56 @@ def fold_terms(
     return out
 
 
+def nelbo_terms(
+    members: Members,
+    x: torch.Tensor,
+    *,
+    T: Sequence[float],
+    seeds: Sequence[int],
+    draws: int,
+    t_min: float = 1e-3,
+    fold_refs: Members | None = None,
+    folds: torch.Tensor | None = None,
+) -> tuple[list[ElboEstimate], dict[str, float] | None]:
+    """The evaluation passes of the ELBO variants: each member's per-point training NELBO and,
+    with K-fold references (``fold_refs`` stacked, one model in ``members``), the cross-fitting
+    terms of docs/theory.md 2.10-2.11 (``fold_terms``), every reference scored on the model's
+    draws (common random numbers). The final bound and the certificate at each checkpoint of
+    training (``along_training``) both come here, so a step's value is computed one way.
+
+    Images (x of shape [m, C, H, W], bin centres in [-1, 1]) are scored as the discrete data they
+    are: the NELBO of uniformly dequantized points plus d ln(256/2), an upper bound on -ln P(k) in
+    nats per image (docs/theory.md 1.3), the units of held-out bits per dim times d ln 2."""
+    x = x.to(members.device)
+    x_eval, offset = x, 0.0
+    if x.dim() == 4:  # images: the same dequantization for every model scored with these seeds
+        x_eval = dequantize(x, generator=generator_for(x.device, seeds[0] + 5))
+        offset = -x[0].numel() * LOG_BIN_VOLUME_PER_DIM
+    nelbo = [
+        ElboEstimate(e.per_point + offset, e.mc_var)
+        for e in negative_elbo_members(
+            members, x_eval, T=T, t_min=t_min, draws=draws, seeds=[s + 1 for s in seeds]
+        )
+    ]
+    if fold_refs is None:
+        return nelbo, None
+    # each reference's NELBO of every point, on the model's draws (common random numbers)
+    per_ref = negative_elbo_members(
+        fold_refs,
+        x_eval,
+        T=[T[0]] * fold_refs.k,
+        t_min=t_min,
+        draws=draws,
+        seeds=[seeds[0] + 1] * fold_refs.k,
+    )
+    fold = fold_terms(
+        torch.stack([e.per_point for e in per_ref]) + offset,
+        torch.stack([e.mc_var for e in per_ref]),
+        folds,
+    )
+    return nelbo, fold
+
+
 def bound_terms(
     model: nn.Module,
     x: torch.Tensor,
@@ -368,51 +419,28 @@ def bound_terms_members(
     """``bound_terms`` of K models at once (``bound_tuner.training.members``): member j with its T[j],
     schedule and seeds[j]. The "paper" variant's denoising pass is left to ``bound_terms`` (its
     ``dsm`` is None here); split references and the K-fold references ``fold_refs`` (stacked,
-    reference k trained without the points whose ``folds`` entry is k) need K = 1.
-
-    Images (x of shape [m, C, H, W], bin centres in [-1, 1]) are scored as the discrete data they
-    are: the NELBO of uniformly dequantized points plus d ln(256/2), an upper bound on -ln P(k) in
-    nats per image (docs/theory.md 1.3), the units of held-out bits per dim times d ln 2."""
+    reference k trained without the points whose ``folds`` entry is k) need K = 1. The
+    evaluation passes are ``nelbo_terms``'s (images as discrete data there)."""
     for v in variants:
         check_variant(v)
     if l_estimator not in L_ESTIMATORS:
         raise ValueError(f"unknown L estimator {l_estimator!r}; choose one of {L_ESTIMATORS}")
     x = x.to(members.device)
     m = x.shape[0]
-    x_eval, offset = x, 0.0
-    if x.dim() == 4:  # images: the same dequantization for every model scored with these seeds
-        x_eval = dequantize(x, generator=generator_for(x.device, seeds[0] + 5))
-        offset = -x[0].numel() * LOG_BIN_VOLUME_PER_DIM
     nelbo: list[ElboEstimate | None] = [None] * members.k
-    if any(v != "paper" for v in variants):
-        nelbo = [
-            ElboEstimate(e.per_point + offset, e.mc_var)
-            for e in negative_elbo_members(
-                members,
-                x_eval,
-                T=T,
-                t_min=t_min,
-                draws=train_draws,
-                seeds=[s + 1 for s in seeds],
-            )
-        ]
     fold = None
-    if fold_refs is not None:
-        if members.k != 1 or folds is None:
+    if any(v != "paper" for v in variants):
+        if fold_refs is not None and (members.k != 1 or folds is None):
             raise ValueError("K-fold references need a single model and the fold of each point")
-        # each reference's NELBO of every point, on the model's draws (common random numbers)
-        per_ref = negative_elbo_members(
-            fold_refs,
-            x_eval,
-            T=[T[0]] * fold_refs.k,
-            t_min=t_min,
+        nelbo, fold = nelbo_terms(
+            members,
+            x,
+            T=T,
+            seeds=seeds,
             draws=train_draws,
-            seeds=[seeds[0] + 1] * fold_refs.k,
-        )
-        fold = fold_terms(
-            torch.stack([e.per_point for e in per_ref]) + offset,
-            torch.stack([e.mc_var for e in per_ref]),
-            folds,
+            t_min=t_min,
+            fold_refs=fold_refs,
+            folds=folds,
         )
     runs = generate_members(
         members,
@@ -482,11 +510,14 @@ def bound_terms_members(
     return out
 
 
-def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = None) -> BoundReport:
+def variant_report(
+    terms: BoundTerms, *, variant: str, R: float | str | None = None, cv_z: float = CV_Z
+) -> BoundReport:
     """The bound of one variant from measured terms. ``R`` is a number, ``"estimate"``
     (``estimate_R`` on the per-sample values of the variant's empirical loss), ``"data"``
     (``reference_R`` of the training data) or None for the variant's default (``DEFAULT_R``);
-    settings say which (R_source)."""
+    settings say which (R_source). ``cv_z``: the standard errors of "elbo-kfold"'s margin (2;
+    more when the step was chosen among checkpoints, docs/theory.md eq. 2.12)."""
     check_variant(variant)
     needed = terms.dsm if variant == "paper" else terms.nelbo
     if (
@@ -534,6 +565,7 @@ def variant_report(terms: BoundTerms, *, variant: str, R: float | str | None = N
             m=terms.settings["m"],
             train_mc_se=mc_se,
             refs_train_nelbo=fold["refs_train_nelbo"],
+            z=cv_z,
             settings=settings,
         )
     enc = terms.encoder or {}
@@ -559,12 +591,14 @@ def diffusion_bound(
     T: float,
     variant: str = "paper",
     R: float | str | None = None,
+    cv_z: float = CV_Z,
     **kwargs,
 ) -> BoundReport:
     """One bound variant (docs/theory.md section 2) for a trained eps-predicting model on data x;
-    ``kwargs`` are those of ``bound_terms`` (N, paths, draws, seed, precomputed encoder terms)."""
+    ``kwargs`` are those of ``bound_terms`` (N, paths, draws, seed, precomputed encoder terms),
+    ``cv_z`` is ``variant_report``'s."""
     terms = bound_terms(model, x, schedule, T=T, variants=(variant,), **kwargs)
-    return variant_report(terms, variant=variant, R=R)
+    return variant_report(terms, variant=variant, R=R, cv_z=cv_z)
 
 
 def heldout_metrics(

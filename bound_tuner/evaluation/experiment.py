@@ -4,11 +4,12 @@ model with its bound (docs/theory.md, sections 2 and 3) and, in validation mode,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from bound_tuner.evaluation.along_training import Report, train_certified
 from bound_tuner.evaluation.evaluate import (
     BoundTerms,
     bound_terms_members,
@@ -22,17 +23,25 @@ from bound_tuner.maths.bounds.report import BoundReport
 from bound_tuner.maths.sde import Schedule, get_schedule
 from bound_tuner.models import model_device
 from bound_tuner.runtime.device import DEFAULT_DEVICE
-from bound_tuner.training.config import DiffusionConfig, TrainFn
+from bound_tuner.training.config import DiffusionConfig, TrainFn, pack_refusal
 from bound_tuner.training.diffusion import train_fold_models, train_model, train_split_models
 from bound_tuner.training.members import Members
+
+#: the trial user attr of the value along training: [[step, value], ...] (docs/theory.md 2.12)
+CURVE_ATTR = "bound.along_training"
 
 
 @dataclass
 class DiffusionResult:
+    """A trained model with its bound: ``curve`` holds the value at every checkpoint of a model
+    trained with its references in lockstep (``along_training``; (step, value) pairs), empty
+    otherwise; the report's ``extras["step"]`` names the step whose weights ``model`` holds."""
+
     report: BoundReport
     heldout: dict[str, float]
     model: nn.Module
     losses: list[float]
+    curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 def run_diffusion(
@@ -44,11 +53,30 @@ def run_diffusion(
     device: str | torch.device = DEFAULT_DEVICE,
     checkpoint: Callable[[int, nn.Module], None] | None = None,
     checkpoint_every: int = 0,
+    checkpoints: int = 0,
+    report: Report | None = None,
     progress: bool = False,
 ) -> DiffusionResult:
-    """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics."""
+    """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics.
+
+    "elbo-kfold" with a packable model trains the model and its references in lockstep
+    (``along_training.train_certified``): the value is computed at ``checkpoints`` evenly spaced
+    steps and the last, each passed to ``report``, and with cfg.early_stop the step of the
+    smallest value is kept. Other variants train the model alone, calling ``checkpoint(step,
+    model)`` every ``checkpoint_every`` steps, then score it."""
     if validation and test is None:
         raise ValueError("validation mode needs a test set; give test=...")
+    if lockstep(cfg, train):
+        return _run_certified(
+            train,
+            cfg,
+            test=test,
+            validation=validation,
+            device=device,
+            checkpoints=checkpoints,
+            report=report,
+            progress=progress,
+        )
     model, schedule, losses = train_model(
         train,
         cfg,
@@ -60,6 +88,32 @@ def run_diffusion(
     return score_model(
         model, schedule, losses, train, cfg, test=test, validation=validation, device=device
     )
+
+
+def lockstep(cfg: DiffusionConfig, train: torch.Tensor) -> bool:
+    """Whether cfg's model trains with its references in lockstep (docs/theory.md 2.12): the
+    "elbo-kfold" variant with a network that can be packed."""
+    return cfg.variant in FOLD_VARIANTS and pack_refusal(cfg, tuple(train.shape[1:])) is None
+
+
+def _run_certified(train, cfg, *, test, validation, device, checkpoints, report, progress):
+    run = train_certified(
+        train,
+        cfg,
+        checkpoints=checkpoints,
+        early_stop=cfg.early_stop,
+        device=device,
+        report=report,
+        progress=progress,
+    )
+    x = train.to(model_device(run.model))
+    bound = _diffusion_bound(
+        run.model, run.schedule, x, cfg, fold_models=run.references, folds=run.folds, cv_z=run.z
+    )
+    bound.extras.update(step=run.step, steps_trained=run.curve[-1][0] if run.curve else cfg.steps)
+    out = _with_heldout(bound, run.model, run.schedule, run.losses, cfg, test, validation)
+    out.curve = run.curve
+    return out
 
 
 def score_model(
@@ -107,6 +161,21 @@ def bound_report(
         dev = model_device(model)
         split_models = [r.to(dev) for r in split_models]
         fold_models = [r.to(dev) for r in fold_models]
+    return _diffusion_bound(
+        model,
+        schedule,
+        train,
+        cfg,
+        split_models=split_models,
+        fold_sizes=fold_sizes,
+        fold_models=fold_models,
+        folds=folds,
+    )
+
+
+def _diffusion_bound(model, schedule, train, cfg, **references) -> BoundReport:
+    """``diffusion_bound`` with cfg's bound settings and evaluation seed; ``references`` are
+    the reference models and folds (and ``cv_z``) the variant needs."""
     return diffusion_bound(
         model,
         train,
@@ -121,10 +190,7 @@ def bound_report(
         train_draws=draws_for(train.shape[0], cfg.train_draws),
         t_min=cfg.t_min,
         seed=cfg.eval_seed,
-        split_models=split_models,
-        fold_sizes=fold_sizes,
-        fold_models=fold_models,
-        folds=folds,
+        **references,
     )
 
 

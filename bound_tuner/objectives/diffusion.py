@@ -17,7 +17,7 @@ from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, Param, SpecError, parse
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
 from bound_tuner.evaluation.evaluate import diffusion_bound
-from bound_tuner.evaluation.experiment import run_diffusion, score_model
+from bound_tuner.evaluation.experiment import CURVE_ATTR, lockstep, run_diffusion, score_model
 from bound_tuner.maths.bounds.diffusion import (
     ENCODER_VARIANTS,
     FOLD_VARIANTS,
@@ -151,7 +151,18 @@ class DiffusionObjective:
         with self.packer.trial():
             return self._run(trial)
 
-    def _train_and_score(self, cfg: DiffusionConfig, checkpoint, every: int):
+    def _train_and_score(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
+        if lockstep(cfg, x):  # the trial is its own pack of K + 1: its model and references
+            return run_diffusion(
+                self.data.train,
+                cfg,
+                test=self.data.test,
+                validation=self.validation,
+                device=self.device,
+                checkpoints=self.checkpoints,
+                report=self._reporter(trial),
+            )
+        checkpoint, every = self._checkpoint(trial, cfg, x)
         if self.packer is None:
             return run_diffusion(
                 self.data.train,
@@ -181,9 +192,8 @@ class DiffusionObjective:
         start = time.perf_counter()
         cfg = self.config_for(trial)
         x = self.data.train.to(self.device)
-        checkpoint, every = self._checkpoint(trial, cfg, x)
         try:
-            res = self._train_and_score(cfg, checkpoint, every)
+            res = self._train_and_score(trial, cfg, x)
         except FloatingPointError as e:
             trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
             return math.nan  # Optuna records a NaN value as a failed trial; the study goes on
@@ -193,6 +203,8 @@ class DiffusionObjective:
         for key, value in res.heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
         trial.set_user_attr("config", cfg.to_dict())
+        if res.curve:
+            trial.set_user_attr(CURVE_ATTR, [[step, value] for step, value in res.curve])
         record_cost(trial, res.model, time.perf_counter() - start)
         reason = unusable(report, max_scale=cfg.max_sample_scale)
         if reason is not None:
@@ -203,6 +215,23 @@ class DiffusionObjective:
         if self.keeper is not None:
             self.keeper(trial, res.model, report.total)
         return report.total
+
+    def _reporter(self, trial: optuna.Trial):
+        """``report(step, value)`` of a lockstep trial (docs/theory.md 2.12): the value the trial
+        would have if it ended at this step goes to ``trial.report``, so the pruner and the
+        dashboard's intermediate values follow what the study optimizes; None where Optuna
+        cannot prune (several objectives)."""
+        if is_multi(trial):
+            return None
+
+        def report(step: int, value: float) -> None:
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the certified value became {value} at step {step}")
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} with value {value:.4f}")
+
+        return report
 
     def _checkpoint(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
         if self.checkpoints <= 0 or is_multi(trial):  # Optuna prunes single-objective studies
@@ -215,8 +244,9 @@ class DiffusionObjective:
         def report_partial(step: int, model: nn.Module) -> None:
             if step >= cfg.steps:
                 return
-            # "elbo-split" and "elbo-kfold" train their reference models at the end only:
-            # their checkpoints report the "elbo" bound of the model so far (README, pruning)
+            # "elbo-split" (and "elbo-kfold" with a network that cannot be packed) train their
+            # references at the end only: their checkpoints report the "elbo" bound of the
+            # model so far (README, pruning)
             refs = cfg.variant in SPLIT_VARIANTS or cfg.variant in FOLD_VARIANTS
             variant = "elbo" if refs else cfg.variant
             if not enc and variant in ENCODER_VARIANTS:

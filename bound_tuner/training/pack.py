@@ -32,7 +32,7 @@ from bound_tuner.maths.sde import Schedule
 from bound_tuner.models.factory import factory_name
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device, set_tf32
 from bound_tuner.training.config import DiffusionConfig, initial_model
-from bound_tuner.training.loop import StepDraws, generator_surrogate
+from bound_tuner.training.loop import StepDraws, check_finite, generator_surrogate
 from bound_tuner.training.members import MemberSchedules
 
 # settings every member of a pack must share (the architecture and the training loop)
@@ -42,6 +42,8 @@ ADAM_EPS = 1e-8
 GRAD_CLIP = 1.0  # train_score_model's default clipping norm
 
 PackCallback = Callable[[int, int, nn.Module], None]  # (member, step, model); may raise
+#: (step, every member's model at that step); may raise, which ends the whole pack
+JointCallback = Callable[[int, list[nn.Module]], None]
 
 
 class PackStopped(KeyboardInterrupt):
@@ -161,6 +163,7 @@ def train_packed(
     progress: bool = False,
     stop: threading.Event | None = None,
     rows: Sequence[torch.Tensor | None] | None = None,
+    joint: JointCallback | None = None,
 ) -> list[PackMember]:
     """Train one score model per configuration on ``train``, all at once; see the module doc.
 
@@ -171,6 +174,11 @@ def train_packed(
     PackStopped at the next step. ``rows[j]`` (K-fold references, docs/theory.md 2.9) restricts
     member j to those rows of ``train``: its batches are drawn among them and its regularizer
     counts their number as m. Returns the members in order.
+
+    ``joint(step, models)`` makes the pack one unit (a model and its K-fold references trained
+    in lockstep, docs/theory.md 2.12): every ``callback_every`` steps and at the end it gets
+    every member's model as it is at that step, in order; an exception from it, or a member's
+    non-finite loss (FloatingPointError), ends training and propagates.
     """
     check_packable(cfgs)
     device = resolve_device(device)
@@ -241,7 +249,13 @@ def train_packed(
         _clip(pack, GRAD_CLIP)
         _adam_step(pack, step + 1)
         last = step + 1 == steps
-        if last or (callback is not None and callback_every and (step + 1) % callback_every == 0):
+        due = bool(callback_every) and (step + 1) % callback_every == 0
+        if joint is not None and (last or due):
+            if not bool(torch.isfinite(history[:, : step + 1]).all()):  # one host sync
+                for j in pack.members:
+                    check_finite(history[j], step + 1)
+            joint(step + 1, [pack.model_of(row) for row in range(len(pack.members))])
+        if last or (callback is not None and due):
             kept = _checkpoint(pack, out, history, step + 1, callback if not last else None)
             if not pack.members:
                 break

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from bound_tuner.maths.bounds.kfold import Z95
+from bound_tuner.maths.bounds.kfold import CV_Z, Z95
 from bound_tuner.maths.bounds.mixture import mixture_kl
 from bound_tuner.maths.bounds.report import BoundReport
 from bound_tuner.maths.sde import Schedule, prior_kl, time_grid
@@ -219,6 +219,22 @@ def sample_deviation(m: int, *, delta: float = SAMPLE_DELTA) -> float:
     return math.sqrt(math.log(1.0 / delta) / m) if delta > 0 else 0.0
 
 
+def certified_value(
+    *,
+    train_nelbo: float,
+    cv_nelbo: float,
+    cv_se: float,
+    refs_train_nelbo: float | None,
+    z: float = CV_Z,
+) -> float:
+    """The value of eq. 2.11 for a model and its references at one step:
+    max(NELBO_cv + (NELBO_train - NELBO_refs) + z se_cv, NELBO_train) (no shift without
+    ``refs_train_nelbo``). z = 2 for one step; ``kfold.checkpoint_z`` when the step is the
+    smallest of several (certified early stopping, eq. 2.12)."""
+    shift = 0.0 if refs_train_nelbo is None else train_nelbo - refs_train_nelbo
+    return max(cv_nelbo + shift + z * cv_se, train_nelbo)
+
+
 def assemble_kfold_bound(
     *,
     train_nelbo: float,
@@ -230,6 +246,7 @@ def assemble_kfold_bound(
     delta: float = SAMPLE_DELTA,
     train_mc_se: float = 0.0,
     refs_train_nelbo: float | None = None,
+    z: float = CV_Z,
     settings: dict | None = None,
     kind: str = "diffusion",
 ) -> BoundReport:
@@ -249,7 +266,8 @@ def assemble_kfold_bound(
 
     is recorded beside it (``extras["info_bound"]``; terms ``fold_info`` and ``mc_margin``) and
     does not enter the value: it fell below the held-out NELBO where the cross-fitted form did
-    not and, for VAEs, is looser by orders of magnitude (docs/theory.md 2.11 and 7.1).
+    not and, for VAEs, is looser by orders of magnitude (docs/theory.md 2.11 and 7.1). ``z``
+    replaces the 2 of the margin when the step was chosen among several (eq. 2.12).
     ``extras`` also keep ``cv_floor`` (1 where the training NELBO floored the value). ``kind``
     names the model of the report (the VAE bound of docs/theory.md 5.4 uses the same assembly);
     ``m`` and ``delta`` give the information form's sample term (``info_upper95``)."""
@@ -259,13 +277,19 @@ def assemble_kfold_bound(
     # never below the model's own training NELBO: a references' gap below zero (unseen points
     # fit better than seen ones) says nothing of the model's (theory.md 2.11)
     shift = 0.0 if refs_train_nelbo is None else train_nelbo - refs_train_nelbo
-    cv = max(cv_nelbo + shift + 2.0 * cv_se, train_nelbo)
+    cv = certified_value(
+        train_nelbo=train_nelbo,
+        cv_nelbo=cv_nelbo,
+        cv_se=cv_se,
+        refs_train_nelbo=refs_train_nelbo,
+        z=z,
+    )
     terms = {
         "train_nelbo": train_nelbo,
         "fold_info": c_fold,
         "cv_nelbo": cv_nelbo,
         "cv_shift": shift,
-        "cv_margin": 2.0 * cv_se,
+        "cv_margin": z * cv_se,
         "mc_margin": mc_margin,
     }
     contributions = {
@@ -278,7 +302,8 @@ def assemble_kfold_bound(
         "info_upper95": info + k * sample_deviation(m, delta=delta),
         "cv_bound": cv,
         "cv_se": cv_se,
-        "cv_floor": 1.0 if cv_nelbo + shift + 2.0 * cv_se < train_nelbo else 0.0,
+        "cv_floor": 1.0 if cv_nelbo + shift + z * cv_se < train_nelbo else 0.0,
+        "cv_z": z,
         "total_upper95": cv,
     }
     return BoundReport(kind, cv, terms, contributions, dict(settings or {}), extras)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 
@@ -21,6 +22,20 @@ import torch
 DEFAULT_FOLDS = 5
 #: one-sided normal quantile of the 95% certificate (bound.total_upper95)
 Z95 = 1.6448536269514722
+#: standard errors of the cross-fitted margin of a model scored at one step (eq. 2.11)
+CV_Z = 2.0
+#: the chance that the value of the step certified early stopping keeps falls below that step's
+#: expected population NELBO, shared by its C checkpoints (docs/theory.md eq. 2.12)
+STOP_ALPHA = 0.025
+
+
+def checkpoint_z(checkpoints: int, *, alpha: float = STOP_ALPHA) -> float:
+    """z of the margin z se_cv when the value is the smallest over ``checkpoints`` steps
+    (docs/theory.md eq. 2.12): Bonferroni's Phi^-1(1 - alpha / C), never below CV_Z, the
+    margin of one step (2.50 for C = 4, 2.73 for C = 8, 2.96 for C = 16)."""
+    if checkpoints < 1:
+        raise ValueError(f"checkpoints={checkpoints}: the value needs at least one step")
+    return max(CV_Z, NormalDist().inv_cdf(1.0 - alpha / checkpoints))
 
 
 def folds_for(m: int, folds: int | None = None) -> int:

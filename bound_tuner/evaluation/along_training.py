@@ -1,0 +1,178 @@
+"""The certificate along training and certified early stopping (docs/theory.md 2.12).
+
+The model and its K fold references train in lockstep, as one pack of K + 1 with the same seed
+and steps (the model on every point, reference k on the points outside fold k;
+``bound_tuner.training.pack``). At each checkpoint the value of eq. 2.11 therefore exists for
+the model as it is at that step: its training NELBO plus its references' generalization gap at
+the same step, plus a margin of standard errors, on the study's evaluation draws. Trained to the
+end, the model and references are those of training them one after the other, so the final
+step's value is the default's.
+
+With early stopping the trial keeps the step of the smallest value and its weights. Choosing the
+smallest of C values is paid for in the margin: z = ``kfold.checkpoint_z(C)`` instead of 2 at
+every step (Bonferroni, eq. 2.12), so the kept value is a certificate of the kept step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bound_tuner.evaluation.evaluate import draws_for, nelbo_terms
+from bound_tuner.maths.bounds.diffusion import certified_value
+from bound_tuner.maths.bounds.kfold import (
+    CV_Z,
+    checkpoint_z,
+    fold_assignment,
+    fold_rows,
+    folds_for,
+)
+from bound_tuner.maths.sde import Schedule, get_schedule
+from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device, set_tf32
+from bound_tuner.training.config import DiffusionConfig
+from bound_tuner.training.members import Members
+from bound_tuner.training.pack import train_packed
+
+#: ``report(step, value)``: called at every checkpoint with the value the trial would have if it
+#: ended there (the smallest so far with early stopping); it may raise (optuna.TrialPruned)
+Report = Callable[[int, float], None]
+
+
+@dataclass
+class CertifiedTraining:
+    """A model trained with its references in lockstep, at the step it keeps.
+
+    ``model`` and ``references`` hold the weights of ``step`` (the last step without early
+    stopping), ``curve`` the value (eq. 2.11 with margin ``z``) at every checkpoint evaluated,
+    ``losses`` the model's training loss at every step trained."""
+
+    model: nn.Module
+    references: list[nn.Module]
+    folds: torch.Tensor
+    schedule: Schedule
+    losses: list[float]
+    step: int
+    z: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def checkpoint_every(steps: int, checkpoints: int) -> int:
+    """Steps between two checkpoints: ``checkpoints`` evenly spaced before the last step
+    (0: none; the last step is always evaluated)."""
+    return max(1, steps // (checkpoints + 1)) if checkpoints > 0 else 0
+
+
+def checkpoint_count(steps: int, every: int) -> int:
+    """C, the number of steps whose value is computed: the multiples of ``every`` up to
+    ``steps``, and ``steps`` itself."""
+    if every <= 0:
+        return 1
+    return steps // every + (1 if steps % every else 0)
+
+
+def value_at(
+    model: nn.Module,
+    references: list[nn.Module],
+    x: torch.Tensor,
+    schedule: Schedule,
+    folds: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    z: float = CV_Z,
+) -> float:
+    """The value of eq. 2.11 (margin z se_cv) for a model and its references as they are: the
+    evaluation passes of the final bound (``evaluate.nelbo_terms``, the same draws), without
+    the generator paths, which only the recorded information form needs."""
+    nelbo, fold = nelbo_terms(
+        Members.single(model, schedule),
+        x,
+        T=[cfg.T],
+        seeds=[cfg.eval_seed],
+        draws=draws_for(x.shape[0], cfg.train_draws),
+        t_min=cfg.t_min,
+        fold_refs=Members.of_models(references, [schedule] * len(references)),
+        folds=folds,
+    )
+    return certified_value(
+        train_nelbo=nelbo[0].mean,
+        cv_nelbo=fold["cv_nelbo"],
+        cv_se=fold["cv_se"],
+        refs_train_nelbo=fold["refs_train_nelbo"],
+        z=z,
+    )
+
+
+def train_certified(
+    train: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    checkpoints: int,
+    early_stop: bool,
+    device: str | torch.device = DEFAULT_DEVICE,
+    report: Report | None = None,
+    progress: bool = False,
+) -> CertifiedTraining:
+    """Train cfg's model and its K-fold references (docs/theory.md 2.9) as one lockstep pack and
+    compute the value of eq. 2.11 at ``checkpoints`` evenly spaced steps and the last one;
+    ``report`` gets each (the smallest so far with ``early_stop``). With ``early_stop`` the
+    weights of the step with the smallest value are kept and every value carries the margin of
+    eq. 2.12; without it, the last step's, with the margin of one step. The folds are the
+    study's (cfg.eval_seed), as for references trained after the model."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
+    x = train.to(device)
+    m = x.shape[0]
+    k = folds_for(m, cfg.folds)
+    folds = fold_assignment(m, k, seed=cfg.eval_seed + 7)
+    schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
+    every = checkpoint_every(cfg.steps, checkpoints)
+    z = checkpoint_z(checkpoint_count(cfg.steps, every)) if early_stop else CV_Z
+    curve: list[tuple[int, float]] = []
+    kept: dict[str, object] = {"value": float("inf"), "step": cfg.steps, "weights": None}
+
+    def at_checkpoint(step: int, models: list[nn.Module]) -> None:
+        value = value_at(models[0], models[1:], x, schedule, folds, cfg, z=z)
+        curve.append((step, value))
+        if early_stop and value < kept["value"]:
+            kept.update(value=value, step=step, weights=[_weights(mod) for mod in models])
+        for mod in models:
+            mod.train()
+        if report is not None:
+            report(step, kept["value"] if early_stop else value)
+
+    members = train_packed(
+        x,
+        [cfg] * (k + 1),
+        device=device,
+        rows=[None, *fold_rows(folds, k)],
+        joint=at_checkpoint,
+        callback_every=every,
+        progress=progress,
+    )
+    models = [mem.model for mem in members]
+    step = cfg.steps
+    if early_stop and kept["weights"] is not None:
+        step = int(kept["step"])
+        for mod, weights in zip(models, kept["weights"], strict=True):
+            mod.load_state_dict(weights)
+    for mod in models:
+        mod.eval()
+    return CertifiedTraining(
+        model=models[0],
+        references=models[1:],
+        folds=folds,
+        schedule=schedule,
+        losses=members[0].losses,
+        step=step,
+        z=z,
+        curve=curve,
+    )
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state (on its device) to come back to."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
