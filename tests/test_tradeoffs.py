@@ -25,6 +25,8 @@ from bound_tuner.config.objective_names import (
 from bound_tuner.config.spec import SpecError, load_spec, parse_spec
 from bound_tuner.dashboard.charts import CHART_PARETO, study_figures
 from bound_tuner.dashboard.report import trials_json
+from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound
+from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.study import run_study
 
 SPEC = """
@@ -344,3 +346,69 @@ def test_a_pruned_trials_partial_bound_is_marked_in_the_report(tmp_path, capsys)
     assert "(partial): a pruned trial's bound at its last checkpoint" in out
     data = {t["number"]: t for t in trials_json(study)}
     assert all(data[t.number]["partial"] is True for t in pruned)
+
+
+def test_generalization_of_the_default_is_the_references_gap_plus_its_margin(tmp_path):
+    """docs/tradeoffs.md: for "elbo-kfold", generalization = bound − fit = max(NELBO_cv −
+    NELBO_refs + 2 se_cv, 0), computed here from the trial's stored terms, not from its total."""
+    spec = parse_spec(
+        {
+            "study": {"name": "kf", "n_trials": 2, "seed": 0},
+            "data": {"name": "swiss_roll", "m": 24},
+            "search": {"T": {"low": 0.3, "high": 0.8}},
+            "training": {"steps": 15, "checkpoints": 0, "batch_size": 24},
+            "bound": {
+                "variant": "elbo-kfold",
+                "N": 10,
+                "n_paths": 8,
+                "train_draws": 2,
+                "folds": 3,
+                "max_sample_scale": 1000.0,
+            },
+        }
+    )
+    study = run_study(
+        spec,
+        storage=f"sqlite:///{tmp_path}/kf.db",
+        progress=False,
+        dashboard=False,
+        objectives=["fit", "generalization"],
+    )
+    done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert done
+    for t in done:
+        ua = flat_attrs(t.user_attrs)
+        margin = ua.get("bound.cv_z", 2.0) * ua["bound.cv_se"]
+        gap = ua["bound.cv_nelbo"] - ua["bound.refs_train_nelbo"]
+        fit, generalization = t.values
+        assert fit == pytest.approx(ua["bound.train_nelbo"])
+        assert generalization == pytest.approx(max(gap + margin, 0.0), abs=1e-9)
+        # the paper's information form is recorded beside it, and is not the objective
+        info = math.sqrt(2) * ua["bound.R_cv"] * ua["bound.C_fold"]
+        assert ua["bound.info_bound"] == pytest.approx(fit + info + ua["bound.mc_margin"])
+        assert generalization != pytest.approx(info)
+
+
+def test_generalization_is_zero_where_the_training_nelbo_floors_the_bound():
+    rep = assemble_kfold_bound(
+        train_nelbo=3.0, c_fold=0.1, R=1.0, cv_nelbo=2.0, cv_se=0.1, m=200, refs_train_nelbo=3.5
+    )  # 2.0 + (3.0 − 3.5) + 0.2 < 3.0: the floor binds
+    ua = rep.user_attrs()
+    assert rep.total == 3.0 and value_of("generalization", ua) == 0.0
+    rep = assemble_kfold_bound(
+        train_nelbo=3.0, c_fold=0.1, R=1.0, cv_nelbo=3.4, cv_se=0.1, m=200, refs_train_nelbo=3.1
+    )
+    assert value_of("generalization", rep.user_attrs()) == pytest.approx(3.4 - 3.1 + 0.2)
+
+
+def test_the_objectives_table_of_the_docs_is_their_definitions():
+    """docs/tradeoffs.md's table gives each objective's definition as OBJECTIVES holds it."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tradeoffs.md").read_text()
+    rows = {
+        line.split(" | ")[0].strip("|` "): line.split(" | ")[1]
+        for line in page.splitlines()
+        if line.startswith("| `")
+    }
+    assert {n: rows.get(n) for n in OBJECTIVES} == {n: o.help for n, o in OBJECTIVES.items()}
+    spec_comment = Path(__file__).resolve().parents[1] / "studies" / "swiss_roll_tradeoff.toml"
+    assert "C_fold" not in spec_comment.read_text()  # the objective is bound − fit, not C_fold

@@ -9,8 +9,10 @@ multi-objective study with two or three of:
   fit             the bound's empirical term: the training NELBO (``bound.train_nelbo``), the
                   paper variant's denoising loss L_dsm (``bound.train_loss``), or a paper-variant
                   VAE's reconstruction term REC (``bound.rec``), nats per training point
-  generalization  bound − fit: what the bound adds to the training fit for generalization (its
-                  information terms' signed contributions), nats per training point
+  generalization  bound − fit: the part of the value above the training fit, nats per training
+                  point; for "elbo-kfold" (the default) the references' generalization gap plus
+                  its margin, max(NELBO_cv − NELBO_refs + 2 se_cv, 0), for the other variants
+                  the signed contributions of the information terms
   train_seconds   wall time of the trial's training and scoring (user attr ``train_seconds``)
   parameters      the trial's model size, in trainable parameters (user attr ``parameters``)
   heldout.NAME    a held-out metric of validation mode (``heldout.sample_kl``, ...): for
@@ -59,7 +61,7 @@ class Objective:
     direction: str  # "minimize" or "maximize", as Optuna spells it
     label: str  # the metric name optuna-dashboard shows
     unit: str
-    help: str
+    help: str  # its definition, as docs/tradeoffs.md's table gives it
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -70,36 +72,41 @@ OBJECTIVES: dict[str, Objective] = {
             "minimize",
             "generalization bound",
             "nats per training point",
-            "the bound's total (the single objective by default)",
+            "the bound's total, the single objective by default (`bound.total`)",
         ),
         Objective(
             "fit",
             "minimize",
             "training fit",
             "nats per training point",
-            "the bound's empirical term: the training NELBO (L_dsm for the paper variant, REC "
-            "for a paper-variant VAE)",
+            "the bound's empirical term: the training NELBO (`bound.train_nelbo`); L_dsm for "
+            "the `paper` variant, REC for a `paper`-variant VAE",
         ),
         Objective(
             "generalization",
             "minimize",
             "generalization term",
             "nats per training point",
-            "bound − fit: the signed contributions of the bound's information terms",
+            "bound − fit, the part of the value above the training fit: for `elbo-kfold` "
+            "the references' generalization gap plus its margin, max(NELBO_cv − NELBO_refs + "
+            "2 se_cv, 0), the bound never being below the training NELBO; for the other "
+            "variants the signed contributions of the information terms (√2 R · √I_gir for "
+            "`elbo`)",
         ),
         Objective(
             "train_seconds",
             "minimize",
             "train seconds",
             "seconds",
-            "wall time of the trial's training and scoring",
+            "wall time of the trial's training and scoring, K-fold references included (user "
+            "attr `train_seconds`)",
         ),
         Objective(
             "parameters",
             "minimize",
             "parameters",
             "parameters",
-            "the trial's model size (trainable parameters)",
+            "the trial's model size (user attr `parameters`)",
         ),
     )
 }

@@ -5,7 +5,8 @@ JSON schema (``bound-tuner report --format json``): a list, one object per trial
 ``params`` (sampled parameters), ``value`` (the bound's total, or null) and ``user_attrs``
 (``bound.*`` terms and settings, ``heldout.*`` metrics in validation mode, ``train_seconds``,
 ``parameters``, ``fail_reason``). A PRUNED trial's value is its last partial bound (a
-checkpoint's, not the final one) and it has ``"partial": true``. In a multi-objective study
+checkpoint's, not the final one) and it has ``"partial": true``; a FAIL trial's value is the
+bound it computed before it failed (a diverged generator's), if any (docs/cli.md). In a multi-objective study
 every trial also has ``values`` ({objective name: value}, see ``bound_tuner.config.objective_names``)
 and ``pareto`` (whether it is in the study's Pareto set, feasible trials only), and, with
 [study] constraints, ``feasible``.
@@ -14,11 +15,13 @@ and ``pareto`` (whether it is in the study's Pareto set, feasible trials only), 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from typing import Any
 
 import optuna
 
-from bound_tuner.config.objective_names import OBJECTIVES, bound_value, objective
+from bound_tuner.config.objective_names import OBJECTIVES, bound_value, fit_term, objective
 from bound_tuner.maths.bounds.report import TERM_LABELS, flat_attrs, term_label, value_label
 from bound_tuner.maths.selection import pick_rank, regret, spearman
 
@@ -152,49 +155,126 @@ def selection_lines(trials: list[dict]) -> list[str]:
 
 
 VAE_TERMS = ("rec", "kld", "mi", "encoder_only_bound")
+#: quantities a trial records beside its value, which do not enter it: the paper's bound in its
+#: information form on the same K-fold references, and its C_fold (docs/theory.md 2.9 to 2.11)
+BESIDE = ("info_bound", "fold_info")
+BESIDE_LABELS = {"info_bound": "info bound", "fold_info": TERM_LABELS["fold_info"][0]}
+#: the user attr of the training step whose weights a trial kept (an int), shown when present
+STEP_ATTR = "bound.step"
+#: the columns of the default's value, in words (the legend of ``trials_table``)
+KFOLD_LEGEND = (
+    "bound (elbo-kfold, the default) is a cross-fitted certificate, not the paper's bound: K "
+    "reference models train with each model, each without one fold of the points. It is the sum "
+    "of the columns between the bars: NELBO_cv, each point's NELBO under the reference that did "
+    "not see it; NELBO_train − NELBO_refs, how much worse (+) or better (−) the model fits its "
+    "own points (NELBO_train) than the references fit theirs; 2 se_cv, two standard errors, "
+    "raised where the sum would fall below NELBO_train. Put otherwise: the model's training "
+    "NELBO plus the references' generalization gap (NELBO_cv − NELBO_refs) plus 2 se_cv, the "
+    "last two being the `generalization` objective. upper95: the same value read as a 95% "
+    "certificate. It is a bound on the held-out NELBO only as measured (above it for every "
+    "benchmark model, docs/benchmarks.md), not by a theorem.",
+    "(in parentheses): recorded beside the bound, not part of it. (info bound) is the paper's "
+    "bound (Chen, Zhu and Shkurti, ICLR 2025) in its information form on the same references, "
+    "NELBO_train + √2 R · C_fold + 1.645 mc_se; (C_fold) is how much the generator learned about "
+    "its own points, in nats per point.",
+)
+SCORE_LEGEND = (
+    "score: the sum of the columns between the bars (each term's signed contribution); this "
+    "variant is not measured to stay above the held-out NELBO, so it ranks trials but is not a "
+    "bound (docs/theory.md 7)."
+)
+
+
+def _beside(trials: list[dict]) -> list[str]:
+    return [n for n in BESIDE if any(f"bound.{n}" in t["user_attrs"] for t in trials)]
+
+
+def _contribution_names(trials: list[dict]) -> list[str]:
+    prefix = "bound.contribution."
+    found = {k[len(prefix) :] for t in trials for k in t["user_attrs"] if k.startswith(prefix)}
+    return [n for n in TERM_LABELS if n in found] + sorted(found - set(TERM_LABELS))
 
 
 def trials_table(trials: list[dict]) -> str:
-    """A text table: one row per trial, the bound terms and the held-out metric."""
+    """A text table, one row per trial: its number and state, every searched parameter (and the
+    kept training step where trials record ``bound.step``), its value, the terms that add up to
+    the value (signed contributions, as the dashboard's notes give them), what the trial records
+    beside the value without adding it in (the paper's information form and C_fold, in
+    parentheses), and the preferred held-out metric; a legend in words follows."""
     key = heldout_key(trials)
+    firsts = _firsts(trials)
+    step = any(STEP_ATTR in t["user_attrs"] for t in trials)
+    ident = ["#", "state", *firsts, *(["step"] if step else [])]
     vae = any("bound.rec" in t["user_attrs"] for t in trials)
-    if vae:
-        cols = ["#", "state", "beta", "lam", "latent", "bound", "REC", "KLD", "MI", "enc_only"]
-        firsts = ("beta", "lam", "latent")
-        names = VAE_TERMS
+    variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+    variant = next(iter(variants)) if len(variants) == 1 else None
+    label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
+    upper = any("bound.total_upper95" in t["user_attrs"] for t in trials)
+    if vae:  # the paper's VAE bound: its terms, as the paper names them
+        adds: list[str] = []
+        terms = list(VAE_TERMS)
+        heads = ["REC", "KLD", "MI", "enc_only"]
+        beside: list[str] = []
     else:
-        # the K-fold VAE bound has the diffusion default's terms
-        kfold_vae = any("bound.latent" in t["user_attrs"] for t in trials)
-        firsts = ("beta", "lam", "latent") if kfold_vae else ("T", "schedule")
-        names = tuple(n for n in TERMS if any(f"bound.{n}" in t["user_attrs"] for t in trials))
-        variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
-        label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
-        variant = next(iter(variants)) if len(variants) == 1 else None
-        cols = ["#", "state", *firsts, label] + [term_label(n, variant)[0] for n in names]
-        if any("bound.total_upper95" in t["user_attrs"] for t in trials):
-            cols.insert(len(firsts) + 3, "upper95")
-            names = ("total_upper95", *names)
+        adds = _contribution_names(trials)
+        # the fit where it is no column of its own (the default's): the value's floor
+        terms = sorted({fit_term(t["user_attrs"]) for t in trials} - {None, *adds})
+        beside = _beside(trials)
+        heads = [term_label(n, variant)[0] for n in terms]
+        if adds:
+            heads += [
+                "|",
+                *[("+ " if i else "") + term_label(n, variant)[1] for i, n in enumerate(adds)],
+                "|",
+            ]
+        heads += [f"({BESIDE_LABELS[n]})" for n in beside]
+    cols = [*ident, label, *(["upper95"] if upper else []), *heads]
     if key:
         cols.append(key.split(".", 1)[1])
     rows = [cols]
-
-    def f(v, fmt="{:.4g}"):
-        return "-" if v is None else fmt.format(v) if isinstance(v, (int, float)) else str(v)
-
     for t in trials:
         ua = t["user_attrs"]
-        row = [str(t["number"]), t["state"]]
-        config = ua.get("config") or {}
-        row += [f(t["params"].get(p, ua.get(f"bound.{p}", config.get(p)))) for p in firsts]
-        row.append(f(t["value"]) + (" (partial)" if t.get("partial") else ""))
-        row += [f(ua.get(f"bound.{name}")) for name in names]
+        row = [str(t["number"]), t["state"], *[_cell(_param(t, p)) for p in firsts]]
+        if step:
+            row.append(_cell(ua.get(STEP_ATTR)))
+        row.append(_cell(t["value"], "{:.4f}") + (" (partial)" if t.get("partial") else ""))
+        if upper:
+            row.append(_cell(ua.get("bound.total_upper95"), "{:.4f}"))
+        row += [_cell(ua.get(f"bound.{n}"), "{:.4g}" if vae else "{:.4f}") for n in terms]
+        if adds:
+            row.append("|")
+            for n in adds:
+                c = ua.get(f"bound.contribution.{n}")
+                row.append("" if c is None else f"{c:+.4f}")
+            row.append("|")
+        row += [_cell(ua.get(f"bound.{n}"), "{:.4f}") for n in beside]
         if key:
-            row.append(f(ua.get(key)))
+            row.append(_cell(ua.get(key)))
         rows.append(row)
-    lines = _aligned(rows)
+    lines = [_aligned(rows)]
     if any(t.get("partial") for t in trials):
-        lines += "\n(partial): a pruned trial's bound at its last checkpoint, not a final bound"
-    return lines
+        lines.append("(partial): a pruned trial's bound at its last checkpoint, not a final bound")
+    lines += legend(trials)
+    return "\n".join(lines)
+
+
+def legend(trials: list[dict]) -> list[str]:
+    """What the value of ``trials_table`` is, in words: for the default ``elbo-kfold`` what its
+    columns mean and what is recorded beside it; for a variant labelled a score, that it is not
+    a bound."""
+    variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
+    if variants == {"elbo-kfold"}:
+        return [_fill(p) for p in KFOLD_LEGEND]
+    if variants and any(value_label(v) != "bound" for v in variants):
+        return [_fill(SCORE_LEGEND)]
+    return []
+
+
+def _fill(text: str, width: int = 100) -> str:
+    """``text`` in lines of ``width``, a formula's terms kept on one line (no break beside an
+    operator, nor after a number)."""
+    keep = re.sub(r"(?<=[−+·√\d]) (?=\S)|(?<=\S) (?=[−+·])", "\xa0", text)
+    return textwrap.fill(keep, width).replace("\xa0", " ")
 
 
 def _aligned(rows: list[list[str]]) -> str:
