@@ -67,6 +67,9 @@ HELDOUT_DEFAULTS = {"points": (10_000, 1000), "images": (256, 100)}
 #: error of the training NELBO then hardly depends on m (200 points get 256 draws each)
 DRAW_BUDGET = 51_200
 DRAWS_RANGE = (64, 1024)
+#: data elements a member's forward of the ELBO pass takes at most (a chunk of draws of every
+#: point at once for 2-D data, a few dozen images)
+EVAL_ELEMS = 1 << 16
 
 
 def draws_for(m: int, draws: int | None = None) -> int:
@@ -191,32 +194,36 @@ def negative_elbo_members(
     chunk = chunk_length(n * d, draws)
     s1 = torch.zeros(k, n, dtype=torch.float64, device=dev)
     s2 = torch.zeros(k, n, dtype=torch.float64, device=dev)
-    for j in range(draws):
-        c = j % chunk
-        if c == 0:  # each member draws the next draws' (u, eps) from its own generator
-            m = min(chunk, draws - j)
-            u_all = torch.stack(
-                [torch.rand((m, n), generator=g, dtype=torch.float64, device=dev) for g in gens]
-            )
-            eps_all = torch.stack(
-                [torch.randn((m, *y.shape), generator=g, dtype=y.dtype, device=dev) for g in gens]
-            )
-        u = (j + u_all[:, c]) / draws  # stratified: draw j lies in [j/draws, (j+1)/draws)
-        t = sch.time_at_log_snr(lam_hi[:, None] - width[:, None] * u)
-        t = torch.minimum(torch.maximum(t, ends[:, :1]), t_hi)
-        eps = eps_all[:, c]
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
+    # a chunk's draws run as one batch of (draw, point) rows, at most ``rows`` per forward
+    rows = max(1, min(batch_size, EVAL_ELEMS // d))
+    for first in range(0, draws, chunk):
+        c = min(chunk, draws - first)
+        # each member draws the chunk's (u, eps) from its own generator
+        u_all = torch.stack(
+            [torch.rand((c, n), generator=g, dtype=torch.float64, device=dev) for g in gens]
+        )
+        eps = torch.stack(
+            [torch.randn((c, *y.shape), generator=g, dtype=y.dtype, device=dev) for g in gens]
+        ).reshape(k, c * n, *y.shape[1:])
+        # stratified: draw j lies in [j/draws, (j+1)/draws)
+        j = torch.arange(first, first + c, dtype=torch.float64, device=dev).view(1, c, 1)
+        u = (j + u_all) / draws
+        t = sch.time_at_log_snr(lam_hi.view(k, 1, 1) - width.view(k, 1, 1) * u)
+        t = torch.minimum(torch.maximum(t, ends[:, :1, None]), t_hi[:, :, None]).reshape(k, c * n)
+        point = torch.arange(n, device=dev).repeat(c)  # the point of each (draw, point) row
+        for start in range(0, c * n, rows):
+            sl = slice(start, start + rows)
             a, v2, _ = sch.coefficients(t[:, sl])
             b = a.shape[1]
+            yb = y[point[sl]]
             xt = (
-                a.to(y.dtype).view(k, b, *extra) * y[sl]
+                a.to(y.dtype).view(k, b, *extra) * yb
                 + v2.sqrt().to(y.dtype).view(k, b, *extra) * eps[:, sl]
             )
             err = (members.eps(xt, t[:, sl]) - eps[:, sl]).pow(2).reshape(k, b, -1).sum(2)
             v = 0.5 * width[:, None] * err.double()
-            s1[:, sl] += v
-            s2[:, sl] += v * v
+            s1.index_add_(1, point[sl], v)
+            s2.index_add_(1, point[sl], v * v)
     mean = s1 / draws
     var = (s2 / draws - mean * mean).clamp(min=0) / max(draws - 1, 1)
     total = (mean + prior + decoder[:, None]).cpu()
