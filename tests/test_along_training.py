@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bound_tuner import DiffusionObjective
+from bound_tuner.config.spec import SpecError
 from bound_tuner.data import load_dataset, swiss_roll
 from bound_tuner.evaluation.along_training import (
     checkpoint_count,
@@ -124,3 +125,10 @@ def test_the_pruner_sees_the_certified_value():
     assert first.state == optuna.trial.TrialState.COMPLETE
     assert second.state == optuna.trial.TrialState.PRUNED
     assert min(second.intermediate_values.values()) > max(first.intermediate_values.values())
+
+
+def test_early_stopping_without_references_is_refused_in_one_line():
+    split = load_dataset("swiss_roll", m=24, seed=0, test_size=50)
+    base = replace(SMALL, variant="elbo", early_stop=True)
+    with pytest.raises(SpecError, match='early_stop = true needs variant = "elbo-kfold"'):
+        DiffusionObjective(split, search={"T": 0.5}, base=base)

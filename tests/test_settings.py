@@ -38,6 +38,7 @@ VALUES = {
     "max_sample_scale": 7.5,
     "train_draws": 5,
     "folds": 4,
+    "early_stop": True,
     "r": 0.5,
     "mc_samples": 2,
     "bound_subset": 11,

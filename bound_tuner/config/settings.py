@@ -89,6 +89,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "bound",
+        "early_stop",
+        bool,
+        {"diffusion": "early_stop"},
+        "keep the checkpoint with the smallest certified value (elbo-kfold)",
+    ),
+    Setting(
+        "bound",
         "L_estimator",
         str,
         {"diffusion": "l_estimator"},

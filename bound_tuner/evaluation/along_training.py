@@ -36,6 +36,10 @@ from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.members import Members
 from bound_tuner.training.pack import train_packed
 
+#: whether a lockstep trial keeps its best checkpoint when its configuration does not say
+#: (``DiffusionConfig.early_stop`` None; docs/theory.md 7.2 gives the measurement behind it)
+DEFAULT_EARLY_STOP = False
+
 #: ``report(step, value)``: called at every checkpoint with the value the trial would have if it
 #: ended there (the smallest so far with early stopping); it may raise (optuna.TrialPruned)
 Report = Callable[[int, float], None]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bound_tuner.evaluation.along_training import Report, train_certified
+from bound_tuner.evaluation.along_training import DEFAULT_EARLY_STOP, Report, train_certified
 from bound_tuner.evaluation.evaluate import (
     BoundTerms,
     bound_terms_members,
@@ -101,7 +101,7 @@ def _run_certified(train, cfg, *, test, validation, device, checkpoints, report,
         train,
         cfg,
         checkpoints=checkpoints,
-        early_stop=cfg.early_stop,
+        early_stop=DEFAULT_EARLY_STOP if cfg.early_stop is None else cfg.early_stop,
         device=device,
         report=report,
         progress=progress,

@@ -86,6 +86,11 @@ class DiffusionObjective:
         if model is not None:
             self.base = replace(self.base, model=model)
         self.search = parse_search(search, model="diffusion", schedule=self.base.schedule)
+        if self.base.early_stop and self.base.variant not in FOLD_VARIANTS:
+            raise SpecError(
+                f'[bound] early_stop = true needs variant = "elbo-kfold" (its references certify '
+                f"each checkpoint), not {self.base.variant!r}; remove early_stop or the variant"
+            )
         build: dict[str, Any] = {"shape": list(self.data.train.shape[1:])}
         if self.base.model is not None:
             build["factory"] = factory_name(self.base.model)
@@ -120,8 +125,13 @@ class DiffusionObjective:
             check_output(net, self.data.train[:2].to(torch.float32), name=name)
         except ValueError as e:
             raise SpecError(str(e)) from None
+        why = vmap_error(net, shape) if pack > 1 or self.base.early_stop else None
+        if self.base.early_stop and why is not None:
+            raise SpecError(
+                f"model {name} cannot train in lockstep with its references for [bound] "
+                f"early_stop = true: torch.func cannot vmap it ({why}); remove early_stop"
+            )
         if pack > 1:
-            why = vmap_error(net, shape)
             if why is not None:
                 raise SpecError(
                     f"model {name} cannot train in a pack of {pack}: torch.func cannot vmap it "

@@ -69,7 +69,6 @@ def build_objective(
         set_tf32(spec.training.get("tf32", DEFAULT_TF32))
     if artifact_store is None:
         artifact_store = getattr(on_result, "artifact_store", None)
-    multi = len(spec.objectives) > 1
     if spec.model == "diffusion":
         # scipy only when an objective is built
         from bound_tuner.objectives.diffusion import DiffusionObjective
@@ -82,8 +81,10 @@ def build_objective(
             search=spec.search,
             base=diffusion_base_config(spec),
             validation=spec.validation,
-            # partial bounds serve pruners, which Optuna runs for single-objective studies only
-            checkpoints=0 if multi else spec.training.get("checkpoints", 3),
+            # checkpoints serve certified early stopping (docs/theory.md 2.12) and pruners,
+            # which Optuna runs for single-objective studies only (the objective reports
+            # nothing to a study of several objectives)
+            checkpoints=spec.training.get("checkpoints", 3),
             study_seed=spec.seed,
             device=device,
             on_result=on_result,
