@@ -290,6 +290,11 @@ def test_note_lists_terms_extras_and_settings():
     assert note.startswith("### Trial 7: vae generalization bound 3.0000")
     assert "| KLD (`kld`) | 1.0000 | +2.0000 |" in note
     assert "- heldout_loss = 2.5" in note and "Settings: r = 1" in note
+    assert "early stopping" not in note
+    report.extras.update(step=400, steps_trained=1000)
+    assert "Certified early stopping kept step 400 of 1000" in bound_note(7, report)
+    report.extras.update(step=1000)  # the last step kept: nothing was stopped early
+    assert "early stopping" not in bound_note(7, report)
 
 
 def test_dashboard_command_on_a_missing_database_exits_2(tmp_path, capsys):

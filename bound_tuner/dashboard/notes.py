@@ -47,6 +47,13 @@ def bound_note(number: int, report: Any, heldout: dict[str, float] | None = None
     lines.append(f"| **{label}** | | **{report.total:.4f}** |")
     if "total_upper95" in report.extras:
         lines.append(f"| 95% certificate | | {report.extras['total_upper95']:.4f} |")
+    step, trained = report.extras.get("step"), report.extras.get("steps_trained")
+    if step is not None and trained is not None and step < trained:
+        lines += [
+            "",
+            f"Certified early stopping kept step {step:g} of {trained:g} (docs/theory.md 2.12): "
+            "the weights, samples and held-out metrics are that step's.",
+        ]
     if report.extras:
         lines += ["", "Related numbers (not in the total):"]
         lines += [f"- {k} = {short_value(v)}" for k, v in report.extras.items()]
