@@ -89,7 +89,9 @@ OBJECTIVES: dict[str, Objective] = {
             "nats per training point",
             "bound − fit, the part of the value above the training fit: for `elbo-kfold` "
             "the references' generalization gap plus its margin, max(NELBO_cv − NELBO_refs + "
-            "2 se_cv, 0), the bound never being below the training NELBO; for the other "
+            "2 se_cv, 0), the bound never being below the training NELBO (`bound.cv_z` "
+            "standard errors instead of 2 where the kept step was chosen among checkpoints); "
+            "for the other "
             "variants the signed contributions of the information terms (√2 R · √I_gir for "
             "`elbo`)",
         ),
