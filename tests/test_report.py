@@ -77,7 +77,7 @@ def test_the_table_shows_every_parameter_the_terms_of_the_bound_and_what_is_besi
         "|",
         "NELBO_cv",
         "+ NELBO_train − NELBO_refs",
-        "+ 2 se_cv",
+        "+ z se_cv",
         "|",
         "(info bound)",
         "(C_fold)",

@@ -167,10 +167,10 @@ KFOLD_LEGEND = (
     "reference models train with each model, each without one fold of the points. It is the sum "
     "of the columns between the bars: NELBO_cv, each point's NELBO under the reference that did "
     "not see it; NELBO_train − NELBO_refs, how much worse (+) or better (−) the model fits its "
-    "own points (NELBO_train) than the references fit theirs; 2 se_cv, two standard errors "
-    "(bound.cv_z of them where the kept step was chosen among checkpoints), raised where the "
+    "own points (NELBO_train) than the references fit theirs; z se_cv, z = 2 standard errors "
+    "(bound.cv_z of them, more than 2, where the kept step was chosen among checkpoints), raised where the "
     "sum would fall below NELBO_train. Put otherwise: the model's training "
-    "NELBO plus the references' generalization gap (NELBO_cv − NELBO_refs) plus 2 se_cv, the "
+    "NELBO plus the references' generalization gap (NELBO_cv − NELBO_refs) plus z se_cv, the "
     "last two being the `generalization` objective. upper95: the same value read as a 95% "
     "certificate. It is a bound on the held-out NELBO only as measured (above it for every "
     "benchmark model, docs/benchmarks.md), not by a theorem.",

@@ -253,12 +253,12 @@ def assemble_kfold_bound(
     """The "elbo-kfold" bound (docs/theory.md eq. 2.11): the cross-fitted upper bound on the
     expected population NELBO from the K-fold references,
 
-      max(NELBO_cv + shift + 2 se_cv, NELBO_train),   shift = NELBO_train - NELBO_refs
+      max(NELBO_cv + shift + z se_cv, NELBO_train),   shift = NELBO_train - NELBO_refs
 
     (``refs_train_nelbo``, NELBO_refs, is the references' NELBO on their own training points, so
     NELBO_cv - NELBO_refs is the references' generalization gap, moved onto the model's own fit:
     a model that fits its points worse or better than its references fit theirs is taken to be
-    as much worse or better out of sample, eq. 2.10b; None: no shift). 2 se_cv cover the
+    as much worse or better out of sample, eq. 2.10b; None: no shift). z se_cv (z = 2) cover the
     cross-fitted mean's sampling and Monte Carlo error, so the value is also the 95% certificate
     ``total_upper95`` (eq. 2.11b). The information form of the same references (eq. 2.9),
 

@@ -20,7 +20,8 @@ TERM_LABELS: dict[str, tuple[str, str]] = {
     "fold_info": ("C_fold", "√2 R · C_fold"),
     "cv_nelbo": ("NELBO_cv", "NELBO_cv"),
     "cv_shift": ("NELBO_train − NELBO_refs", "NELBO_train − NELBO_refs"),
-    "cv_margin": ("2 se_cv", "2 se_cv"),
+    # z = 2, or Bonferroni's z_C where the kept step was chosen among C checkpoints (2.12a)
+    "cv_margin": ("z se_cv", "z se_cv"),
     "mc_margin": ("1.645 mc_se", "1.645 mc_se"),
     "rec": ("REC", "REC"),
     "kld": ("KLD", "√2 R · √KLD"),  # the paper's (1+r) √KLD when R = (1+r)/√2
