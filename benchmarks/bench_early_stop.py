@@ -175,7 +175,7 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
     lines, summary = [], {}
     for case, groups in sorted(by_case.items()):
         acc: dict[str, list[float]] = {}
-        valid_all, valid_kept, n_pairs = 0, 0, 0
+        valid_all, valid_kept, n_pairs, valid_z2 = 0, 0, 0, 0
         for models in groups.values():
             models = [m for m in models if m["error"] is None]
             if len(models) < 2:
@@ -207,7 +207,9 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
                     for m in models:
                         for c in m["checkpoints"]:
                             n_pairs += 1
-                            valid_all += value(c, z) >= c["heldout"] - 2 * c["heldout_se"]
+                            floor = c["heldout"] - 2 * c["heldout_se"]
+                            valid_all += value(c, z) >= floor
+                            valid_z2 += value(c, CV_Z) >= floor  # the curve without early stopping
             picks["steps searched by TPE (same budget)"] = oracle + tpe_regret(models, oracle)
             picks["oracle of today's search"] = min(finals)
             for name, truth in picks.items():
@@ -233,10 +235,10 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
             lines.append(f"  {name:<40} {reg:8.3f} {100 * sa:10.0f}% {100 * sf:12.0f}%")
         kept = sum(len(g) for g in groups.values())
         lines.append(
-            f"  value >= held-out (2 se): {valid_all}/{n_pairs} (model, step) pairs, "
-            f"{valid_kept}/{kept} kept steps"
+            f"  value >= held-out (2 se): {valid_all}/{n_pairs} (model, step) pairs with z_C, "
+            f"{valid_z2}/{n_pairs} with z = 2, {valid_kept}/{kept} kept steps"
         )
-        stats["valid_pairs"], stats["pairs"] = valid_all, n_pairs
+        stats["valid_pairs"], stats["pairs"], stats["valid_pairs_z2"] = valid_all, n_pairs, valid_z2
         stats["valid_kept"], stats["kept"] = valid_kept, kept
         summary[case] = stats
     return "\n".join(lines), summary
