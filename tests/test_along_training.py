@@ -132,3 +132,18 @@ def test_early_stopping_without_references_is_refused_in_one_line():
     base = replace(SMALL, variant="elbo", early_stop=True)
     with pytest.raises(SpecError, match='early_stop = true needs variant = "elbo-kfold"'):
         DiffusionObjective(split, search={"T": 0.5}, base=base)
+
+
+def test_a_stop_ends_lockstep_training_at_the_next_step():
+    """A packed worker that is stopping sets its coordinator's stop: a trial training its own
+    lockstep pack in another thread ends too instead of training on."""
+    import threading
+
+    from bound_tuner.training.pack import PackStopped
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(PackStopped):
+        train_certified(
+            swiss_roll(24, seed=1), SMALL, checkpoints=3, early_stop=True, device="cpu", stop=stop
+        )

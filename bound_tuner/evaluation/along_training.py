@@ -15,6 +15,7 @@ every step (Bonferroni, eq. 2.12), so the kept value is a certificate of the kep
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,13 +119,15 @@ def train_certified(
     device: str | torch.device = DEFAULT_DEVICE,
     report: Report | None = None,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> CertifiedTraining:
     """Train cfg's model and its K-fold references (docs/theory.md 2.9) as one lockstep pack and
     compute the value of eq. 2.11 at ``checkpoints`` evenly spaced steps and the last one;
     ``report`` gets each (the smallest so far with ``early_stop``). With ``early_stop`` the
     weights of the step with the smallest value are kept and every value carries the margin of
     eq. 2.12; without it, the last step's, with the margin of one step. The folds are the
-    study's (cfg.eval_seed), as for references trained after the model."""
+    study's (cfg.eval_seed), as for references trained after the model. Setting ``stop`` ends
+    training with ``training.pack.PackStopped`` at the next step (a worker that is stopping)."""
     device = resolve_device(device)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -156,6 +159,7 @@ def train_certified(
         joint=at_checkpoint,
         callback_every=every,
         progress=progress,
+        stop=stop,
     )
     models = [mem.model for mem in members]
     step = cfg.steps

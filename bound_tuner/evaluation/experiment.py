@@ -3,6 +3,7 @@ model with its bound (docs/theory.md, sections 2 and 3) and, in validation mode,
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,14 +57,16 @@ def run_diffusion(
     checkpoints: int = 0,
     report: Report | None = None,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> DiffusionResult:
     """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics.
 
     "elbo-kfold" with a packable model trains the model and its references in lockstep
     (``along_training.train_certified``): the value is computed at ``checkpoints`` evenly spaced
     steps and the last, each passed to ``report``, and with cfg.early_stop the step of the
-    smallest value is kept. Other variants train the model alone, calling ``checkpoint(step,
-    model)`` every ``checkpoint_every`` steps, then score it."""
+    smallest value is kept; setting ``stop`` ends that training (``PackStopped``). Other variants
+    train the model alone, calling ``checkpoint(step, model)`` every ``checkpoint_every`` steps,
+    then score it."""
     if validation and test is None:
         raise ValueError("validation mode needs a test set; give test=...")
     if lockstep(cfg, train):
@@ -76,6 +79,7 @@ def run_diffusion(
             checkpoints=checkpoints,
             report=report,
             progress=progress,
+            stop=stop,
         )
     model, schedule, losses = train_model(
         train,
@@ -96,7 +100,7 @@ def lockstep(cfg: DiffusionConfig, train: torch.Tensor) -> bool:
     return cfg.variant in FOLD_VARIANTS and pack_refusal(cfg, tuple(train.shape[1:])) is None
 
 
-def _run_certified(train, cfg, *, test, validation, device, checkpoints, report, progress):
+def _run_certified(train, cfg, *, test, validation, device, checkpoints, report, progress, stop):
     run = train_certified(
         train,
         cfg,
@@ -105,6 +109,7 @@ def _run_certified(train, cfg, *, test, validation, device, checkpoints, report,
         device=device,
         report=report,
         progress=progress,
+        stop=stop,
     )
     x = train.to(model_device(run.model))
     bound = _diffusion_bound(

@@ -171,6 +171,8 @@ class DiffusionObjective:
                 device=self.device,
                 checkpoints=self.checkpoints,
                 report=self._reporter(trial),
+                # in a packed worker, the coordinator's stop ends this thread's training too
+                stop=None if self.packer is None else self.packer.stop,
             )
         checkpoint, every = self._checkpoint(trial, cfg, x)
         if self.packer is None:
