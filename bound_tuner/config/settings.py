@@ -41,7 +41,7 @@ SETTINGS: tuple[Setting, ...] = (
         "checkpoints",
         int,
         {"diffusion": OBJECTIVE + "checkpoints"},
-        "partial bounds reported during training (pruning); a VAE reports every epoch",
+        "steps before the last the value is computed at (early stopping, pruning); VAEs: every epoch",
     ),
     Setting("training", "t_min", float, {"diffusion": "t_min"}, "smallest diffusion time"),
     Setting("training", "width", int, {"diffusion": "width"}, "hidden units of the point-data MLP"),

@@ -38,8 +38,11 @@ from bound_tuner.training.members import Members
 from bound_tuner.training.pack import train_packed
 
 #: whether a lockstep trial keeps its best checkpoint when its configuration does not say
-#: (``DiffusionConfig.early_stop`` None; docs/theory.md 7.2 gives the measurement behind it)
-DEFAULT_EARLY_STOP = False
+#: (``DiffusionConfig.early_stop`` None; docs/theory.md 7.3 gives the measurement behind it)
+DEFAULT_EARLY_STOP = True
+#: checkpoints before the last step when a study does not say (``[training] checkpoints``):
+#: C = 8 values along training; 4 lost to 8 with 32 points trained long (docs/theory.md 7.3)
+DEFAULT_CHECKPOINTS = 7
 
 #: ``report(step, value)``: called at every checkpoint with the value the trial would have if it
 #: ended there (the smallest so far with early stopping); it may raise (optuna.TrialPruned)

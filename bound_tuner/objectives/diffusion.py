@@ -16,6 +16,7 @@ from bound_tuner.config.space import sample_diffusion_params
 from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, Param, SpecError, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
+from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS
 from bound_tuner.evaluation.evaluate import diffusion_bound
 from bound_tuner.evaluation.experiment import CURVE_ATTR, lockstep, run_diffusion, score_model
 from bound_tuner.maths.bounds.diffusion import (
@@ -43,7 +44,9 @@ class DiffusionObjective:
             (``(low, high, "log")`` for a log scale), a list of choices, or a Param.
         base: defaults for everything the search space leaves out (training, bound settings).
         validation: also compute held-out metrics (stored as ``heldout.*`` user attrs).
-        checkpoints: how many partial bounds to report during training (0: none).
+        checkpoints: how many steps before the last one the value is computed and reported at
+            (evenly spaced; 0: none): pruning, and certified early stopping for "elbo-kfold"
+            (docs/theory.md 2.12).
         study_seed: per-trial seeds derive from it and the trial number.
         device: torch device of the trial ("auto": CUDA when present, else the CPU).
         on_result: optional hook ``(trial, DiffusionResult)`` after a trial's bound (artifacts).
@@ -72,7 +75,7 @@ class DiffusionObjective:
         search: dict[str, Any],
         base: DiffusionConfig | None = None,
         validation: bool = False,
-        checkpoints: int = 3,
+        checkpoints: int = DEFAULT_CHECKPOINTS,
         study_seed: int = 0,
         device: str | torch.device = DEFAULT_DEVICE,
         on_result: TrialHook | None = None,

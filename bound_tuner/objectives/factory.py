@@ -71,6 +71,7 @@ def build_objective(
         artifact_store = getattr(on_result, "artifact_store", None)
     if spec.model == "diffusion":
         # scipy only when an objective is built
+        from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS
         from bound_tuner.objectives.diffusion import DiffusionObjective
 
         if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes
@@ -84,7 +85,7 @@ def build_objective(
             # checkpoints serve certified early stopping (docs/theory.md 2.12) and pruners,
             # which Optuna runs for single-objective studies only (the objective reports
             # nothing to a study of several objectives)
-            checkpoints=spec.training.get("checkpoints", 3),
+            checkpoints=spec.training.get("checkpoints", DEFAULT_CHECKPOINTS),
             study_seed=spec.seed,
             device=device,
             on_result=on_result,
