@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from bound_tuner.dashboard.server import serve
 from bound_tuner.data import prepare_for
 from bound_tuner.execution.errors import TrialError, WorkerConfigError, WorkerError
 from bound_tuner.execution.loop import run_worker
-from bound_tuner.execution.plan import check_device
+from bound_tuner.execution.plan import RunOptions, check_device
 from bound_tuner.execution.pool import parse_gpus, run_workers
 from bound_tuner.execution.signals import install_sigterm_handler
 from bound_tuner.maths.bounds.report import value_label
@@ -94,7 +95,7 @@ def _spec_of(args: argparse.Namespace):
 
 
 def _study_options(args: argparse.Namespace) -> dict:
-    """The options of ``run`` and ``worker`` that every executor takes."""
+    """The options of ``run`` and ``worker`` that every executor takes (``run_study``'s)."""
     return {
         "heartbeat_interval": args.heartbeat_interval,
         "grace_period": args.grace_period,
@@ -103,8 +104,14 @@ def _study_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_options(args: argparse.Namespace, **more) -> RunOptions:
+    """The same options as one object, for the executors called directly."""
+    return RunOptions(
+        n_trials=args.n_trials, progress=not args.quiet, **_study_options(args), **more
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    started = _now()
     spec = _spec_of(args)
     if args.n_trials is not None and args.n_trials < 1:
         raise SpecError(f"--n-trials {args.n_trials} must be at least 1")
@@ -125,9 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             n_workers=args.workers,
             gpus=parse_gpus(args.gpus) if args.gpus is not None else None,
             trials_per_gpu=args.trials_per_gpu or 1,
-            n_trials=args.n_trials,
-            progress=not args.quiet,
-            **hb,
+            options=_run_options(args),
         )
     else:
         study = run_study(
@@ -138,19 +143,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             **hb,
         )
-    return _print_summary(spec, study, args, started)
-
-
-def _now():
-    import datetime
-
-    return datetime.datetime.now()
+    return _print_summary(spec, study, args)
 
 
 def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
     """``run --executor ray``: Ray places the workers and their GPUs."""
 
-    started = _now()
     if args.gpus is not None or args.trials_per_gpu is not None:
         raise WorkerConfigError(
             "--executor ray assigns GPUs itself: give --gpus-per-trial G (0.5: two trials "
@@ -173,7 +171,7 @@ def _run_on_ray(args: argparse.Namespace, spec, hb: dict) -> int:
         gpus_per_trial=gpus,
         **hb,
     )
-    return _print_summary(spec, study, args, started)
+    return _print_summary(spec, study, args)
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
@@ -198,21 +196,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise WorkerConfigError(
             "a worker needs the study's shared database: --storage postgresql://user@host/db"
         )
-    started = _now()
     spec = _spec_of(args)
     study = run_worker(
         spec,
         storage=args.storage,
         device=args.device,
-        n_trials=args.n_trials,
-        progress=not args.quiet,
-        dashboard_charts=args.charts,
-        **_study_options(args),
+        options=_run_options(args, dashboard_charts=args.charts),
     )
-    return _print_summary(spec, study, args, started)
+    return _print_summary(spec, study, args)
 
 
-def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
+def _print_summary(spec, study, args: argparse.Namespace) -> int:
     """What a newcomer needs at the end of a run: what ran (or that nothing was left to do),
     the value's unit and direction, the pick's bound term by term (the columns add up to it),
     held-out metrics in validation mode, where the study and the weights are, and what next."""
@@ -229,23 +223,14 @@ def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
-    fresh = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.datetime_complete and t.datetime_complete >= started
-    ]
     done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
+    # a study that already had its trials: the run said so in one line (on stderr), once
     print(f"study {spec.name!r}: {done}")
-    if not fresh:
-        print(
-            f"nothing left to do: the study already had its trials (n_trials = "
-            f"{args.n_trials or spec.n_trials}); raise --n-trials to add some"
-        )
     names = list(spec.objectives)
     variants = {t["user_attrs"].get("bound.variant") for t in trials} - {None}
     label = "bound" if all(value_label(v) == "bound" for v in variants) else "score"
     kind = f"{'/'.join(sorted(variants))} {label}" if variants else label
-    flag = f" --storage {redact(args.storage)}" if args.storage else ""
+    flag, note = _storage_flag(args.storage)
     if spec.validation:
         print(
             "validation mode: held-out metrics are recorded beside the bound and never used "
@@ -296,9 +281,7 @@ def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
     if folder and keep != 0:
         which = "every complete trial" if keep is None else f"the best {keep} trials by the bound"
         print(f"weights of {which} in {folder}")
-    if not args.storage and os.environ.get(ENV_VAR):
-        flag = ""  # the commands below read $BOUND_TUNER_STORAGE too
-    study_flag = f"--study {spec.name}{flag}"
+    study_flag = f"--study {shlex.quote(spec.name)}{flag}"
     steps = (
         (f"bound-tuner report {study_flag}", "every trial and its terms"),
         (f"bound-tuner dashboard{flag}", "charts, notes and samples in the browser"),
@@ -312,7 +295,26 @@ def _print_summary(spec, study, args: argparse.Namespace, started) -> int:
     print("next:")
     for cmd, what in steps:
         print(f"  {cmd.ljust(width)}  # {what}")
+    if note:
+        print(note)
     return 0
+
+
+def _storage_flag(storage: str | None) -> tuple[str, str]:
+    """The ``--storage`` of the "next:" commands, which must work when pasted, and a line to
+    print under them (or ""). No flag when the URL came from $BOUND_TUNER_STORAGE (the commands
+    read it too); a URL with a password is never printed: the commands take
+    ``"$BOUND_TUNER_STORAGE"`` and the line says to set it."""
+    if not storage:
+        return "", ""
+    if redact(storage) == storage:
+        return f" --storage {shlex.quote(storage)}", ""
+    if os.environ.get(ENV_VAR) == storage:
+        return "", ""
+    return (
+        f' --storage "${ENV_VAR}"',
+        f"(set {ENV_VAR} to the storage URL first: its password is not printed here)",
+    )
 
 
 def _short(v) -> str:

@@ -13,6 +13,7 @@ from bound_tuner.data.split import DataSplit
 from bound_tuner.execution.accounting import finished_count
 from bound_tuner.execution.errors import WorkerConfigError
 from bound_tuner.execution.loop import run_worker
+from bound_tuner.execution.plan import RunOptions
 from bound_tuner.execution.pool import run_workers
 from bound_tuner.execution.ray_executor import run_ray
 
@@ -42,6 +43,7 @@ def run_study(
     gpus_per_trial: float = 0.0,
     max_consecutive_failures: int | None = None,
     allow_changed_spec: bool = False,
+    outage_seconds: float | None = None,
     objectives: list[str] | tuple[str, ...] | None = None,
     constraints: dict[str, float] | None = None,
 ) -> optuna.Study:
@@ -64,7 +66,9 @@ def run_study(
     row (default: [study] max_consecutive_failures, 5) stop a worker. A study created from
     another spec (its data, fixed settings, search space or bound settings differ) is refused
     unless ``allow_changed_spec``; its new trials then record the differences (``spec.changed``).
-    A resumed study continues its sampler's search (``sampler_seed``).
+    A resumed study continues its sampler's search (``sampler_seed``). A database server that
+    goes away (a restart, a failover) is waited for up to ``outage_seconds`` (default: [storage]
+    outage_seconds, 180); the workers then go on.
 
     This is the loop of one worker (``bound_tuner.execution.loop.run_worker``): trials are counted as
     the worker pool counts them, every trial heartbeats (a trial left running by a killed
@@ -80,12 +84,17 @@ def run_study(
         spec = with_objectives(spec, objectives=objectives, constraints=constraints)
     if executor not in ("local", "ray"):
         raise WorkerConfigError(f"executor {executor!r}: use 'local' or 'ray'")
-    hb = {
-        "heartbeat_interval": heartbeat_interval,
-        "grace_period": grace_period,
-        "max_consecutive_failures": max_consecutive_failures,
-        "allow_changed_spec": allow_changed_spec,
-    }
+    options = RunOptions(
+        n_trials=n_trials,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        outage_seconds=outage_seconds,
+        max_consecutive_failures=max_consecutive_failures,
+        allow_changed_spec=allow_changed_spec,
+        dashboard=dashboard,
+        dashboard_charts=dashboard_charts,
+        progress=progress,
+    )
     if executor == "ray":
         if data is not None or callbacks:
             raise WorkerConfigError(
@@ -97,17 +106,13 @@ def run_study(
                 f"device={device!r} with executor='ray': Ray trains on cuda with gpus_per_trial "
                 "and on the CPU without it; leave out device"
             )
-
         return run_ray(
             spec,
             storage=storage,
             n_workers=n_workers,
             gpus_per_trial=gpus_per_trial,
             address=ray_address,
-            n_trials=n_trials,
-            progress=progress,
-            dashboard=dashboard,
-            **hb,
+            options=options,
         )
     if ray_address is not None or gpus_per_trial:
         raise WorkerConfigError("ray_address and gpus_per_trial go with executor='ray'")
@@ -118,25 +123,14 @@ def run_study(
                 "and callbacks"
             )
         return run_workers(
-            spec,
-            storage=storage,
-            n_workers=n_workers,
-            n_trials=n_trials,
-            progress=progress,
-            dashboard=dashboard,
-            device=device,
-            **hb,
+            spec, storage=storage, n_workers=n_workers, device=device, options=options
         )
     return run_worker(
         spec,
         storage=storage,
+        options=options,
         device=device,
-        n_trials=n_trials,
-        **hb,
         worker_index=0,
-        progress=progress,
-        dashboard=dashboard,
-        dashboard_charts=dashboard_charts,
         data=data,
         callbacks=callbacks or (),
     )

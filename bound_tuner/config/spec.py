@@ -28,7 +28,9 @@ created. The schema (every section optional except [study].name):
              population_size (nsga2)
   [pruner]   type ("median" | "none" | "successive_halving" | "hyperband"), n_startup_trials,
              n_warmup_steps (a multi-objective study is not pruned: type "none", its default)
-  [storage]  heartbeat_interval, grace_period (seconds; used with PostgreSQL or several workers)
+  [storage]  heartbeat_interval, grace_period, outage_seconds (seconds; used with PostgreSQL or
+             several workers; outage_seconds: how long a worker waits for a database server
+             that went away)
   [model]    factory ("package.module:function": your own score network for a diffusion study,
              factory(config, data_shape) -> nn.Module; docs/own_models.md)
 """
@@ -112,7 +114,7 @@ SECTIONS = {
     "bound": schema("bound"),
     "sampler": {"type": str, "seed": int, "n_startup_trials": int, "population_size": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
-    "storage": {"heartbeat_interval": int, "grace_period": int},
+    "storage": {"heartbeat_interval": int, "grace_period": int, "outage_seconds": (int, float)},
     "model": {"factory": str},  # a user's own score network (bound_tuner.models.factory)
 }
 SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
@@ -584,6 +586,7 @@ _AT_LEAST = {
     "pruner.n_warmup_steps": 0,
     "storage.heartbeat_interval": 1,
     "storage.grace_period": 1,
+    "storage.outage_seconds": 0,
     "bound.folds": 2,
     "bound.heldout_samples": 1,
     "bound.heldout_steps": 1,

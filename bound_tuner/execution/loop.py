@@ -1,6 +1,28 @@
 """The loop of one worker: claim a trial under the study lock, run it, record it, until the study has
 ``n_trials`` finished trials in all.
 
+Each pass of the loop runs one trial and ends in exactly one ``Outcome``, decided in one place
+(``decide``) from what the objective did (``TrialRun``, facts only) and what Optuna raised:
+
+==============  ======================================================================
+COMPLETE        a value, recorded; the failure streak starts again
+PRUNED          pruned by the pruner
+FAILED          the objective raised, or returned NaN (a diverged model, an unusable
+                sample); its ``fail_reason`` says why; counts towards
+                ``max_consecutive_failures``
+INTERRUPTED     Ctrl-C, SIGTERM, a Ray cancel, or a stopped pack: the trial ends as FAIL
+                with ``fail_reason = "interrupted"``, is queued again, and the worker stops
+                (KeyboardInterrupt), even when another process took the trial over meanwhile
+TAKEN_OVER      another process failed the trial as stale while it ran (its retry runs
+                instead); the worker goes on
+STORAGE_OUTAGE  the database server went away (``connection_lost``): the worker waits for
+                it with backoff, up to ``[storage] outage_seconds``, then writes the
+                trial's result if it still can, else fails it for a retry, and goes on
+==============  ======================================================================
+
+Signals follow ``bound_tuner.execution.signals``: they act while the objective runs and while
+the worker waits, and are deferred while it writes the study.
+
 Every worker heartbeats its running trial. A trial whose worker died (killed, preempted, out of
 memory) is failed once its heartbeat is older than the grace period and is re-queued
 (RetryHeartbeatStaleTrialCallback); the next free worker runs it again. A failed trial that was
@@ -11,19 +33,24 @@ of workers minus one, and a dead worker's trial stays RUNNING."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import logging
+import math
 import os
 import pickle
 import socket
+import sys
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from bound_tuner.config.spec import DEFAULT_MAX_CONSECUTIVE_FAILURES, SpecError
 from bound_tuner.execution.accounting import (
@@ -39,18 +66,23 @@ from bound_tuner.execution.accounting import (
 from bound_tuner.execution.errors import TooManyFailures, TrialError, WorkerConfigError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.plan import (
+    RunOptions,
     as_spec,
     check_device,
     heartbeat_settings,
     open_with_heartbeat,
+    outage_setting,
     progress_bar,
     trial_target,
 )
-from bound_tuner.execution.signals import INTERRUPTED, ignore_signals, restore_signals
+from bound_tuner.execution.signals import INTERRUPTED, SignalGate
+from bound_tuner.objectives.packed import PackInterrupted
 from bound_tuner.objectives.studies import SPEC_CHANGED_ATTR, spec_changes
 from bound_tuner.storage.database import (
+    DEFAULT_OUTAGE_SECONDS,
     StorageError,
     check_storage,
+    connection_lost,
     is_grpc,
     resolve_url,
     scrub,
@@ -62,27 +94,57 @@ if TYPE_CHECKING:
     from bound_tuner.config.spec import StudySpec
 
 _log = logging.getLogger(__name__)
+RECORD_LOCK_S = 5.0  # longest wait for the study lock while an interrupted trial is queued again
+NAN_REASON = "the objective returned NaN"
 
 
-class _Abandon(BaseException):
-    """Leaves a trial RUNNING when not even its failure can be written: Optuna tells only
-    Exception and KeyboardInterrupt, so the trial goes stale and is retried on resume."""
+class Outcome(enum.Enum):
+    """How one pass of the worker loop ended (see the module's table)."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    TAKEN_OVER = "taken over"
+    STORAGE_OUTAGE = "storage outage"
 
 
-class _TakenOver(BaseException):
-    """Another process finished this worker's trial while it ran (failed it as stale: the
-    heartbeat came later than the grace period, on a stalled or overloaded machine). Its retry
-    is queued; this worker drops the trial and goes on (BaseException: Optuna must not try to
-    tell a trial that is already finished)."""
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one trial, with its number, the reason of a failure and the error behind
+    an outage or a failure the worker cannot go on from."""
+
+    outcome: Outcome
+    number: int | None
+    reason: str = ""
+    error: BaseException | None = None
 
 
-def _taken_over_warning(number: int) -> None:
-    _log.warning(
-        "trial %d was failed as stale by another process while this one ran it (its heartbeat "
-        "came later than the grace period: a stalled or overloaded machine; raise [storage] "
-        "grace_period); its retry runs instead",
-        number,
-    )
+class TrialInterrupted(Exception):
+    """The objective was interrupted: Optuna ends the trial as FAIL and returns (an Exception,
+    so that Optuna's own code never meets a KeyboardInterrupt halfway through its tell)."""
+
+
+@dataclass
+class TrialRun:
+    """What happened to one claimed trial, as the objective's wrapper saw it: facts only, no
+    decisions (``decide`` makes those)."""
+
+    trial: optuna.Trial | None = None
+    values: Any = None  # what the objective returned
+    error: BaseException | None = None  # what it raised (not an interrupt)
+    interrupted: bool = False  # Ctrl-C, SIGTERM, a Ray cancel or a stopped pack
+    finished_elsewhere: bool = False  # a write found the trial already finished
+    told: FrozenTrial | None = None  # the trial as Optuna recorded it (the first callback)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def number(self) -> int | None:
+        return None if self.trial is None else self.trial.number
+
+    def record_told(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The first callback of ``study.optimize``: Optuna recorded the trial."""
+        self.told = trial
 
 
 def _one_line(e: BaseException, url: str | None = None) -> str:
@@ -121,30 +183,166 @@ def _finished_elsewhere(e: BaseException | None) -> bool:
     return _behind(e, (optuna.exceptions.UpdateFinishedTrialError,)) is not None
 
 
-def _told_elsewhere(study: optuna.Study, current: dict[str, Any]) -> bool:
-    """Whether the trial this worker ran to its end (a value or a prune, not a failure of its
-    own) is FAIL in the study: another process failed it while it ran, and Optuna's tell
-    refused it. Read on an error path only."""
-    if "number" not in current or "failed" in current:
-        return False
+def _non_finite(values: Any) -> bool:
+    """Whether a returned value (or any of several) is NaN or infinite: Optuna records FAIL."""
+    seq = values if isinstance(values, (list, tuple)) else [values]
     try:
-        states = [
-            t.state for t in study.get_trials(deepcopy=False) if t.number == current["number"]
-        ]
+        return any(not math.isfinite(float(v)) for v in seq)
+    except (TypeError, ValueError):
+        return False
+
+
+def _state_of(study: optuna.Study, number: int) -> TrialState | None:
+    """The trial's state in the database (None if it cannot be read)."""
+    try:
+        for t in study.get_trials(deepcopy=False):
+            if t.number == number:
+                return t.state
     except storage_errors():
-        return False
-    return states == [optuna.trial.TrialState.FAIL]
+        return None
+    return None
 
 
-def _not_an_interrupt(record: logging.LogRecord) -> bool:
-    """Optuna logs a trial stopped by Ctrl-C with its traceback; the run says it in one line."""
+def decide(
+    run: TrialRun, raised: BaseException | None, study: optuna.Study, url: str | None
+) -> Verdict:
+    """The one place where a trial's outcome is decided, from what its objective did (``run``)
+    and what ``study.optimize`` raised (``raised``, None when it returned).
+
+    An exception that is none of these (SystemExit, an error of a user's callback, a database
+    error that is not an outage) is raised again: the worker stops on it."""
+    number = run.number
+    if run.interrupted or isinstance(raised, KeyboardInterrupt):
+        return Verdict(Outcome.INTERRUPTED, number, INTERRUPTED)
+    if raised is not None and not isinstance(raised, Exception):
+        raise raised  # SystemExit, GeneratorExit
+    storage = _storage_failure(raised) or _storage_failure(run.error)
+    if storage is not None and not _finished_elsewhere(storage):
+        if connection_lost(storage):
+            return Verdict(Outcome.STORAGE_OUTAGE, number, _one_line(storage, url), storage)
+        what = f"trial {number}" if number is not None else "a new trial"
+        raise TrialError(
+            f"{what} failed: {_one_line(storage, url)}; the finished trials are kept; free disk "
+            "space or make the database writable, then run the same command to resume (an "
+            "unfinished trial is retried)"
+        ) from None
+    if number is None:  # no trial was claimed: not the trial's error
+        if raised is not None:
+            raise raised
+        return Verdict(Outcome.COMPLETE, None)
+    if run.told is None:  # Optuna did not record the trial: who ended it?
+        if run.finished_elsewhere or _finished_elsewhere(raised) or _finished_elsewhere(run.error):
+            return Verdict(Outcome.TAKEN_OVER, number)
+        if raised is not None:
+            if _state_of(study, number) in (TrialState.FAIL, TrialState.COMPLETE):
+                return Verdict(Outcome.TAKEN_OVER, number)  # Optuna: "Cannot tell a FAIL trial"
+            raise raised
+    elif raised is not None:
+        raise raised  # recorded, then a callback raised: the user's code, not the trial's
+    if run.error is not None:
+        if _finished_elsewhere(run.error) or run.finished_elsewhere:
+            return Verdict(Outcome.TAKEN_OVER, number)
+        return Verdict(Outcome.FAILED, number, _one_line(run.error, url))
+    told = run.told
+    if told is not None and told.state == TrialState.PRUNED:
+        return Verdict(Outcome.PRUNED, number)
+    if _non_finite(run.values) or (told is not None and told.state == TrialState.FAIL):
+        reason = (told.user_attrs.get("fail_reason") if told is not None else None) or NAN_REASON
+        return Verdict(Outcome.FAILED, number, str(reason))
+    return Verdict(Outcome.COMPLETE, number)
+
+
+class OutageClock:
+    """How long a worker has waited for its database: backoff from 0.5 s, doubling to 8 s, until
+    ``limit`` seconds have passed since the first failure of this outage; then TrialError with
+    the line a failed database gets."""
+
+    def __init__(self, limit: float, url: str | None) -> None:
+        self.limit, self.url = limit, url
+        self._since: float | None = None
+        self._delay = 0.5
+
+    def ok(self) -> None:
+        """The database answered: the outage (if any) is over."""
+        self._since, self._delay = None, 0.5
+
+    def wait(self, error: BaseException, what: str) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+            _log.warning(
+                "%s: the database went away (%s); waiting up to %g s for it "
+                "([storage] outage_seconds)",
+                what,
+                _one_line(error, self.url),
+                self.limit,
+            )
+        if now - self._since >= self.limit:
+            raise TrialError(
+                f"{what} failed: {_one_line(error, self.url)} (the database did not come back "
+                f"within {self.limit:g} s, [storage] outage_seconds); the finished trials are "
+                "kept; check the database, then run the same command to resume (an unfinished "
+                "trial is retried)"
+            ) from None
+        time.sleep(min(self._delay, max(0.0, self.limit - (now - self._since))))
+        self._delay = min(self._delay * 2, 8.0)
+
+
+def _taken_over_warning(number: int | None) -> None:
+    _log.warning(
+        "trial %s was failed as stale by another process while this one ran it (its heartbeat "
+        "came later than the grace period: a stalled or overloaded machine; raise [storage] "
+        "grace_period); its retry runs instead",
+        number,
+    )
+
+
+def _quiet_interrupts(record: logging.LogRecord) -> bool:
+    """Optuna logs an interrupted trial with its traceback; the run says it in one line."""
     exc = record.exc_info[0] if record.exc_info else None
-    if exc is not None and issubclass(exc, KeyboardInterrupt):
-        return False
-    return not (_interrupting and record.getMessage().startswith("Trial "))
+    return not (exc is not None and issubclass(exc, (KeyboardInterrupt, TrialInterrupted)))
 
 
-_interrupting = False  # a trial is being written down as interrupted
+def _settle_outage(
+    study: optuna.Study, run: TrialRun, verdict: Verdict, clock: OutageClock
+) -> None:
+    """Once the database is back: write the result of a trial that finished during the outage,
+    else fail it with a storage fail_reason (queued again by the next claim); a trial another
+    process already ended is left as it is."""
+    if run.trial is None:
+        return
+    while True:
+        try:
+            state = None
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number == run.trial.number:
+                    state = t.state
+            if state is None:
+                return
+            if run.error is None and not run.interrupted and run.values is not None:
+                if not _non_finite(run.values):
+                    study.tell(run.trial, run.values)
+                    return
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                run.trial.set_user_attr("fail_reason", STORAGE_FAILURE + verdict.reason)
+                study.tell(run.trial, state=TrialState.FAIL)
+            return
+        except Exception as e:
+            if not connection_lost(e):
+                if isinstance(e, ValueError):  # Optuna: the trial is already finished
+                    return
+                raise
+            clock.wait(e, f"trial {run.trial.number}")
+
+
+def _queue_interrupted(study: optuna.Study, lock: Callable[..., Any] | None) -> None:
+    """Queue the interrupted trials again (under the study lock, waiting for it briefly); if the
+    database refuses, the next worker's claim queues them (``TrialCounter.requeue_interrupted``)."""
+    try:
+        with lock(timeout=RECORD_LOCK_S) if lock else contextlib.nullcontext():
+            requeue_interrupted(study)
+    except storage_errors() as e:
+        _log.warning("could not queue the interrupted trial again yet: %s", _one_line(e))
 
 
 def optimize_until(
@@ -152,7 +350,7 @@ def optimize_until(
     objective: Any,
     *,
     target: int,
-    lock: StudyLock | None = None,
+    lock: Callable[..., Any] | None = None,
     ident: str | None = None,
     callbacks: Sequence[Any] = (),
     bar: Any = None,
@@ -160,6 +358,7 @@ def optimize_until(
     wait_for_running: bool = True,
     failures: FailureStreak | None = None,
     trial_attrs: dict[str, Any] | None = None,
+    outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
 ) -> None:
     """Run trials of ``study`` until it has ``target`` trials that count (``counts``).
 
@@ -167,176 +366,197 @@ def optimize_until(
     queued again, the count taken, and the trial created, all before another process may look.
     When every slot is taken but trials still run elsewhere, it waits (``wait_for_running``):
     one of them may die and come back as a retry. Without a heartbeat (the gRPC proxy) no trial
-    comes back, so it returns instead. Ctrl-C or SIGTERM ends the running trial as FAIL with
-    ``fail_reason = "interrupted"``, queues its retry and raises KeyboardInterrupt. A trial
-    that cannot be written (disk full, read-only database) raises TrialError.
-
-    Any other exception of the objective (CUDA out of memory, an error in one configuration)
-    ends its trial as FAIL with its ``fail_reason`` and the loop goes on; ``failures`` (default:
-    five in a row) stops it with TooManyFailures. ``trial_attrs`` are set on every trial.
+    comes back, so it returns instead. Each trial ends in one ``Outcome`` (``decide``):
+    interrupted trials are queued again and raise KeyboardInterrupt; ``failures`` (default:
+    five in a row) stops it with TooManyFailures; a database that goes away is waited for up to
+    ``outage_seconds``, then TrialError; a database that refuses a write (disk full, read-only)
+    raises TrialError. ``trial_attrs`` are set on every trial.
     """
-    global _interrupting
     ident = ident or f"{socket.gethostname()}:{os.getpid()}"
-    if failures is None:
-        failures = FailureStreak(DEFAULT_MAX_CONSECUTIVE_FAILURES)
-    streak = failures
-    trial_attrs = dict(trial_attrs or {})
+    streak = failures if failures is not None else FailureStreak(DEFAULT_MAX_CONSECUTIVE_FAILURES)
+    attrs = dict(trial_attrs or {})
     counter = TrialCounter()
-    logging.getLogger("optuna.study._optimize").addFilter(_not_an_interrupt)
-    while True:
-        held = contextlib.ExitStack()
-        current: dict[str, Any] = {}
+    clock = OutageClock(outage_seconds, url)
+    gate = SignalGate()
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(_quiet_interrupts)
+    try:
+        while True:
+            if _one_pass(study, objective, target, lock, ident, callbacks, url, wait_for_running,
+                         streak, attrs, counter, clock, gate):  # fmt: skip
+                return
+            if bar is not None:
+                with contextlib.suppress(*storage_errors()):
+                    bar.n = min(counter.count(study).finished, target)
+                    bar.refresh()
+    finally:
+        gate.close()
+        optuna_log.removeFilter(_quiet_interrupts)
 
-        def run(trial: optuna.Trial, current: dict = current, held=held) -> float:
-            current["number"] = trial.number
-            trial.set_user_attr(WORKER_ATTR, ident)
-            for key, value in trial_attrs.items():
-                trial.set_user_attr(key, value)
-            held.close()  # the slot is claimed: let the next process count
+
+def _one_pass(
+    study: optuna.Study,
+    objective: Any,
+    target: int,
+    lock: Callable[..., Any] | None,
+    ident: str,
+    callbacks: Sequence[Any],
+    url: str | None,
+    wait_for_running: bool,
+    streak: FailureStreak,
+    attrs: dict[str, Any],
+    counter: TrialCounter,
+    clock: OutageClock,
+    gate: SignalGate,
+) -> bool:
+    """Claim and run one trial, and act on its outcome; True when the loop is done."""
+    held = contextlib.ExitStack()
+    run = TrialRun()
+
+    def wrapped(trial: optuna.Trial) -> Any:
+        run.trial = trial
+        trial.set_user_attr(WORKER_ATTR, ident)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        held.close()  # the slot is claimed: let the next process count
+        try:
+            gate.release()  # signals act while the objective runs
+            run.values = objective(trial)
+        except optuna.TrialPruned:
+            gate.hold()
+            raise
+        except (KeyboardInterrupt, PackInterrupted):
+            gate.hold()
+            run.interrupted = True
             try:
-                return objective(trial)
-            except optuna.TrialPruned:
-                raise
-            except KeyboardInterrupt:
-                global _interrupting
-                _interrupting = True
-                current["signals"] = ignore_signals()  # until the retry is queued
+                trial.set_user_attr("fail_reason", INTERRUPTED)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                run.finished_elsewhere = True  # taken over; the interrupt still stops us
+            except storage_errors() as werr:  # its heartbeat stops: retried anyway
+                _log.warning("trial %d: not marked interrupted: %s", trial.number, werr)
+            raise TrialInterrupted(INTERRUPTED) from None
+        except Exception as err:
+            gate.hold()
+            run.error = err
+            if not _finished_elsewhere(err):
+                reason = _one_line(err, url)
+                if _storage_failure(err):  # a FAIL that says nothing of the parameters: retried
+                    reason = STORAGE_FAILURE + reason
                 try:
-                    trial.set_user_attr("fail_reason", INTERRUPTED)
-                except storage_errors() as werr:  # retried anyway once its heartbeat stops
-                    _log.warning("trial %d: not marked interrupted: %s", trial.number, werr)
-                raise
-            except Exception as err:
-                if _finished_elsewhere(err):
-                    raise _TakenOver from err
-                current["reason"] = _one_line(err, url)
-                if _storage_failure(err):
-                    current["storage_failure"] = err
-                    try:
-                        trial.set_user_attr("fail_reason", STORAGE_FAILURE + current["reason"])
-                    except storage_errors():
-                        raise _Abandon from err
-                    raise
-                current["failed"] = True
-                try:
-                    if "fail_reason" not in trial.user_attrs:
-                        trial.set_user_attr("fail_reason", current["reason"])
+                    trial.set_user_attr("fail_reason", reason)
                 except optuna.exceptions.UpdateFinishedTrialError:
-                    raise _TakenOver from err
+                    run.finished_elsewhere = True
                 except storage_errors() as werr:  # the FAIL itself is written next, or raises
                     _log.warning("trial %d: fail_reason not recorded: %s", trial.number, werr)
-                raise
+            raise
+        except BaseException:
+            gate.hold()
+            raise
+        gate.hold()  # the trial is recorded next: signals wait for it
+        return run.values
 
+    raised: BaseException | None = None
+    try:
         try:
             if lock is not None:
                 held.enter_context(lock())
+            gate.hold()  # from here until the objective starts: deferred
             fail_stale(study)
             tally = counter.count(study)
             if counter.requeue_interrupted(study):
                 tally = counter.count(study)
+            clock.ok()
             if tally.finished >= target:
-                return
+                return True
             if not (tally.waiting or tally.used < target):
                 if not (tally.running and wait_for_running):
-                    return
+                    return True
                 held.close()
+                gate.release()
                 time.sleep(POLL_S)
-                continue
+                return False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                # an exception of the objective fails its trial, not the worker (``run`` keeps
-                # its reason); KeyboardInterrupt, SystemExit and storage failures still stop it
-                study.optimize(run, n_trials=1, callbacks=list(callbacks), catch=(Exception,))
-            if "storage_failure" in current:
-                raise current["storage_failure"]
-            if "failed" in current:
-                streak.failed(current["number"], current["reason"])
-            elif "number" in current:
-                streak.ok()
-        except KeyboardInterrupt:
-            held.close()
-            old = current.get("signals") or ignore_signals()
-            try:
-                if "number" in current:
-                    try:
-                        with lock() if lock else contextlib.nullcontext():
-                            requeue_interrupted(study)
-                    except storage_errors() as e:  # its heartbeat stops: retried on resume
-                        _log.warning("could not queue the interrupted trial again: %s", e)
-            finally:
-                restore_signals(old)
-                _interrupting = False
-            raise
-        except TooManyFailures:
-            raise
-        except _TakenOver:
-            _taken_over_warning(current["number"])
-        except (Exception, _Abandon) as failure:
-            held.close()
-            e = _storage_failure(failure)
-            if e is None and _told_elsewhere(study, current):
-                _taken_over_warning(current["number"])  # it ended; Optuna could not tell it
-                continue
-            if e is None:
-                raise
-            if isinstance(failure, _Abandon):
-                e = failure.__cause__ or e
-            what = f"trial {current['number']}" if "number" in current else "a new trial"
-            raise TrialError(
-                f"{what} failed: {current.get('reason') or _one_line(e, url)}; the finished "
-                "trials are kept; free disk space or make the database writable, then run the "
-                "same command to resume (an unfinished trial is retried)"
-            ) from None
+                study.optimize(
+                    wrapped,
+                    n_trials=1,
+                    callbacks=[run.record_told, *callbacks],
+                    catch=(Exception,),
+                    gc_after_trial=False,
+                )
+        except BaseException as e:  # decided below, in one place
+            raised = e
         finally:
             held.close()
-        if bar is not None:
-            bar.n = min(counter.count(study).finished, target)
-            bar.refresh()
+            gate.hold()
+        verdict = decide(run, raised, study, url)
+        if verdict.outcome is Outcome.INTERRUPTED:
+            if run.trial is not None:
+                _queue_interrupted(study, lock)
+            gate.forget()  # this signal is answered here
+            gate.close()
+            raise KeyboardInterrupt(INTERRUPTED)
+        if verdict.outcome is Outcome.STORAGE_OUTAGE:
+            gate.release()  # waiting: Ctrl-C acts at once
+            what = f"trial {verdict.number}" if verdict.number is not None else "a new trial"
+            clock.wait(verdict.error or RuntimeError(verdict.reason), what)
+            _settle_outage(study, run, verdict, clock)
+            return False
+        clock.ok()
+        if verdict.outcome is Outcome.TAKEN_OVER:
+            _taken_over_warning(verdict.number)
+        elif verdict.outcome is Outcome.FAILED:
+            streak.failed(verdict.number or 0, verdict.reason)
+        elif verdict.number is not None:
+            streak.ok()
+        gate.release()  # a signal noted while recording acts now
+        return False
+    except TooManyFailures:
+        gate.close()
+        raise
+    finally:
+        held.close()
 
 
 def run_worker(
     spec: StudySpec | str | Path,
     *,
     storage: str | None,
+    options: RunOptions | None = None,
     device: str = "auto",
-    n_trials: int | None = None,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
     worker_index: int | None = None,
     threads: int | None = None,
-    progress: bool = False,
-    dashboard: bool = True,
-    dashboard_charts: bool = False,
     data: Any = None,
     callbacks: Sequence[Any] = (),
-    max_consecutive_failures: int | None = None,
-    allow_changed_spec: bool = False,
-    existing_trials: int | None = None,
 ) -> optuna.Study:
-    """Run trials of the spec's study (created if missing) until it has ``n_trials`` in all.
+    """Run trials of the spec's study (created if missing) until it has ``options.n_trials`` in
+    all.
 
     This is the loop of one worker; any number of them, on any machines, may run it against one
     database. ``worker_index`` numbers the workers of one pool (with the trials the study had
-    when the run started, ``existing_trials``, counted here when None, it seeds the sampler:
-    ``bound_tuner.objectives.studies.sampler_seed``); leave it None for workers started by hand.
-    ``threads`` sets torch's CPU threads. ``dashboard`` writes each trial's note and samples
-    for optuna-dashboard; ``dashboard_charts`` also rebuilds the study's charts, which exactly
-    one process of a study may do (see ``bound_tuner.dashboard``): throttled during the run
-    (``ChartsCallback``), and once more when the loop ends unless it was interrupted.
+    when the run started, ``options.existing_trials``, counted here when None, it seeds the
+    sampler: ``bound_tuner.objectives.studies.sampler_seed``); leave it None for workers started
+    by hand. ``threads`` sets torch's CPU threads. ``options.dashboard`` writes each trial's note
+    and samples for optuna-dashboard; ``options.dashboard_charts`` also rebuilds the study's
+    charts, which exactly one process of a study may do (see ``bound_tuner.dashboard``):
+    throttled during the run (``ChartsCallback``), and once more when the loop ends unless it
+    was interrupted.
 
-    A trial whose objective raises ends as FAIL (its ``fail_reason`` says why) and the worker
-    goes on; ``max_consecutive_failures`` such trials in a row (default: the spec's [study]
-    setting, 5) stop it with TooManyFailures. A spec that differs from the one the study was
-    created from is refused (SpecError) unless ``allow_changed_spec``; then every new trial
-    records the differences in its user attr ``spec.changed``. A study that already has its
-    ``n_trials`` logs that nothing is left to run and returns.
+    A trial whose objective raises or returns NaN ends as FAIL (its ``fail_reason`` says why)
+    and the worker goes on; ``max_consecutive_failures`` such trials in a row (default: the
+    spec's [study] setting, 5) stop it with TooManyFailures. A spec that differs from the one
+    the study was created from is refused (SpecError) unless ``allow_changed_spec``; then every
+    new trial records the differences in its user attr ``spec.changed``. A study that already
+    has its ``n_trials`` logs that nothing is left to run and returns.
     """
     # torch only after a worker set CUDA_VISIBLE_DEVICES
     from bound_tuner.objectives.factory import build_objective, load_data
 
+    opts = options if options is not None else RunOptions()
     spec = as_spec(spec)
-    target = trial_target(spec, n_trials)
-    interval, grace = heartbeat_settings(spec, heartbeat_interval, grace_period)
+    target = trial_target(spec, opts.n_trials)
+    interval, grace = heartbeat_settings(spec, opts.heartbeat_interval, opts.grace_period)
+    outage = outage_setting(spec, opts.outage_seconds)
     url = resolve_url(storage)
     if threads is not None:
         import torch
@@ -347,11 +567,11 @@ def run_worker(
     if data is None:
         data = load_data(spec)  # bad data fails before the study exists
     on_result, extra, store = None, [], None
-    if dashboard:
+    if opts.dashboard:
         # scipy and plotly only with the dashboard on
         from bound_tuner.dashboard.hooks import dashboard_hooks
 
-        on_result, extra = dashboard_hooks(url, reference=data.train, charts=dashboard_charts)
+        on_result, extra = dashboard_hooks(url, reference=data.train, charts=opts.dashboard_charts)
     else:  # no notes or charts, but the trained weights are still kept beside the database
         store = artifact_store_for(url)
     objective = build_objective(
@@ -364,13 +584,13 @@ def run_worker(
         interval,
         grace,
         worker_index=worker_index,
-        existing_trials=existing_trials,
-        allow_changed_spec=allow_changed_spec,
+        existing_trials=opts.existing_trials,
+        allow_changed_spec=opts.allow_changed_spec,
     )
     changes = spec_changes(study, spec)
     streak = FailureStreak(
-        max_consecutive_failures
-        if max_consecutive_failures is not None
+        opts.max_consecutive_failures
+        if opts.max_consecutive_failures is not None
         else spec.max_consecutive_failures
     )
     done = nothing_left(study, target)
@@ -385,8 +605,8 @@ def run_worker(
     if visible:
         ident += f" (GPU {visible})"
     lock = StudyLock(url, spec.name)
-    bar = progress_bar(study, target) if progress else None
-    loop = {
+    bar = progress_bar(study, target) if opts.progress else None
+    loop: dict[str, Any] = {
         "target": target,
         "callbacks": [*extra, *callbacks],
         "bar": bar,
@@ -394,6 +614,7 @@ def run_worker(
         "wait_for_running": not is_grpc(url),  # the proxy carries no heartbeat
         "failures": streak,
         "trial_attrs": {SPEC_CHANGED_ATTR: changes} if changes else None,
+        "outage_seconds": outage,
     }
     pack = getattr(objective, "pack", 1)
     interrupted = False
@@ -424,31 +645,29 @@ def run_worker(
     return study
 
 
-def work(
-    index: int, device: str, payload: bytes, storage: str, options: dict[str, Any]
-) -> str | None:
+def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | None:
     """What every worker of an executor runs (the local pool's processes, Ray's tasks): the
-    spec from ``payload`` and ``run_worker`` on ``device``. Returns None when the study is done,
-    else the one line that says why this worker stopped. Ctrl-C, SIGTERM or a cancellation
-    raise KeyboardInterrupt (the running trial ends as interrupted and is queued again)."""
+    spec from ``payload`` and ``run_worker`` on ``device``, against the storage named by
+    $BOUND_TUNER_STORAGE (``bound_tuner.execution.plan.worker_env``: the URL, password
+    included, never travels as an argument). Returns None when the study is done, else the one
+    line that says why this worker stopped (passwords masked). Ctrl-C, SIGTERM or a
+    cancellation raise KeyboardInterrupt (the running trial ends as interrupted and is queued
+    again)."""
+    storage = resolve_url(None)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.config.spec)
-        options = dict(options)
-        dashboard = options.pop("dashboard")
         run_worker(
             spec,
             storage=storage,
+            options=options.for_worker(index),
             device=device,
             worker_index=index,
             threads=1,
-            dashboard=dashboard,
-            dashboard_charts=dashboard and index == 0,
-            **options,
         )
     except Exception as e:
         if not isinstance(e, (SpecError, StorageError, WorkerConfigError, TrialError)):
-            traceback.print_exc()
+            print(scrub(traceback.format_exc(), storage), file=sys.stderr, flush=True)
         return _one_line(e, storage)
     finally:
         # an Optuna storage holds its database connections until the garbage collector frees it;

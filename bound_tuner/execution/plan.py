@@ -7,6 +7,8 @@ differ only in where the workers run; everything here is shared."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -22,17 +24,73 @@ from bound_tuner.execution.lock import StudyLock
 from bound_tuner.objectives.studies import open_study
 from bound_tuner.storage.database import (
     DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_OUTAGE_SECONDS,
+    ENV_VAR,
     StorageError,
     check_storage,
+    connection_lost,
     default_grace_period,
     is_sqlite,
     redact,
     resolve_url,
+    storage_errors,
 )
 from bound_tuner.storage.folders import artifact_dir_for
 
 if TYPE_CHECKING:
     from bound_tuner.config.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings of a run that every executor hands down to every worker, built once
+    (``bound_tuner.study.run_study``, the command line) and passed as one object; None means
+    the spec's setting, else the default.
+
+    ``n_trials``: finished trials the study stops at. ``heartbeat_interval``, ``grace_period``,
+    ``outage_seconds``: see [storage] (``docs/cluster.md``). ``max_consecutive_failures``:
+    failed trials in a row that stop a worker. ``allow_changed_spec``: continue a study created
+    from another spec. ``dashboard``: trial notes and samples; ``dashboard_charts``: the study's
+    charts too (one process of a study). ``progress``: a progress bar. ``existing_trials``: the
+    trials the study had when a pool or Ray run started (seeds each worker's sampler)."""
+
+    n_trials: int | None = None
+    heartbeat_interval: int | None = None
+    grace_period: int | None = None
+    outage_seconds: float | None = None
+    max_consecutive_failures: int | None = None
+    allow_changed_spec: bool = False
+    dashboard: bool = True
+    dashboard_charts: bool = False
+    progress: bool = False
+    existing_trials: int | None = None
+
+    def replace(self, **changes: Any) -> RunOptions:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+    def for_worker(self, index: int) -> RunOptions:
+        """The options of worker ``index`` of a pool or Ray run: no bar, the charts from worker
+        0 only."""
+        return self.replace(progress=False, dashboard_charts=self.dashboard and index == 0)
+
+
+def outage_setting(spec: StudySpec, given: float | None) -> float:
+    """Seconds a worker waits for a database that went away: given, else the spec's [storage]
+    outage_seconds, else the default."""
+    value = (
+        given if given is not None else spec.storage.get("outage_seconds", DEFAULT_OUTAGE_SECONDS)
+    )
+    if value < 0:
+        raise WorkerConfigError(f"outage_seconds = {value:g} must be 0 or more")
+    return float(value)
+
+
+def worker_env(url: str) -> dict[str, str]:
+    """The environment a worker process or task needs to reach the study database: the URL in
+    $BOUND_TUNER_STORAGE, so that it never travels as an argument (visible in a process list or
+    Ray's dashboard)."""
+    return {ENV_VAR: url}
 
 
 def open_with_heartbeat(
@@ -117,15 +175,14 @@ class RunPlan:
     target: int  # finished trials the study stops at
     interval: int  # heartbeat interval, seconds
     grace: int  # grace period of a stale trial, seconds
+    options: RunOptions  # with every setting resolved
 
 
 def check_run(
     spec: StudySpec | str | Path,
     *,
     storage: str | None,
-    n_trials: int | None,
-    heartbeat_interval: int | None,
-    grace_period: int | None,
+    options: RunOptions,
     sqlite_refusal: str | None,
 ) -> RunPlan:
     """Everything a user can get wrong in a multi-worker run, checked before the study exists:
@@ -133,8 +190,9 @@ def check_run(
     line that says why and what to use, unless it is None), and the data and search settings (by
     building the objective once on the CPU, so that no worker fails on them)."""
     spec = as_spec(spec)
-    target = trial_target(spec, n_trials)
-    interval, grace = heartbeat_settings(spec, heartbeat_interval, grace_period)
+    target = trial_target(spec, options.n_trials)
+    interval, grace = heartbeat_settings(spec, options.heartbeat_interval, options.grace_period)
+    outage = outage_setting(spec, options.outage_seconds)
     url = resolve_url(storage)
     if sqlite_refusal is not None and is_sqlite(url):
         raise StorageError(f"storage {redact(url)} is SQLite, {sqlite_refusal}")
@@ -143,32 +201,25 @@ def check_run(
     from bound_tuner.objectives.factory import build_objective, load_data
 
     build_objective(spec, load_data(spec), device="cpu")
-    return RunPlan(spec, url, target, interval, grace)
-
-
-def open_run(
-    plan: RunPlan,
-    *,
-    dashboard: bool,
-    max_consecutive_failures: int | None,
-    allow_changed_spec: bool,
-) -> tuple[optuna.Study, str | None, bytes, dict[str, Any]]:
-    """The run's study (created if missing), the line that says nothing is left to run (None
-    when trials are left), and what every worker gets: the pickled spec and the keyword
-    arguments of ``bound_tuner.execution.loop.work``."""
-    study = open_with_heartbeat(
-        plan.spec, plan.url, plan.interval, plan.grace, allow_changed_spec=allow_changed_spec
+    resolved = options.replace(
+        n_trials=target, heartbeat_interval=interval, grace_period=grace, outage_seconds=outage
     )
-    options = {
-        "n_trials": plan.target,
-        "heartbeat_interval": plan.interval,
-        "grace_period": plan.grace,
-        "dashboard": dashboard,
-        "max_consecutive_failures": max_consecutive_failures,
-        "allow_changed_spec": allow_changed_spec,
-        # every worker seeds its sampler from the trials the study had when the run started
-        "existing_trials": len(study.get_trials(deepcopy=False)),
-    }
+    return RunPlan(spec, url, target, interval, grace, resolved)
+
+
+def open_run(plan: RunPlan) -> tuple[optuna.Study, str | None, bytes, RunOptions]:
+    """The run's study (created if missing), the line that says nothing is left to run (None
+    when trials are left), and what every worker gets: the pickled spec and the options of
+    ``bound_tuner.execution.loop.work``."""
+    study = open_with_heartbeat(
+        plan.spec,
+        plan.url,
+        plan.interval,
+        plan.grace,
+        allow_changed_spec=plan.options.allow_changed_spec,
+    )
+    # every worker seeds its sampler from the trials the study had when the run started
+    options = plan.options.replace(existing_trials=len(study.get_trials(deepcopy=False)))
     return study, nothing_left(study, plan.target), pickle.dumps(plan.spec), options
 
 
@@ -183,17 +234,23 @@ def watch_step(
     study: optuna.Study, lock: StudyLock, counter: TrialCounter, bar: Any, target: int
 ) -> None:
     """One look at a running study from the executor: a dead worker's trial is failed and
-    queued again promptly (under the study lock), and the bar shows the finished trials."""
-    with lock():
-        fail_stale(study)
-    if bar is not None:
-        bar.n = min(counter.count(study).finished, target)
-        bar.refresh()
+    queued again promptly (under the study lock), and the bar shows the finished trials. A
+    database that went away is skipped (the workers wait for it themselves)."""
+    try:
+        with lock():
+            fail_stale(study)
+        if bar is not None:
+            bar.n = min(counter.count(study).finished, target)
+            bar.refresh()
+    except storage_errors() as e:
+        if not connection_lost(e):
+            raise
 
 
 def close_bar(bar: Any, study: optuna.Study | None, target: int) -> None:
     """The bar's last count, then closed."""
     if bar is not None:
         if study is not None:
-            bar.n = min(finished_count(study), target)
+            with contextlib.suppress(*storage_errors()):
+                bar.n = min(finished_count(study), target)
         bar.close()

@@ -23,12 +23,14 @@ from bound_tuner.execution.errors import WorkerConfigError, WorkerError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
 from bound_tuner.execution.plan import (
+    RunOptions,
     check_run,
     close_bar,
     open_run,
     progress_bar,
     save_final_charts,
     watch_step,
+    worker_env,
 )
 from bound_tuner.execution.signals import install_sigterm_handler, signals_ignored
 
@@ -125,14 +127,16 @@ def _worker_main(
     visible_devices: str | None,
     device: str,
     payload: bytes,
-    storage: str,
-    options: dict[str, Any],
+    env: dict[str, str],
+    options: RunOptions,
     errors: Any,
     parent: int | None = None,
 ) -> None:
-    """Entry point of a spawned worker: CUDA visibility first, then torch and the study loop.
-    A worker that fails sends its one line through ``errors`` (a pipe: no semaphore for the
-    resource tracker to report as leaked when another worker is killed)."""
+    """Entry point of a spawned worker: CUDA visibility and the storage's environment first
+    (``env``, sent through the spawn pipe, never on a command line), then torch and the study
+    loop. A worker that fails sends its one line through ``errors`` (a pipe: no semaphore for
+    the resource tracker to report as leaked when another worker is killed)."""
+    os.environ.update(env)
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -140,7 +144,7 @@ def _worker_main(
     if parent is not None:
         _watch_parent(parent)
     try:
-        failure = work(index, device, payload, storage, options)
+        failure = work(index, device, payload, options)
     except KeyboardInterrupt:
         sys.exit(130)
     if failure is not None:
@@ -165,14 +169,11 @@ def run_workers(
     n_workers: int | None = None,
     gpus: Sequence[int | str] | None = None,
     trials_per_gpu: int = 1,
+    device: str = "auto",
+    options: RunOptions | None = None,
     n_trials: int | None = None,
     progress: bool = True,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
     dashboard: bool = True,
-    device: str = "auto",
-    max_consecutive_failures: int | None = None,
-    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """Run the spec's study with a pool of worker processes until it has ``n_trials`` in all.
 
@@ -185,24 +186,18 @@ def run_workers(
     trial notes and samples from every worker, the study's charts from worker 0 and, at the end,
     from the parent. Ctrl-C or SIGTERM stops every worker (their trials end as interrupted and
     are retried when the study resumes) and raises KeyboardInterrupt.
+
+    ``options`` carries every other setting (``bound_tuner.execution.plan.RunOptions``);
+    ``n_trials``, ``progress`` and ``dashboard`` are shorthands for the common ones and apply
+    when ``options`` is None.
     """
+    if options is None:
+        options = RunOptions(n_trials=n_trials, progress=progress, dashboard=dashboard)
     slots = worker_devices(n_workers, gpus, trials_per_gpu, device)
     if gpus is not None:
         check_gpus(gpus)
     where = f"GPUs {','.join(map(str, gpus))}" if gpus else slots[0][1]
-    return run_pool(
-        spec,
-        storage=storage,
-        slots=slots,
-        n_trials=n_trials,
-        progress=progress,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        dashboard=dashboard,
-        where=where,
-        max_consecutive_failures=max_consecutive_failures,
-        allow_changed_spec=allow_changed_spec,
-    )
+    return run_pool(spec, storage=storage, slots=slots, options=options, where=where)
 
 
 def run_pool(
@@ -210,14 +205,8 @@ def run_pool(
     *,
     storage: str | None,
     slots: Sequence[tuple[str | None, str]],
-    n_trials: int | None = None,
-    progress: bool = True,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
-    dashboard: bool = True,
+    options: RunOptions | None = None,
     where: str = "CPU",
-    max_consecutive_failures: int | None = None,
-    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """The pool of ``run_workers``: one spawned process per (CUDA_VISIBLE_DEVICES, device) slot."""
     import multiprocessing as mp
@@ -225,18 +214,12 @@ def run_pool(
     plan = check_run(
         spec,
         storage=storage,
-        n_trials=n_trials,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
+        options=options if options is not None else RunOptions(progress=True),
         sqlite_refusal=None if len(slots) == 1 else SQLITE_REFUSAL.format(k=len(slots)),
     )
     spec, url, target = plan.spec, plan.url, plan.target
-    study, done, payload, options = open_run(
-        plan,
-        dashboard=dashboard,
-        max_consecutive_failures=max_consecutive_failures,
-        allow_changed_spec=allow_changed_spec,
-    )
+    study, done, payload, worker_options = open_run(plan)
+    dashboard, progress = plan.options.dashboard, plan.options.progress
     if done is not None:
         _log.warning(done)
         return study
@@ -246,7 +229,16 @@ def run_pool(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(i, visible, device, payload, url, options, pipes[i][1], os.getpid()),
+            args=(
+                i,
+                visible,
+                device,
+                payload,
+                worker_env(url),
+                worker_options,
+                pipes[i][1],
+                os.getpid(),
+            ),
             name=f"bound-tuner-worker-{i}",
         )
         for i, (visible, device) in enumerate(slots)

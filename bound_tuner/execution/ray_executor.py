@@ -29,12 +29,14 @@ from bound_tuner.execution.errors import WorkerConfigError, WorkerError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
 from bound_tuner.execution.plan import (
+    RunOptions,
     check_run,
     close_bar,
     open_run,
     progress_bar,
     save_final_charts,
     watch_step,
+    worker_env,
 )
 from bound_tuner.execution.signals import signals_ignored
 
@@ -130,6 +132,28 @@ def _describe(ray: Any, error: BaseException) -> str:
     return f"{type(error).__name__}: {first[0] if first else ''}".strip(": ")
 
 
+def ray_work(
+    index: int, device: str, payload: bytes, options: RunOptions, secrets: list
+) -> str | None:
+    """One Ray task: the worker loop (``bound_tuner.execution.loop.work``) with the storage's
+    environment taken from Ray's object store (``secrets`` holds the reference of
+    ``worker_env``'s dict: neither the task's arguments nor its runtime environment, both shown
+    by Ray's dashboard and state API, carry the URL or its password)."""
+    import ray
+
+    env = ray.get(secrets[0])
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return work(index, device, payload, options)
+    finally:  # a Ray worker process runs other tasks after this one
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_ray(
     spec: StudySpec | str | Path,
     *,
@@ -137,14 +161,11 @@ def run_ray(
     n_workers: int | None = None,
     gpus_per_trial: float = 0.0,
     address: str | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    options: RunOptions | None = None,
     n_trials: int | None = None,
     progress: bool = True,
-    heartbeat_interval: int | None = None,
-    grace_period: int | None = None,
     dashboard: bool = True,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    max_consecutive_failures: int | None = None,
-    allow_changed_spec: bool = False,
 ) -> optuna.Study:
     """Run the spec's study on Ray with ``n_workers`` tasks until it has ``n_trials`` in all.
 
@@ -157,20 +178,18 @@ def run_ray(
     The storage must be a database every node reaches (PostgreSQL, or a ``grpc://`` proxy);
     SQLite is refused. ``max_consecutive_failures`` and ``allow_changed_spec``: see
     ``bound_tuner.execution.loop.run_worker``. Ctrl-C cancels the tasks: their trials end as interrupted and are retried
-    when the study resumes; KeyboardInterrupt is raised.
+    when the study resumes; KeyboardInterrupt is raised. ``options`` carries every other setting
+    (``bound_tuner.execution.plan.RunOptions``); ``n_trials``, ``progress`` and ``dashboard``
+    are shorthands that apply when ``options`` is None.
     """
+    if options is None:
+        options = RunOptions(n_trials=n_trials, progress=progress, dashboard=dashboard)
     if gpus_per_trial < 0:
         raise WorkerConfigError(f"--gpus-per-trial {gpus_per_trial:g} must be 0 or more")
     if n_workers is not None and n_workers < 1:
         raise WorkerConfigError(f"--workers {n_workers} must be at least 1")
-    plan = check_run(
-        spec,
-        storage=storage,
-        n_trials=n_trials,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        sqlite_refusal=SQLITE_REFUSAL,
-    )
+    plan = check_run(spec, storage=storage, options=options, sqlite_refusal=SQLITE_REFUSAL)
+    dashboard, progress = plan.options.dashboard, plan.options.progress
     spec, url, target = plan.spec, plan.url, plan.target
     ray = import_ray()
     owns_ray = start_ray(ray, address, n_workers)
@@ -178,18 +197,14 @@ def run_ray(
     study, bar = None, None
     try:
         k = _slots(ray, n_workers, gpus_per_trial)  # before the study exists
-        study, done, payload, options = open_run(
-            plan,
-            dashboard=dashboard,
-            max_consecutive_failures=max_consecutive_failures,
-            allow_changed_spec=allow_changed_spec,
-        )
+        study, done, payload, worker_options = open_run(plan)
         if done is not None:
             logging.getLogger(__name__).warning(done)
             return study
         device = "cuda" if gpus_per_trial > 0 else "cpu"
         env = {v: os.environ[v] for v in FORWARDED_ENV if v in os.environ}
-        remote = ray.remote(work)  # each task: the worker loop of every executor
+        remote = ray.remote(ray_work)  # each task: the worker loop of every executor
+        secrets = [ray.put(worker_env(url))]  # by reference: see ray_work
         task_options = {
             "num_cpus": 1,
             "num_gpus": gpus_per_trial,
@@ -204,7 +219,7 @@ def run_ray(
             bar = progress_bar(study, target, f"{spec.name}: {k} Ray workers on {where}")
         pending = {
             remote.options(name=f"bound-tuner-worker-{i}", **task_options).remote(
-                i, device, payload, url, options
+                i, device, payload, worker_options, secrets
             ): i
             for i in range(k)
         }

@@ -9,8 +9,17 @@ and a pruned member leaves the pack while the others train on.
 
 A pack starts when K configurations wait, or when every thread that is inside a trial waits and
 none has joined for ``grace`` seconds (the last trials of a study, or a sampler that holds some
-threads back). Ctrl-C or SIGTERM (in the main thread) stops the pack; every thread's trial ends
-as interrupted and is retried when the study resumes.
+threads back).
+
+Two ways a pack ends early, kept apart:
+
+* An error while a pack trains (CUDA out of memory, a bug in one configuration) fails the
+  trials of that pack, each with the error as its reason (``PackFailed``); the coordinator
+  goes on with the next pack and the worker with its next trials.
+* The worker stopping (Ctrl-C or SIGTERM in the main thread, or one of its loops ending with an
+  error) calls ``abort``: the running pack and every waiting thread end with
+  ``PackInterrupted`` (an Exception, not a KeyboardInterrupt), and each of their trials ends as
+  interrupted and is retried when the study resumes.
 """
 
 from __future__ import annotations
@@ -31,11 +40,22 @@ from bound_tuner.training.pack import PackMember, PackStopped, train_packed
 DEFAULT_GRACE_S = 0.5
 
 
+class PackInterrupted(Exception):
+    """The worker is stopping (``PackCoordinator.abort``): this thread's trial ends as
+    interrupted and is retried. Not a KeyboardInterrupt: nothing but the worker loop's outcome
+    (``bound_tuner.execution.loop``) reads it as a stop."""
+
+
+class PackFailed(RuntimeError):
+    """The pack this trial trained in raised; its message is that error's, in one line."""
+
+
 @dataclass
 class _Slot:
     cfg: DiffusionConfig
     callback: Callable[[int, Any], None] | None
     result: PackMember | None = None
+    error: BaseException | None = None  # the whole pack failed (PackFailed for every member)
 
 
 class PackCoordinator:
@@ -73,8 +93,8 @@ class PackCoordinator:
                 self._cond.notify_all()
 
     def abort(self) -> None:
-        """Stop the running pack and every waiting thread (they raise PackStopped, a
-        KeyboardInterrupt: their trials end as interrupted)."""
+        """Stop the running pack and every waiting thread for good (the worker is stopping):
+        they raise PackInterrupted, and their trials end as interrupted."""
         self.stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -96,17 +116,24 @@ class PackCoordinator:
             self._waiting.append(slot)
             self._changed = time.monotonic()
             self._cond.notify_all()
-            while True:
-                if self.stop.is_set():
-                    raise PackStopped("the pack was stopped")
-                if slot.result is not None:
-                    return slot.result
-                if self._ready():
-                    batch = self._waiting[: self.size]
-                    del self._waiting[: self.size]
-                    self._training = True
-                    break
-                self._cond.wait(timeout=0.05)
+            try:
+                while True:
+                    if self.stop.is_set():
+                        raise PackInterrupted("the pack was stopped: the worker is stopping")
+                    if slot.error is not None:
+                        raise PackFailed(_first_line(slot.error)) from slot.error
+                    if slot.result is not None:
+                        return slot.result
+                    if self._ready():
+                        batch = self._waiting[: self.size]
+                        del self._waiting[: self.size]
+                        self._training = True
+                        break
+                    self._cond.wait(timeout=0.05)
+            except BaseException:  # not trained: leave the queue (Ctrl-C in a wait included)
+                if slot in self._waiting:
+                    self._waiting.remove(slot)
+                raise
         try:  # this thread trains the pack; the others wait for their results
             members = train_packed(
                 self.train_data,
@@ -120,7 +147,13 @@ class PackCoordinator:
             terms = pack_terms([a[0].model for a in alive], [a[1] for a in alive], self.train_data)
             for (mem, _), t in zip(alive, terms or [], strict=False):
                 mem.terms = t
-        except BaseException:
+        except PackStopped:  # training's stop: ``abort`` set it
+            self._end(batch, PackInterrupted("the pack was stopped: the worker is stopping"))
+            raise PackInterrupted("the pack was stopped: the worker is stopping") from None
+        except Exception as e:  # this pack failed: its trials fail, the next pack trains
+            self._end(batch, e)
+            raise PackFailed(_first_line(e)) from e
+        except BaseException:  # Ctrl-C in the thread that trains: the worker stops
             self.abort()
             raise
         finally:
@@ -133,6 +166,18 @@ class PackCoordinator:
             self._cond.notify_all()
         return slot.result
 
+    def _end(self, batch: list[_Slot], error: BaseException) -> None:
+        """The members of ``batch`` get ``error`` instead of a model."""
+        with self._cond:
+            for s in batch:
+                s.error = error
+            self._cond.notify_all()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
 
 def _call(callback, step: int, model) -> None:
     if callback is not None:
@@ -140,7 +185,7 @@ def _call(callback, step: int, model) -> None:
 
 
 class ThreadLock:
-    """A study lock (``workers._StudyLock``) also held against the other threads of this
+    """A study lock (``bound_tuner.execution.lock.StudyLock``) also held against the other threads of this
     process, so that packed threads claim their trials one at a time."""
 
     def __init__(self, inner: Callable[[], Any]) -> None:
@@ -148,8 +193,8 @@ class ThreadLock:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock, self._inner():
+    def __call__(self, **kw: Any) -> Iterator[None]:
+        with self._lock, self._inner(**kw):
             yield
 
 
@@ -157,8 +202,8 @@ def run_loops(k: int, loop: Callable[[int], None], *, abort: Callable[[], None])
     """Run loop(0) in this thread and loop(1..k-1) in k-1 threads; wait for all of them.
 
     An exception in any loop (KeyboardInterrupt in this one included) calls ``abort`` so that the
-    others end too; once every thread has ended, the first exception that was not such a stop
-    is raised here."""
+    others end too (their trials end as interrupted); once every thread has ended, the first
+    exception that is not an interrupt is raised here, else the interrupt."""
     errors: list[BaseException] = []
 
     def guarded(i: int) -> None:
@@ -181,5 +226,5 @@ def run_loops(k: int, loop: Callable[[int], None], *, abort: Callable[[], None])
             while t.is_alive():
                 t.join(timeout=0.2)
     if errors:
-        causes = [e for e in errors if not isinstance(e, PackStopped)]
+        causes = [e for e in errors if not isinstance(e, (KeyboardInterrupt, PackInterrupted))]
         raise causes[0] if causes else errors[0]

@@ -29,6 +29,9 @@ ENV_VAR = "BOUND_TUNER_STORAGE"
 GRPC_EXTRA = 'pip install "bound_tuner[grpc]"'
 PROXY_WAIT_S = 5.0  # how long a client waits for the gRPC proxy to answer
 DEFAULT_HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
+# seconds a worker waits for a database server that went away (a restart, a failover, a managed
+# database's maintenance) before it gives up: [storage] outage_seconds
+DEFAULT_OUTAGE_SECONDS = 180
 # study user attr: the absolute artifact folder (trained weights, images) of the study's runs
 STUDY_ARTIFACTS_ATTR = "bound_tuner.artifacts"
 
@@ -233,6 +236,35 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     else:
         kinds.append(grpc.RpcError)
     return tuple(kinds)
+
+
+def connection_lost(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what it was raised from or during) says that a database server could
+    not be reached or dropped the connection: a restart, a failover, a network cut, a lock or
+    statement timeout. Such an outage is waited out (``[storage] outage_seconds``); a SQLite
+    error (a full disk, a read-only file) is not one: it does not heal by waiting."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            orig = getattr(e, "orig", None)
+            if orig is not None and type(orig).__module__.startswith("psycopg"):
+                return True
+        if type(e).__module__.startswith("psycopg") and type(e).__name__ in (
+            "OperationalError",
+            "InterfaceError",
+        ):
+            return True
+        code = getattr(e, "code", None)
+        if callable(code) and type(e).__module__.startswith("grpc"):
+            try:
+                if getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    return True
+            except Exception:  # an RpcError without a status
+                pass
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def require_database(url: str) -> None:
