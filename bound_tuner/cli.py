@@ -31,7 +31,7 @@ from bound_tuner.dashboard.server import serve
 from bound_tuner.data import prepare_for
 from bound_tuner.execution.errors import TrialError, WorkerConfigError, WorkerError
 from bound_tuner.execution.loop import run_worker
-from bound_tuner.execution.plan import RunOptions, check_device
+from bound_tuner.execution.plan import RunOptions, check_device, thread_excepthook
 from bound_tuner.execution.pool import parse_gpus, run_workers
 from bound_tuner.execution.signals import install_sigterm_handler
 from bound_tuner.maths.bounds.report import value_label
@@ -52,7 +52,6 @@ from bound_tuner.storage.database import (
     resolve_url,
     scrub,
     serve_proxy,
-    storage_errors,
 )
 from bound_tuner.study import run_study
 
@@ -736,25 +735,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     sc.set_defaults(func=cmd_score)
     return p
-
-
-def thread_excepthook(previous, storage: str | None):
-    """A threading.excepthook that writes one line for a database error in a helper thread (a
-    heartbeat the database refused; the run itself reports what it means) and hands every
-    other exception to ``previous`` (Python's traceback)."""
-
-    kinds = storage_errors()
-
-    def hook(args) -> None:
-        if not isinstance(args.exc_value, kinds):
-            previous(args)
-            return
-        text = str(args.exc_value).strip().splitlines()
-        what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
-        name = args.thread.name if args.thread is not None else "a thread"
-        print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
-
-    return hook
 
 
 class _OneLine(logging.Handler):

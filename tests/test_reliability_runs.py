@@ -86,18 +86,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize(
     "command,sig",
-    [
-        pytest.param(
-            "run",
-            signal.SIGINT,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="known bug: in a full test run the SIGINT can go unanswered for over "
-                "60 s; passes when run alone",
-            ),
-        ),
-        ("worker", signal.SIGTERM),
-    ],
+    [("run", signal.SIGINT), ("worker", signal.SIGTERM)],
 )
 def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command, sig):
     url = f"sqlite:///{tmp_path}/i.db"

@@ -41,6 +41,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -73,6 +74,7 @@ from bound_tuner.execution.plan import (
     open_with_heartbeat,
     outage_setting,
     progress_bar,
+    thread_excepthook,
     trial_target,
 )
 from bound_tuner.execution.signals import INTERRUPTED, SignalGate
@@ -297,10 +299,22 @@ def _taken_over_warning(number: int | None) -> None:
     )
 
 
-def _quiet_interrupts(record: logging.LogRecord) -> bool:
-    """Optuna logs an interrupted trial with its traceback; the run says it in one line."""
-    exc = record.exc_info[0] if record.exc_info else None
-    return not (exc is not None and issubclass(exc, (KeyboardInterrupt, TrialInterrupted)))
+class QuietInterrupts(logging.Filter):
+    """Optuna logs an interrupted trial with its traceback and its missing value; the run says
+    it in one line. Drops those records of this loop's current trial only (``run``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run = TrialRun()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        if exc is not None and issubclass(exc, (KeyboardInterrupt, TrialInterrupted)):
+            return False
+        run = self.run
+        return not (
+            run.interrupted and record.getMessage().startswith(f"Trial {run.number} failed")
+        )
 
 
 def _settle_outage(
@@ -333,6 +347,16 @@ def _settle_outage(
                     return
                 raise
             clock.wait(e, f"trial {run.trial.number}")
+
+
+def _release(held: contextlib.ExitStack) -> None:
+    """Let go of the study lock. A lock whose connection was lost is released already (an
+    advisory lock ends with its session), so that error is dropped here."""
+    try:
+        held.close()
+    except storage_errors() as e:
+        if not connection_lost(e):
+            raise
 
 
 def _queue_interrupted(study: optuna.Study, lock: Callable[..., Any] | None) -> None:
@@ -379,11 +403,13 @@ def optimize_until(
     clock = OutageClock(outage_seconds, url)
     gate = SignalGate()
     optuna_log = logging.getLogger("optuna.study._optimize")
-    optuna_log.addFilter(_quiet_interrupts)
+    quiet = QuietInterrupts()
+    optuna_log.addFilter(quiet)
     try:
         while True:
+            quiet.run = TrialRun()
             if _one_pass(study, objective, target, lock, ident, callbacks, url, wait_for_running,
-                         streak, attrs, counter, clock, gate):  # fmt: skip
+                         streak, attrs, counter, clock, gate, quiet.run):  # fmt: skip
                 return
             if bar is not None:
                 with contextlib.suppress(*storage_errors()):
@@ -391,7 +417,7 @@ def optimize_until(
                     bar.refresh()
     finally:
         gate.close()
-        optuna_log.removeFilter(_quiet_interrupts)
+        optuna_log.removeFilter(quiet)
 
 
 def _one_pass(
@@ -408,17 +434,18 @@ def _one_pass(
     counter: TrialCounter,
     clock: OutageClock,
     gate: SignalGate,
+    run: TrialRun,
 ) -> bool:
-    """Claim and run one trial, and act on its outcome; True when the loop is done."""
+    """Claim and run one trial (``run`` gathers what happens to it), and act on its outcome;
+    True when the loop is done."""
     held = contextlib.ExitStack()
-    run = TrialRun()
 
     def wrapped(trial: optuna.Trial) -> Any:
         run.trial = trial
         trial.set_user_attr(WORKER_ATTR, ident)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        held.close()  # the slot is claimed: let the next process count
+        _release(held)  # the slot is claimed: let the next process count
         try:
             gate.release()  # signals act while the objective runs
             run.values = objective(trial)
@@ -471,7 +498,7 @@ def _one_pass(
             if not (tally.waiting or tally.used < target):
                 if not (tally.running and wait_for_running):
                     return True
-                held.close()
+                _release(held)
                 gate.release()
                 time.sleep(POLL_S)
                 return False
@@ -487,7 +514,7 @@ def _one_pass(
         except BaseException as e:  # decided below, in one place
             raised = e
         finally:
-            held.close()
+            _release(held)
             gate.hold()
         verdict = decide(run, raised, study, url)
         if verdict.outcome is Outcome.INTERRUPTED:
@@ -515,7 +542,7 @@ def _one_pass(
         gate.close()
         raise
     finally:
-        held.close()
+        _release(held)
 
 
 def run_worker(
@@ -654,6 +681,9 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
     cancellation raise KeyboardInterrupt (the running trial ends as interrupted and is queued
     again)."""
     storage = resolve_url(None)
+    previous_hook = threading.excepthook
+    # a heartbeat the database refused (an outage) is one line, not a thread's traceback
+    threading.excepthook = thread_excepthook(previous_hook, storage)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.config.spec)
@@ -670,6 +700,7 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
             print(scrub(traceback.format_exc(), storage), file=sys.stderr, flush=True)
         return _one_line(e, storage)
     finally:
+        threading.excepthook = previous_hook
         # an Optuna storage holds its database connections until the garbage collector frees it;
         # a Ray worker process runs many tasks, so free this task's before the next one
         gc.collect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from bound_tuner.storage.database import (
     is_sqlite,
     redact,
     resolve_url,
+    scrub,
     storage_errors,
 )
 from bound_tuner.storage.folders import artifact_dir_for
@@ -254,3 +256,22 @@ def close_bar(bar: Any, study: optuna.Study | None, target: int) -> None:
             with contextlib.suppress(*storage_errors()):
                 bar.n = min(finished_count(study), target)
         bar.close()
+
+
+def thread_excepthook(previous: Any, storage: str | None) -> Any:
+    """A threading.excepthook that writes one line for a database error in a helper thread (a
+    heartbeat the database refused; the run itself reports what it means) and hands every
+    other exception to ``previous`` (Python's traceback)."""
+
+    kinds = storage_errors()
+
+    def hook(args: Any) -> None:
+        if not isinstance(args.exc_value, kinds):
+            previous(args)
+            return
+        text = str(args.exc_value).strip().splitlines()
+        what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
+        name = args.thread.name if args.thread is not None else "a thread"
+        print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
+
+    return hook
