@@ -4,6 +4,7 @@ import math
 
 import optuna
 import pytest
+import torch
 
 from bound_tuner.cli import main
 from bound_tuner.config.spec import SpecError, load_spec, with_pack
@@ -110,3 +111,60 @@ def test_cli_pack_option(tmp_path, capsys):
     best = min(trials, key=lambda t: t.value)
     assert f"best trial #{best.number} (" in out
     assert f"bound {best.value:.4f} nats per training point" in out
+
+
+def test_an_error_in_one_pack_fails_its_trials_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    """The second pack raises (as a CUDA out-of-memory would): its two trials fail with that
+    error as their reason, the next packs train, and the command exits 0 with every trial
+    finished; no "interrupted", no exit 130."""
+    import bound_tuner.objectives.packed as packed
+
+    real = packed.train_packed
+    calls = {"n": 0}
+
+    def second_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(packed, "train_packed", second_fails)
+    path = _spec(tmp_path, n_trials=6, lam="{ grid = [0.0, 2.0] }", pack=2)
+    url = f"sqlite:///{tmp_path}/e.db"
+    argv = ["run", str(path), "--storage", url, "--quiet", "--device", "cpu"]
+    assert main([*argv, "--max-failures", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "interrupted" not in err, err
+    trials = optuna.load_study(study_name="packed", storage=url).get_trials()
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 2 and len(trials) == 6, [t.state for t in trials]
+    for t in failed:
+        assert t.user_attrs["fail_reason"] == (
+            "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        )
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 4
+
+
+@pytest.mark.parametrize("pruned", ["odd", "all"])
+def test_members_pruned_at_a_checkpoint_of_a_pack_with_fold_references(
+    tmp_path, monkeypatch, pruned
+):
+    """A pack of four elbo-kfold trials (K-fold reference models: fold rows) in which the pruner
+    drops two members at the checkpoint while the other two train on, or every member at once:
+    the pruned trials end PRUNED, the others COMPLETE with finite bounds; no trial fails."""
+
+    def prune_odd(self) -> bool:
+        return pruned == "all" or self.number % 2 == 1
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", prune_odd)
+    text = PACKED.format(n_trials=4, lam="{ grid = [0.0, 2.0] }", pack=4)
+    text = text.replace("[bound]\n", '[bound]\nvariant = "elbo-kfold"\nfolds = 2\n')
+    path = tmp_path / "kfold.toml"
+    path.write_text(text)
+    spec = load_spec(path)
+    study = run_study(spec, storage=f"sqlite:///{tmp_path}/k.db", device="cpu", progress=False)
+    trials = study.get_trials()
+    states = {t.number: t.state.name for t in trials}
+    kept = "PRUNED" if pruned == "all" else "COMPLETE"
+    assert states == {0: kept, 1: "PRUNED", 2: kept, 3: "PRUNED"}, states
+    assert all(math.isfinite(t.value) for t in trials if t.state.name == "COMPLETE")
