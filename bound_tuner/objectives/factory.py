@@ -49,6 +49,43 @@ def check_architecture_keys(spec: StudySpec, *, images: bool) -> None:
             )
 
 
+def check_bound_settings(spec: StudySpec, m: int) -> None:
+    """Refuse, before any study exists, the [bound] settings of a diffusion study that cannot
+    work with ``m`` training points or that its variant would ignore (as VAE studies do): K-fold
+    references need at least two points in each of their ``folds``; ``folds`` means nothing
+    to a variant without K-fold references; and elbo-kfold takes its scale R from cross-fitting,
+    so a fixed or estimated R would be ignored. One line naming the mend."""
+    from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS
+    from bound_tuner.maths.bounds.kfold import folds_for
+
+    where = spec.path or "spec"
+    variant = spec.bound.get("variant", DEFAULT_VARIANT)
+    folds = spec.bound.get("folds")
+    if variant not in FOLD_VARIANTS:
+        if folds is not None:
+            raise SpecError(
+                f'{where}: bound.folds = {folds} is read by variant "elbo-kfold" only; '
+                f"variant {variant!r} ignores it: remove bound.folds or set bound.variant = "
+                '"elbo-kfold"'
+            )
+        return
+    k = folds_for(m, folds)
+    if m < 2 * max(k, 2):
+        most = m // 2
+        mend = f"lower bound.folds to at most {most}" if most >= 2 else "use more data"
+        raise SpecError(
+            f"{where}: bound.folds = {k} needs at least {2 * max(k, 2)} training points (two "
+            f"in each fold), but the data has m = {m}; {mend}, or raise data.m"
+        )
+    r = spec.bound.get("R")
+    if r is not None:
+        raise SpecError(
+            f'{where}: bound.R = {r!r} would be ignored: variant "elbo-kfold" takes its scale '
+            'from cross-fitting; remove bound.R, or set bound.variant = "paper" (or another '
+            "variant that reads R)"
+        )
+
+
 def build_objective(
     spec: StudySpec,
     data: DataSplit | None = None,
@@ -76,6 +113,7 @@ def build_objective(
 
         if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes
             check_architecture_keys(spec, images=data.train.dim() > 2)
+        check_bound_settings(spec, int(data.train.shape[0]))
 
         objective = DiffusionObjective(
             data,
