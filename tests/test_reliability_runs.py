@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
+from bound_tuner.execution.plan import RunOptions
 from bound_tuner.execution.pool import run_pool
 from bound_tuner.execution.signals import INTERRUPTED
 
@@ -184,7 +185,10 @@ def test_gpu_slot_workers_each_see_their_own_cuda_visible_devices(tmp_path, monk
     spec = write_spec(tmp_path / "s.toml", name, n_trials=6, steps=200)
     try:
         study = run_pool(
-            str(spec), storage=PG_URL, slots=[("0", "cpu"), ("2", "cpu")], progress=False
+            str(spec),
+            storage=PG_URL,
+            slots=[("0", "cpu"), ("2", "cpu")],
+            options=RunOptions(progress=False),
         )
         seen: dict[int, set[str]] = {}
         for t in study.get_trials():
