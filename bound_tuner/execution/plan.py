@@ -249,6 +249,15 @@ def watch_step(
             raise
 
 
+def study_count(study: optuna.Study) -> str:
+    """The study's finished trials for a closing line ("unknown" when the database cannot be
+    read: a run that ends on an outage still says why in one line)."""
+    try:
+        return str(finished_count(study))
+    except storage_errors():
+        return "an unknown number (the database cannot be read)"
+
+
 def close_bar(bar: Any, study: optuna.Study | None, target: int) -> None:
     """The bar's last count, then closed."""
     if bar is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from bound_tuner.execution.accounting import POLL_S, TrialCounter, finished_count
+from bound_tuner.execution.accounting import POLL_S, TrialCounter
 from bound_tuner.execution.errors import WorkerConfigError, WorkerError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
@@ -29,6 +29,7 @@ from bound_tuner.execution.plan import (
     open_run,
     progress_bar,
     save_final_charts,
+    study_count,
     watch_step,
     worker_env,
 )
@@ -294,7 +295,7 @@ def run_pool(
             parts.append(f"worker {i} ({slots[i][1]}, pid {procs[i].pid}): {what}")
         raise WorkerError(
             f"{len(failed)} of {len(procs)} workers failed: {'; '.join(parts)}; the study has "
-            f"{finished_count(study)} of {target} finished trials"
+            f"{study_count(study)} of {target} finished trials"
         )
     return study
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from bound_tuner.execution.accounting import POLL_S, TrialCounter, finished_count
+from bound_tuner.execution.accounting import POLL_S, TrialCounter
 from bound_tuner.execution.errors import WorkerConfigError, WorkerError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
@@ -35,6 +35,7 @@ from bound_tuner.execution.plan import (
     open_run,
     progress_bar,
     save_final_charts,
+    study_count,
     watch_step,
     worker_env,
 )
@@ -236,7 +237,7 @@ def run_ray(
         parts = [f"worker {i} ({device}): {msg}" for i, msg in sorted(failed.items())]
         raise WorkerError(
             f"{len(failed)} of {k} Ray workers failed: {'; '.join(parts)}; the study has "
-            f"{finished_count(study)} of {target} finished trials"
+            f"{study_count(study)} of {target} finished trials"
         )
     return study
 
