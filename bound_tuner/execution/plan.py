@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import pickle
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,15 +233,44 @@ def progress_bar(study: optuna.Study, target: int, desc: str | None = None) -> A
     return tqdm(total=target, initial=min(finished_count(study), target), unit="trial", desc=desc)
 
 
+class StaleWatch:
+    """When the executor looks for stale trials: after a worker died, and otherwise once a grace
+    period (a trial can only be stale once its heartbeat is a grace period old). Every worker
+    also looks before it claims a trial; looking more often from the executor only adds chances
+    to fail a live trial whose heartbeat a loaded machine delayed."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._last = time.monotonic()
+        self._until = 0.0  # after a death: look at every poll until its trial is stale
+
+    def worker_died(self) -> None:
+        self._until = time.monotonic() + self.grace + 2.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._until or now - self._last >= self.grace:
+            self._last = now
+            return True
+        return False
+
+
 def watch_step(
-    study: optuna.Study, lock: StudyLock, counter: TrialCounter, bar: Any, target: int
+    study: optuna.Study,
+    lock: StudyLock,
+    counter: TrialCounter,
+    bar: Any,
+    target: int,
+    *,
+    stale: bool = True,
 ) -> None:
-    """One look at a running study from the executor: a dead worker's trial is failed and
-    queued again promptly (under the study lock), and the bar shows the finished trials. A
+    """One look at a running study from the executor: with ``stale``, a dead worker's trial is
+    failed and queued again (under the study lock); the bar shows the finished trials. A
     database that went away is skipped (the workers wait for it themselves)."""
     try:
-        with lock():
-            fail_stale(study)
+        if stale:
+            with lock():
+                fail_stale(study)
         if bar is not None:
             bar.n = min(counter.count(study).finished, target)
             bar.refresh()

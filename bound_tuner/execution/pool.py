@@ -24,6 +24,7 @@ from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
 from bound_tuner.execution.plan import (
     RunOptions,
+    StaleWatch,
     check_run,
     close_bar,
     open_run,
@@ -255,16 +256,19 @@ def run_pool(
             p.start()
         last_poll = 0.0
         counter = TrialCounter()
+        stale = StaleWatch(plan.grace)
         while len(ended) < len(procs):
             for i, p in enumerate(procs):
                 if i not in ended and not p.is_alive():
                     p.join()
                     ended[i] = p.exitcode
-                    if p.exitcode != 0 and bar is not None:
-                        bar.write(f"worker {i} (pid {p.pid}) {_describe_exit(p.exitcode)}")
+                    if p.exitcode != 0:
+                        stale.worker_died()
+                        if bar is not None:
+                            bar.write(f"worker {i} (pid {p.pid}) {_describe_exit(p.exitcode)}")
             if time.monotonic() - last_poll >= POLL_S:
                 last_poll = time.monotonic()
-                watch_step(study, lock, counter, bar, target)
+                watch_step(study, lock, counter, bar, target, stale=stale.due())
             time.sleep(0.2)
     except KeyboardInterrupt:
         with signals_ignored():  # a second Ctrl-C must not leave workers behind

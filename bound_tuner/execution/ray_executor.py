@@ -30,6 +30,7 @@ from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
 from bound_tuner.execution.plan import (
     RunOptions,
+    StaleWatch,
     check_run,
     close_bar,
     open_run,
@@ -224,7 +225,7 @@ def run_ray(
             ): i
             for i in range(k)
         }
-        failed = _watch(ray, study, pending, lock, bar, target)
+        failed = _watch(ray, study, pending, lock, bar, target, StaleWatch(plan.grace))
     finally:
         lock.close()
         close_bar(bar, study, target)
@@ -243,9 +244,16 @@ def run_ray(
 
 
 def _watch(
-    ray: Any, study: optuna.Study, pending: dict, lock: StudyLock, bar: Any, target: int
+    ray: Any,
+    study: optuna.Study,
+    pending: dict,
+    lock: StudyLock,
+    bar: Any,
+    target: int,
+    stale: StaleWatch,
 ) -> dict[int, str]:
-    """Wait for every task, failing stale trials meanwhile; {worker index: why it failed}."""
+    """Wait for every task, failing stale trials meanwhile (``stale``: after a task failed,
+    else once a grace period); {worker index: why it failed}."""
     failed: dict[int, str] = {}
     counter = TrialCounter()  # reads each finished trial once: a poll costs the same at any size
     try:
@@ -259,9 +267,10 @@ def _watch(
                     msg = _describe(ray, e)
                 if msg is not None:
                     failed[i] = msg
+                    stale.worker_died()
                     if bar is not None:
                         bar.write(f"worker {i}: {msg}")
-            watch_step(study, lock, counter, bar, target)
+            watch_step(study, lock, counter, bar, target, stale=stale.due())
     except KeyboardInterrupt:
         with signals_ignored():  # a second Ctrl-C must not leave tasks behind
             _cancel(ray, list(pending))
