@@ -182,11 +182,12 @@ WRONG_VALUE = {
         "bound_subset": 0,
         "heldout_samples": 0,
         "heldout_steps": 0,
+        "early_stop": None,  # true or false: only a wrong type
     },
     "sampler": {"type": "cma", "seed": -1, "n_startup_trials": -1, "population_size": 1},
     "model": {"factory": "no_such_module:net"},
     "pruner": {"type": "magic", "n_startup_trials": -1, "n_warmup_steps": -1},
-    "storage": {"heartbeat_interval": 0, "grace_period": 0},
+    "storage": {"heartbeat_interval": 0, "grace_period": 0, "outage_seconds": -1},
 }
 
 

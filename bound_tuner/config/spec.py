@@ -114,7 +114,7 @@ SECTIONS = {
     "bound": schema("bound"),
     "sampler": {"type": str, "seed": int, "n_startup_trials": int, "population_size": int},
     "pruner": {"type": str, "n_startup_trials": int, "n_warmup_steps": int},
-    "storage": {"heartbeat_interval": int, "grace_period": int, "outage_seconds": (int, float)},
+    "storage": {"heartbeat_interval": int, "grace_period": int, "outage_seconds": float},
     "model": {"factory": str},  # a user's own score network (bound_tuner.models.factory)
 }
 SAMPLERS = ("tpe", "random", "grid", "bruteforce", "nsga2")
