@@ -78,7 +78,7 @@ from bound_tuner.execution.plan import (
     trial_target,
 )
 from bound_tuner.execution.signals import INTERRUPTED, SignalGate
-from bound_tuner.objectives.packed import PackInterrupted
+from bound_tuner.objectives.pack_stop import PackInterrupted
 from bound_tuner.objectives.studies import SPEC_CHANGED_ATTR, spec_changes
 from bound_tuner.storage.database import (
     DEFAULT_OUTAGE_SECONDS,

@@ -7,6 +7,8 @@ from bound_tuner.config.settings import config_kwargs
 from bound_tuner.config.spec import SpecError, StudySpec
 from bound_tuner.data import load_dataset
 from bound_tuner.data.split import DataSplit
+from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS
+from bound_tuner.maths.bounds.kfold import folds_for
 from bound_tuner.objectives.vae import VAEObjective
 from bound_tuner.runtime.device import DEFAULT_TF32, resolve_device, set_tf32
 from bound_tuner.training.config import DiffusionConfig
@@ -55,9 +57,6 @@ def check_bound_settings(spec: StudySpec, m: int) -> None:
     references need at least two points in each of their ``folds``; ``folds`` means nothing
     to a variant without K-fold references; and elbo-kfold takes its scale R from cross-fitting,
     so a fixed or estimated R would be ignored. One line naming the mend."""
-    from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS
-    from bound_tuner.maths.bounds.kfold import folds_for
-
     where = spec.path or "spec"
     variant = spec.bound.get("variant", DEFAULT_VARIANT)
     folds = spec.bound.get("folds")

@@ -34,16 +34,13 @@ from typing import Any
 import torch
 
 from bound_tuner.evaluation.experiment import pack_terms
+from bound_tuner.objectives.pack_stop import PackInterrupted
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.pack import PackMember, PackStopped, train_packed
 
+__all__ = ["PackCoordinator", "PackFailed", "PackInterrupted", "ThreadLock", "run_loops"]
+
 DEFAULT_GRACE_S = 0.5
-
-
-class PackInterrupted(Exception):
-    """The worker is stopping (``PackCoordinator.abort``): this thread's trial ends as
-    interrupted and is retried. Not a KeyboardInterrupt: nothing but the worker loop's outcome
-    (``bound_tuner.execution.loop``) reads it as a stop."""
 
 
 class PackFailed(RuntimeError):
