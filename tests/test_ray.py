@@ -118,9 +118,11 @@ def test_killed_ray_worker_is_rerun_and_its_trial_retried(tmp_path, study_name, 
     assert by_number[victim.number].state == TrialState.FAIL  # failed through its heartbeat
     retries = [t for t in trials if Retry.retried_trial_number(t) is not None]
     assert [Retry.retried_trial_number(t) for t in retries] == [victim.number]
-    # its parameters as stored (on a loaded machine the victim may be read before it drew them)
+    # the retry keeps every parameter the victim had drawn when it was killed (on a loaded
+    # machine that may be T alone: lr is then drawn by the retry)
     victim_params = by_number[victim.number].params
-    assert retries[0].state == TrialState.COMPLETE and retries[0].params == victim_params
+    assert retries[0].state == TrialState.COMPLETE
+    assert victim_params.items() <= retries[0].params.items(), (victim_params, retries[0].params)
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(trials) == 4
     assert pid_of(retries[0]) != pid_of(victim)  # run by a live process
 
