@@ -28,11 +28,13 @@ from bound_tuner.maths.bounds.diffusion import (
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models.factory import ModelFactory, check_output, factory_name, vmap_error
 from bound_tuner.objectives.outcome import TrialHook, unusable
+from bound_tuner.objectives.pack_stop import PackInterrupted
 from bound_tuner.objectives.packed import PackCoordinator
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
 from bound_tuner.runtime.seeding import trial_seed
 from bound_tuner.storage.artifacts import ModelKeeper
 from bound_tuner.training.config import DiffusionConfig, build_initial
+from bound_tuner.training.pack import PackStopped
 
 
 class DiffusionObjective:
@@ -166,17 +168,20 @@ class DiffusionObjective:
 
     def _train_and_score(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
         if lockstep(cfg, x):  # the trial is its own pack of K + 1: its model and references
-            return run_diffusion(
-                self.data.train,
-                cfg,
-                test=self.data.test,
-                validation=self.validation,
-                device=self.device,
-                checkpoints=self.checkpoints,
-                report=self._reporter(trial),
-                # in a packed worker, the coordinator's stop ends this thread's training too
-                stop=None if self.packer is None else self.packer.stop,
-            )
+            try:
+                return run_diffusion(
+                    self.data.train,
+                    cfg,
+                    test=self.data.test,
+                    validation=self.validation,
+                    device=self.device,
+                    checkpoints=self.checkpoints,
+                    report=self._reporter(trial),
+                    # in a packed worker, the coordinator's stop ends this thread's training too
+                    stop=None if self.packer is None else self.packer.stop,
+                )
+            except PackStopped:
+                raise PackInterrupted("the pack was stopped: the worker is stopping") from None
         checkpoint, every = self._checkpoint(trial, cfg, x)
         if self.packer is None:
             return run_diffusion(

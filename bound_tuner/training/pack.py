@@ -46,8 +46,10 @@ PackCallback = Callable[[int, int, nn.Module], None]  # (member, step, model); m
 JointCallback = Callable[[int, list[nn.Module]], None]
 
 
-class PackStopped(KeyboardInterrupt):
-    """A pack's training was stopped from outside (Ctrl-C or SIGTERM in another thread)."""
+class PackStopped(Exception):
+    """A pack's training was stopped from outside (Ctrl-C or SIGTERM in another thread). Not a
+    KeyboardInterrupt: whoever set the stop decides what it means (a worker that is stopping
+    reads it as ``objectives.pack_stop.PackInterrupted``)."""
 
 
 @dataclass
