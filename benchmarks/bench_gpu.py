@@ -420,21 +420,45 @@ def bench_large_2d(device: torch.device, m: int, steps: int, draws: int | None) 
 
 
 def bench_kfold_cost(device: torch.device, repeats: int) -> dict:
-    """Seconds per trial of the main job's settings with the default "elbo-kfold" (the model
-    and its K = 5 references as one pack, then the bound) against "elbo" (the model alone),
-    timed alternately on the same data, seeds and evaluation draws; medians over ``repeats``."""
-    from bound_tuner.evaluation.experiment import run_diffusion
+    """Seconds per trial of the main job's settings (m = 200, 1,500 steps, N = 300), timed
+    alternately on the same data, seeds and evaluation draws, medians over ``repeats``:
+    "elbo" (the model alone); the default "elbo-kfold" as it was before the lockstep pack (the
+    model, then its K = 5 references as one pack, then the bound); and the default now, the
+    lockstep pack of K + 1 with the value at 7 checkpoints and the last step and certified early
+    stopping (docs/theory.md 2.12)."""
+    from dataclasses import replace
+
+    from bound_tuner.evaluation.experiment import bound_report, run_diffusion
+    from bound_tuner.training.diffusion import train_model
 
     x = swiss_roll(200, seed=0)
     base = {"T": 0.5, "steps": 1500, "batch_size": 200, "n_steps": 300, "n_paths": 128}
-    times: dict[str, list[float]] = {"elbo-kfold": [], "elbo": []}
+
+    def before(cfg):  # the model trained alone, then its references (the default until now)
+        model, schedule, _ = train_model(x, cfg, device=device)
+        return bound_report(model, schedule, x, cfg, device=device)
+
+    arms = {
+        "elbo": lambda cfg: run_diffusion(x, replace(cfg, variant="elbo"), device=device),
+        "elbo-kfold, model then references": before,
+        "elbo-kfold lockstep + early stop, C = 8": lambda cfg: run_diffusion(
+            x, replace(cfg, early_stop=True), device=device, checkpoints=7
+        ),
+    }
+    times: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(repeats):
-        for variant in times:
-            cfg = DiffusionConfig(**base, variant=variant, seed=r)
-            _, t = run_timed(lambda c=cfg: run_diffusion(x, c, device=device), device)
-            times[variant].append(t)
+        for name, arm in arms.items():
+            cfg = DiffusionConfig(**base, seed=r)
+            _, t = run_timed(lambda c=cfg, a=arm: a(c), device)
+            times[name].append(t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    return {"seconds": med, "ratio": med["elbo-kfold"] / med["elbo"], "repeats": repeats}
+    ref = med["elbo-kfold, model then references"]
+    return {
+        "seconds": med,
+        "ratio_to_before": {a: t / ref for a, t in med.items()},
+        "ratio": med["elbo-kfold lockstep + early stop, C = 8"] / med["elbo"],
+        "repeats": repeats,
+    }
 
 
 def bench_study(device: torch.device, seconds: float) -> dict:
@@ -602,10 +626,9 @@ def main() -> None:
     if "kfold-cost" in only:
         r = out["kfold_cost"] = bench_kfold_cost(device, args.repeats)
         sec = r["seconds"]
-        print(
-            f"a main-job trial (m = 200, 1,500 steps, N = 300): elbo-kfold {sec['elbo-kfold']:.1f} "
-            f"s, elbo {sec['elbo']:.1f} s, ratio {r['ratio']:.2f}x (medians of {r['repeats']})"
-        )
+        print(f"a main-job trial (m = 200, 1,500 steps, N = 300), medians of {r['repeats']}:")
+        for arm, t in sec.items():
+            print(f"  {arm:<42} {t:6.1f} s  {r['ratio_to_before'][arm]:.2f}x the model-then-refs")
 
     if "large-2d" in only:
         draws = args.large_2d_draws if args.large_2d_draws or cuda else 2
