@@ -210,9 +210,10 @@ def train_score_model(
         m = rows.numel()
     history = torch.empty(steps, dtype=x.dtype, device=x.device)
     every_bar = max(1, steps // 20)
-    bar = tqdm(range(steps), desc=f"train T={T:g}", disable=not progress, leave=False)
+    # no bar object without progress (tqdm's first bar makes a process-wide semaphore)
+    bar = tqdm(range(steps), desc=f"train T={T:g}", leave=False) if progress else None
     model.train()
-    for step in bar:
+    for step in bar if bar is not None else range(steps):
         idx, t, eps, coef = draws(step)
         loss, wsq = denoising_loss(model, x[idx], t, eps, coef)
         total = loss.mean()
@@ -224,7 +225,7 @@ def train_score_model(
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        if progress and step % every_bar == 0:
+        if bar is not None and step % every_bar == 0:
             bar.set_postfix(loss=f"{float(history[step]):.3f}")
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
             check_finite(history, step + 1)

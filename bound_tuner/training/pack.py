@@ -226,8 +226,14 @@ def train_packed(
     history = torch.empty(len(cfgs), steps, dtype=x.dtype, device=device)
     chunk = draws[0].chunk
     shape1 = (1,) * (x.dim() - 1)
-    bar = tqdm(range(steps), desc=f"train pack of {len(cfgs)}", disable=not progress, leave=False)
-    for step in bar:
+    # no bar object without progress: tqdm makes a process-wide lock (a semaphore) on its first
+    # bar, which a worker killed mid-trial would leave behind
+    steps_iter = (
+        tqdm(range(steps), desc=f"train pack of {len(cfgs)}", leave=False)
+        if progress
+        else range(steps)
+    )
+    for step in steps_iter:
         if stop is not None and stop.is_set():
             raise PackStopped("the pack was stopped")
         k = step % chunk
