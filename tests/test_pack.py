@@ -150,3 +150,31 @@ def test_members_with_fold_rows_dropped_mid_training_leave_the_rest_as_trained_a
     for j in (1, 4):
         alone = train_packed(x, [BASE], device="cpu", rows=[rows[j]])[0]
         assert packed[j].losses == pytest.approx(alone.losses, rel=2e-3, abs=2e-3)
+
+
+def test_out_of_memory_in_the_stacked_call_propagates_instead_of_looping():
+    """Members.of_models falls back to one model at a time only for modules torch.func cannot
+    vmap; an out-of-memory error is reported, not hidden behind a slower loop."""
+    from torch import nn
+
+    from bound_tuner.training.members import Members
+
+    calls = []
+
+    class Hungry(nn.Module):
+        """Out of memory on its first call (the stacked one), fine after it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x, t):
+            calls.append(1)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x + self.w
+
+    schedule = get_schedule("linear")
+    members = Members.of_models([Hungry(), Hungry()], [schedule, schedule])
+    with pytest.raises(torch.OutOfMemoryError):
+        members.eps(torch.zeros(2, 3, 2), torch.full((2, 3), 0.5))

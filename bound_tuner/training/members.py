@@ -127,7 +127,8 @@ class Members:
 
         A module that ``torch.func`` cannot vmap (a user's own network, docs/own_models.md) is
         called member by member instead: the first call tries the vmap and, if it raises, the
-        members run one after another from then on (same values, no speed-up)."""
+        members run one after another from then on (same values, no speed-up). Running out of
+        memory is not such a failure: it propagates."""
         models = list(models)
         for mod in models:
             mod.eval()
@@ -139,6 +140,8 @@ class Members:
         try:
             params, buffers = torch.func.stack_module_state(models)
             batched = cls.stacked(first, params, buffers, schedules).eps
+        except torch.OutOfMemoryError:  # a fault to report, not a module to call one by one
+            raise
         except Exception:  # a module that cannot be stacked: one by one
             batched = None
         state = {"vmap": batched is not None, "tried": False}
@@ -150,6 +153,8 @@ class Members:
                 state["tried"] = True
                 try:
                     return batched(y, t)
+                except torch.OutOfMemoryError:  # not a module torch.func cannot vmap
+                    raise
                 except Exception:  # torch.func cannot vmap this module: fall back
                     state["vmap"] = False
             return looped(y, t)
