@@ -773,6 +773,11 @@ def main(argv: list[str] | None = None) -> int:
     # ignored SIGINT would also pass on to every process it starts); main thread only
     main_thread = threading.current_thread() is threading.main_thread()
     old_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    if old_sigint is signal.SIG_IGN:
+        # started with SIGINT ignored (a background job of a shell script, or a parent that
+        # ignores it): a run must still answer Ctrl-C and Ray's cancel, which arrive as SIGINT,
+        # and the processes it starts would inherit the ignored disposition
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     storage = getattr(args, "storage", None)
     old_hook = threading.excepthook
     threading.excepthook = thread_excepthook(old_hook, storage)

@@ -262,3 +262,23 @@ def test_gpu_workers_train_on_the_gpu_they_see(tmp_path, monkeypatch):
         assert not torch.cuda.is_initialized()
     finally:
         optuna.delete_study(study_name=name, storage=pg_storage())
+
+
+def test_a_run_started_with_sigint_ignored_still_answers_it(tmp_path):
+    """A process started with SIGINT ignored (a shell script's background job; a test runner
+    that ignored it) passes that on to what it execs: the run puts Ctrl-C's handler back, so
+    its trial still ends as interrupted."""
+    url = f"sqlite:///{tmp_path}/g.db"
+    spec = write_spec(tmp_path / "s.toml", "ign", n_trials=2, steps=200_000)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child
+    try:
+        proc = start(["run", str(spec), "--storage", url], tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    (victim,) = wait_running("ign", url, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = answer(proc, 60)
+    assert proc.returncode == 130, err
+    trial = optuna.load_study(study_name="ign", storage=url).trials[victim.number]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "interrupted"
