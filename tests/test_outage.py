@@ -125,3 +125,21 @@ def test_an_outage_past_outage_seconds_ends_the_run_with_one_line(tmp_path, clus
     last = lines[-1]
     assert last.startswith("bound-tuner: error: "), last
     assert "within 3 s" in last and "outage_seconds" in last and "resume" in last, last
+
+
+def test_trials_left_running_by_ended_workers_of_this_machine_are_failed():
+    """After every worker of a run has ended, a trial one of them left RUNNING (its final write
+    lost to an outage) is failed; a RUNNING trial of another machine or process is not."""
+    import socket
+
+    from bound_tuner.execution.accounting import WORKER_ATTR, fail_orphans
+
+    study = optuna.create_study()
+    host = socket.gethostname()
+    mine, other_host, other_pid = study.ask(), study.ask(), study.ask()
+    mine.set_user_attr(WORKER_ATTR, f"{host}:4242/cpu")
+    other_host.set_user_attr(WORKER_ATTR, "elsewhere:4242/cpu")
+    other_pid.set_user_attr(WORKER_ATTR, f"{host}:4343/cpu")
+    assert fail_orphans(study, {4242}) == [mine.number]
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]

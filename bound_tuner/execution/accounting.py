@@ -3,6 +3,7 @@ consecutive-failure limit."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import warnings
 from collections.abc import Sequence
@@ -199,3 +200,20 @@ class FailureStreak:
                     "cause and run the same command to resume, or raise [study] "
                     "max_consecutive_failures (--max-failures)"
                 )
+
+
+def fail_orphans(study: optuna.Study, pids: set[int]) -> list[int]:
+    """Fail the trials still RUNNING under a worker of this machine whose process is one of
+    ``pids``, once every one of those processes has ended: nothing will write them any more (a
+    trial whose final write was lost to a database outage, its retry already counted). Returns
+    their numbers. Trials of other machines and processes are left alone."""
+    host = socket.gethostname()
+    orphans = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(t.user_attrs.get(WORKER_ATTR, ""))
+        where, _, rest = worker.partition(":")
+        pid = rest.split("/")[0]
+        if where == host and pid.isdigit() and int(pid) in pids:
+            study.tell(t.number, state=TrialState.FAIL)
+            orphans.append(t.number)
+    return orphans

@@ -6,6 +6,7 @@ one GPU through CUDA_VISIBLE_DEVICES, set before it imports torch; the parent ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from bound_tuner.execution.accounting import POLL_S, TrialCounter
+from bound_tuner.execution.accounting import POLL_S, TrialCounter, fail_orphans
 from bound_tuner.execution.errors import WorkerConfigError, WorkerError
 from bound_tuner.execution.lock import StudyLock
 from bound_tuner.execution.loop import work
@@ -35,6 +36,7 @@ from bound_tuner.execution.plan import (
     worker_env,
 )
 from bound_tuner.execution.signals import install_sigterm_handler, signals_ignored
+from bound_tuner.storage.database import storage_errors
 
 if TYPE_CHECKING:
     from bound_tuner.config.spec import StudySpec
@@ -277,6 +279,9 @@ def run_pool(
     finally:
         lock.close()
         close_bar(bar, study, target)
+    if len(ended) == len(procs):  # every worker has ended: what they left RUNNING stays so
+        with contextlib.suppress(*storage_errors()):
+            fail_orphans(study, {p.pid for p in procs})
 
     if dashboard:
         save_final_charts(study)
