@@ -52,11 +52,11 @@ def run_task(task: Task) -> dict:
 
     torch.set_num_threads(1)
     from bound_tuner.data import load_dataset, prepare_for
-    from bound_tuner.evaluation.evaluate import draws_for, negative_elbo, nelbo_terms
+    from bound_tuner.evaluation.along_training import value_parts
+    from bound_tuner.evaluation.evaluate import negative_elbo
     from bound_tuner.maths.bounds.kfold import fold_assignment, fold_rows, folds_for
     from bound_tuner.maths.sde import get_schedule
     from bound_tuner.training.config import DiffusionConfig
-    from bound_tuner.training.members import Members
     from bound_tuner.training.pack import train_packed
 
     split = load_dataset(task.data, m=task.m, seed=task.data_seed, test_size=task.test_size)
@@ -69,16 +69,7 @@ def run_task(task: Task) -> dict:
     rows: list[dict] = []
 
     def at_checkpoint(step: int, models) -> None:
-        nelbo, fold = nelbo_terms(
-            Members.single(models[0], schedule),
-            x,
-            T=[cfg.T],
-            seeds=[cfg.eval_seed],
-            draws=draws_for(x.shape[0], cfg.train_draws),
-            t_min=cfg.t_min,
-            fold_refs=Members.of_models(models[1:], [schedule] * k),
-            folds=folds,
-        )
+        parts = value_parts(models[0], models[1:], x, schedule, folds, cfg)
         held = negative_elbo(
             models[0],
             test,
@@ -88,17 +79,7 @@ def run_task(task: Task) -> dict:
             draws=HELDOUT_DRAWS,
             seed=cfg.eval_seed + 13,
         )
-        rows.append(
-            {
-                "step": step,
-                "train_nelbo": nelbo[0].mean,
-                "cv_nelbo": fold["cv_nelbo"],
-                "cv_se": fold["cv_se"],
-                "refs_train_nelbo": fold["refs_train_nelbo"],
-                "heldout": held.mean,
-                "heldout_se": held.se,
-            }
-        )
+        rows.append({"step": step, **parts, "heldout": held.mean, "heldout_se": held.se})
 
     start = time.perf_counter()
     err = None
@@ -129,13 +110,8 @@ def value(c: dict, z: float) -> float:
     """Eq. 2.11 with margin z from a checkpoint's parts."""
     from bound_tuner.maths.bounds.diffusion import certified_value
 
-    return certified_value(
-        train_nelbo=c["train_nelbo"],
-        cv_nelbo=c["cv_nelbo"],
-        cv_se=c["cv_se"],
-        refs_train_nelbo=c["refs_train_nelbo"],
-        z=z,
-    )
+    parts = ("train_nelbo", "cv_nelbo", "cv_se", "refs_train_nelbo")
+    return certified_value(**{k: c[k] for k in parts}, z=z)
 
 
 def tpe_regret(models: list[dict], oracle: float, *, seeds: int = TPE_SEEDS) -> float:

@@ -81,19 +81,18 @@ def checkpoint_count(steps: int, every: int) -> int:
     return steps // every + (1 if steps % every else 0)
 
 
-def value_at(
+def value_parts(
     model: nn.Module,
     references: list[nn.Module],
     x: torch.Tensor,
     schedule: Schedule,
     folds: torch.Tensor,
     cfg: DiffusionConfig,
-    *,
-    z: float = CV_Z,
-) -> float:
-    """The value of eq. 2.11 (margin z se_cv) for a model and its references as they are: the
-    evaluation passes of the final bound (``evaluate.nelbo_terms``, the same draws), without
-    the generator paths, which only the recorded information form needs."""
+) -> dict[str, float]:
+    """The parts of eq. 2.11 for a model and its references as they are (``train_nelbo``,
+    ``cv_nelbo``, ``cv_se``, ``refs_train_nelbo``): the evaluation passes of the final bound
+    (``evaluate.nelbo_terms``, the same draws), without the generator paths, which only the
+    recorded information form needs."""
     nelbo, fold = nelbo_terms(
         Members.single(model, schedule),
         x,
@@ -104,13 +103,26 @@ def value_at(
         fold_refs=Members.of_models(references, [schedule] * len(references)),
         folds=folds,
     )
-    return certified_value(
-        train_nelbo=nelbo[0].mean,
-        cv_nelbo=fold["cv_nelbo"],
-        cv_se=fold["cv_se"],
-        refs_train_nelbo=fold["refs_train_nelbo"],
-        z=z,
-    )
+    return {
+        "train_nelbo": nelbo[0].mean,
+        "cv_nelbo": fold["cv_nelbo"],
+        "cv_se": fold["cv_se"],
+        "refs_train_nelbo": fold["refs_train_nelbo"],
+    }
+
+
+def value_at(
+    model: nn.Module,
+    references: list[nn.Module],
+    x: torch.Tensor,
+    schedule: Schedule,
+    folds: torch.Tensor,
+    cfg: DiffusionConfig,
+    *,
+    z: float = CV_Z,
+) -> float:
+    """The value of eq. 2.11 (margin z se_cv) for a model and its references as they are."""
+    return certified_value(**value_parts(model, references, x, schedule, folds, cfg), z=z)
 
 
 def train_certified(

@@ -16,7 +16,7 @@ from bound_tuner.config.space import sample_diffusion_params
 from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, Param, SpecError, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
-from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS
+from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS, checkpoint_every
 from bound_tuner.evaluation.evaluate import diffusion_bound
 from bound_tuner.evaluation.experiment import CURVE_ATTR, lockstep, run_diffusion, score_model
 from bound_tuner.maths.bounds.diffusion import (
@@ -28,7 +28,7 @@ from bound_tuner.maths.bounds.diffusion import (
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models.factory import ModelFactory, check_output, factory_name, vmap_error
 from bound_tuner.objectives.outcome import TrialHook, unusable
-from bound_tuner.objectives.pack_stop import PackInterrupted
+from bound_tuner.objectives.pack_stop import PACK_STOPPED, PackInterrupted
 from bound_tuner.objectives.packed import PackCoordinator
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
 from bound_tuner.runtime.seeding import trial_seed
@@ -167,7 +167,9 @@ class DiffusionObjective:
             return self._run(trial)
 
     def _train_and_score(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
-        if lockstep(cfg, x):  # the trial is its own pack of K + 1: its model and references
+        together = lockstep(cfg, x)  # the trial is its own pack of K + 1: model and references
+        checkpoint, every = (None, 0) if together else self._checkpoint(trial, cfg, x)
+        if together or self.packer is None:
             try:
                 return run_diffusion(
                     self.data.train,
@@ -175,24 +177,15 @@ class DiffusionObjective:
                     test=self.data.test,
                     validation=self.validation,
                     device=self.device,
+                    checkpoint=checkpoint,
+                    checkpoint_every=every,
                     checkpoints=self.checkpoints,
                     report=self._reporter(trial),
                     # in a packed worker, the coordinator's stop ends this thread's training too
                     stop=None if self.packer is None else self.packer.stop,
                 )
             except PackStopped:
-                raise PackInterrupted("the pack was stopped: the worker is stopping") from None
-        checkpoint, every = self._checkpoint(trial, cfg, x)
-        if self.packer is None:
-            return run_diffusion(
-                self.data.train,
-                cfg,
-                test=self.data.test,
-                validation=self.validation,
-                device=self.device,
-                checkpoint=checkpoint,
-                checkpoint_every=every,
-            )
+                raise PackInterrupted(PACK_STOPPED) from None
         member = self.packer.train(cfg, checkpoint, every)
         if member.error is not None:
             raise member.error
@@ -256,7 +249,7 @@ class DiffusionObjective:
     def _checkpoint(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
         if self.checkpoints <= 0 or is_multi(trial):  # Optuna prunes single-objective studies
             return None, 0
-        every = max(1, cfg.steps // (self.checkpoints + 1))
+        every = checkpoint_every(cfg.steps, self.checkpoints)
         schedule = get_schedule(cfg.schedule, **cfg.schedule_params)
         # the encoder terms do not depend on the model: once per trial
         enc: dict[str, float] = {}

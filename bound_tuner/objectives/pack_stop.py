@@ -3,6 +3,9 @@ loop (``bound_tuner.execution.loop``) can tell it apart without loading torch.""
 
 from __future__ import annotations
 
+#: the message of a PackInterrupted
+PACK_STOPPED = "the pack was stopped: the worker is stopping"
+
 
 class PackInterrupted(Exception):
     """The worker is stopping (``PackCoordinator.abort``): this thread's trial ends as

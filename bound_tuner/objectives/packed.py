@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bound_tuner.evaluation.experiment import pack_terms
-from bound_tuner.objectives.pack_stop import PackInterrupted
+from bound_tuner.objectives.pack_stop import PACK_STOPPED, PackInterrupted
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.pack import PackMember, PackStopped, train_packed
 
@@ -116,7 +116,7 @@ class PackCoordinator:
             try:
                 while True:
                     if self.stop.is_set():
-                        raise PackInterrupted("the pack was stopped: the worker is stopping")
+                        raise PackInterrupted(PACK_STOPPED)
                     if slot.error is not None:
                         raise PackFailed(_first_line(slot.error)) from slot.error
                     if slot.result is not None:
@@ -145,8 +145,8 @@ class PackCoordinator:
             for (mem, _), t in zip(alive, terms or [], strict=False):
                 mem.terms = t
         except PackStopped:  # training's stop: ``abort`` set it
-            self._end(batch, PackInterrupted("the pack was stopped: the worker is stopping"))
-            raise PackInterrupted("the pack was stopped: the worker is stopping") from None
+            self._end(batch, PackInterrupted(PACK_STOPPED))
+            raise PackInterrupted(PACK_STOPPED) from None
         except Exception as e:  # this pack failed: its trials fail, the next pack trains
             self._end(batch, e)
             raise PackFailed(_first_line(e)) from e
