@@ -4,9 +4,7 @@ PostgreSQL cluster of the test's own (``pg_cluster``), stopped and started mid-s
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,11 +14,9 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 from pg_cluster import Cluster, available
-from worker_spec import write_worker_spec
+from worker_spec import start_cli, write_worker_spec
 
 from bound_tuner.execution.accounting import finished_count
-
-REPO = Path(__file__).parent.parent
 
 needs_initdb = pytest.mark.skipif(
     not available(), reason="initdb and pg_ctl (PostgreSQL's server programs) are not installed"
@@ -36,19 +32,6 @@ def cluster():
         yield c
     finally:
         c.destroy()
-
-
-def _start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"), "PYTHONUNBUFFERED": "1"}
-    env.pop("BOUND_TUNER_STORAGE", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "bound_tuner.cli", *argv, "--quiet"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _trials(url: str, name: str) -> list:
@@ -87,7 +70,7 @@ def test_two_workers_ride_out_a_database_restart(tmp_path, cluster):
     finished before keep their values, and none is left RUNNING."""
     name = "outage"
     spec = _spec(tmp_path, name, n_trials=8)
-    proc = _start(["run", str(spec), "--storage", cluster.url, "--workers", "2"], tmp_path)
+    proc = start_cli(["run", str(spec), "--storage", cluster.url, "--workers", "2"], tmp_path)
     before = {t.number: t.value for t in _wait_complete(cluster.url, name, 2, proc, 240)}
     cluster.restart_after(4.0)
     out, err = proc.communicate(timeout=400)
@@ -112,7 +95,7 @@ def test_an_outage_past_outage_seconds_ends_the_run_with_one_line(tmp_path, clus
     run ends with exit 1 and one line that names the bound and says how to resume."""
     name = "gone"
     spec = _spec(tmp_path, name, n_trials=50, outage=3)
-    proc = _start(["run", str(spec), "--storage", cluster.url], tmp_path)
+    proc = start_cli(["run", str(spec), "--storage", cluster.url], tmp_path)
     _wait_complete(cluster.url, name, 1, proc, 240)
     cluster.stop()
     try:

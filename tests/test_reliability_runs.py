@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
+from worker_spec import PG_URL, needs_pg, pg_storage, start_cli, write_worker_spec
 
 from bound_tuner.execution.accounting import WORKER_ATTR, finished_count
 from bound_tuner.execution.plan import RunOptions
@@ -29,23 +29,6 @@ HEARTBEAT = "[storage]\nheartbeat_interval = 1\ngrace_period = 2\n"
 
 def write_spec(path: Path, name: str, *, n_trials: int = 2, steps: int = 10) -> Path:
     return write_worker_spec(path, name, n_trials=n_trials, steps=steps, extra=HEARTBEAT)
-
-
-def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONFAULTHANDLER": "1",  # SIGABRT prints every thread's stack (``answer``)
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "bound_tuner.cli", *argv, "--quiet"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_running(name: str, url: str, n: int, proc: subprocess.Popen, timeout: float = 60):
@@ -92,7 +75,7 @@ def alive(pid: int) -> bool:
 def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command, sig):
     url = f"sqlite:///{tmp_path}/i.db"
     spec = write_spec(tmp_path / "s.toml", "intr", n_trials=2, steps=200_000)
-    proc = start([command, str(spec), "--storage", url], tmp_path)
+    proc = start_cli([command, str(spec), "--storage", url], tmp_path)
     (victim,) = wait_running("intr", url, 1, proc)
     proc.send_signal(sig)
     out, err = answer(proc, 60)
@@ -111,7 +94,7 @@ def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command
     # resume (short trials now, so the spec changed and must be allowed): the retry runs
     # first with the same parameters, then one more; both record what changed
     write_spec(spec, "intr", n_trials=2, steps=10)
-    proc = start(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
+    proc = start_cli(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     study = optuna.load_study(study_name="intr", storage=url)
@@ -127,7 +110,7 @@ def test_interrupted_trial_fails_as_interrupted_and_is_retried(tmp_path, command
 def test_killed_single_process_trial_is_failed_and_retried_on_resume(tmp_path):
     url = f"sqlite:///{tmp_path}/k.db"
     spec = write_spec(tmp_path / "s.toml", "kill", n_trials=2, steps=200_000)
-    proc = start(["run", str(spec), "--storage", url], tmp_path)
+    proc = start_cli(["run", str(spec), "--storage", url], tmp_path)
     (victim,) = wait_running("kill", url, 1, proc)
     proc.kill()
     proc.communicate()
@@ -136,7 +119,7 @@ def test_killed_single_process_trial_is_failed_and_retried_on_resume(tmp_path):
 
     write_spec(spec, "kill", n_trials=2, steps=10)
     began = time.monotonic()
-    proc = start(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
+    proc = start_cli(["run", str(spec), "--storage", url, "--allow-changed-spec"], tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     study = optuna.load_study(study_name="kill", storage=url)
@@ -153,7 +136,7 @@ def test_sigterm_to_the_pool_interrupts_every_worker_and_leaves_no_process(tmp_p
     name = f"rel-pool-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path / "s.toml", name, n_trials=4, steps=200_000)
     try:
-        proc = start(["run", str(spec), "--storage", PG_URL, "--workers", "2"], tmp_path)
+        proc = start_cli(["run", str(spec), "--storage", PG_URL, "--workers", "2"], tmp_path)
         running = wait_running(name, PG_URL, 2, proc, timeout=120)
         pids = {int(t.user_attrs[WORKER_ATTR].split(":")[1].split("/")[0]) for t in running}
         assert len(pids) == 2 and all(alive(p) for p in pids)
@@ -272,7 +255,7 @@ def test_a_run_started_with_sigint_ignored_still_answers_it(tmp_path):
     spec = write_spec(tmp_path / "s.toml", "ign", n_trials=2, steps=200_000)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child
     try:
-        proc = start(["run", str(spec), "--storage", url], tmp_path)
+        proc = start_cli(["run", str(spec), "--storage", url], tmp_path)
     finally:
         signal.signal(signal.SIGINT, previous)
     (victim,) = wait_running("ign", url, 1, proc)

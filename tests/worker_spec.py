@@ -4,11 +4,37 @@ Swiss-roll study they run (fractions of a second a trial at the default steps)."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PG_URL = os.environ.get("BOUND_TUNER_TEST_PG_URL")
+REPO = Path(__file__).parent.parent
+
+
+def start_cli(argv: list[str], tmp_path: Path) -> subprocess.Popen:
+    """``bound-tuner ARGV --quiet`` in a process of its own, its output piped: artifacts under
+    tmp_path, the storage only from ARGV, every thread's stack on SIGABRT
+    (PYTHONFAULTHANDLER; the reliability tests' ``answer``)."""
+    env = {
+        **os.environ,
+        "BOUND_TUNER_ARTIFACTS": str(tmp_path / "art"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
+    env.pop("BOUND_TUNER_STORAGE", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bound_tuner.cli", *argv, "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 _PG_STORAGE = []
 
 
