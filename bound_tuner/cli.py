@@ -33,7 +33,11 @@ from bound_tuner.execution.errors import TrialError, WorkerConfigError, WorkerEr
 from bound_tuner.execution.loop import run_worker
 from bound_tuner.execution.plan import RunOptions, check_device, thread_excepthook
 from bound_tuner.execution.pool import parse_gpus, run_workers
-from bound_tuner.execution.signals import install_sigterm_handler
+from bound_tuner.execution.signals import (
+    catch_lost_interrupts,
+    install_sigterm_handler,
+    restore_unraisable_hook,
+)
 from bound_tuner.maths.bounds.report import value_label
 from bound_tuner.storage.artifacts import (
     ArtifactError,
@@ -769,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
+    old_unraisable = catch_lost_interrupts()  # an interrupt met in a finalizer is raised later
     # the SIGINT handler it found, put back on return (main may run inside a longer process; an
     # ignored SIGINT would also pass on to every process it starts); main thread only
     main_thread = threading.current_thread() is threading.main_thread()
@@ -809,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         threading.excepthook = old_hook
+        restore_unraisable_hook(old_unraisable)
         ours.removeHandler(handler)
         ours.propagate = propagate
         if old_sigterm is not None:

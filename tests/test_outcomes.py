@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import signal
+import sys
+import time
 
 import optuna
 import pytest
@@ -17,7 +19,14 @@ from optuna.trial import TrialState
 from bound_tuner.execution.accounting import FailureStreak, finished_count
 from bound_tuner.execution.errors import TooManyFailures
 from bound_tuner.execution.loop import optimize_until
-from bound_tuner.execution.signals import INTERRUPTED, SignalGate, install_sigterm_handler
+from bound_tuner.execution.signals import (
+    INTERRUPTED,
+    Interrupted,
+    SignalGate,
+    catch_lost_interrupts,
+    install_sigterm_handler,
+    restore_unraisable_hook,
+)
 from bound_tuner.storage.database import make_storage
 
 
@@ -190,3 +199,48 @@ def test_the_gate_defers_a_signal_and_hands_it_to_the_handler_it_found(handlers)
     gate.forget()
     gate.release()  # forgotten: nothing happens
     assert _handlers() == handlers
+
+
+class _Finalized:
+    """An object whose finalizer is running when SIGTERM arrives (as a database connection's
+    is when the garbage collector frees it during a poll)."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_an_interrupt_raised_inside_a_finalizer_is_sent_again(handlers, capfd):
+    """Python cannot pass an exception out of a finalizer: SIGTERM's Interrupted would be
+    printed as "Exception ignored" and lost while a trial trains on. The signal is sent again
+    a moment later and stops the code that runs then."""
+    previous = catch_lost_interrupts()
+    try:
+        began = time.monotonic()
+        with pytest.raises(Interrupted):
+            obj = _Finalized()
+            del obj  # the handler raises Interrupted inside __del__
+            while time.monotonic() - began < 10:  # training goes on
+                sum(range(1000))
+        assert time.monotonic() - began < 5
+    finally:
+        restore_unraisable_hook(previous)
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_an_unraisable_error_that_is_not_an_interrupt_still_reaches_the_hook(handlers):
+    seen = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    previous = catch_lost_interrupts()
+    try:
+
+        class Broken:
+            def __del__(self) -> None:
+                raise ValueError("broken finalizer")
+
+        obj = Broken()
+        del obj
+    finally:
+        restore_unraisable_hook(previous)
+        sys.unraisablehook = old
+    assert [u.exc_type for u in seen] == [ValueError]

@@ -163,6 +163,25 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def fail_unclaimed(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials that name no worker, each with a retry queued; their numbers.
+
+    Call only under an exclusive study lock (``StudyLock.exclusive``): a worker writes its name
+    on a trial before it lets go of the lock, so a trial without one is a claim whose writes were
+    lost (the database went away between creating the trial and naming its worker). No heartbeat
+    was ever written for it and nothing else would end it. Its retry takes its place in the
+    count, as a stale trial's does."""
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR not in t.user_attrs:
+            study.tell(t.number, state=TrialState.FAIL)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                _retry(study, t)
+            lost.append(t.number)
+    return lost
+
+
 def nothing_left(study: optuna.Study, target: int) -> str | None:
     """The line that says a study already has ``target`` finished trials, else None."""
     done = finished_count(study)

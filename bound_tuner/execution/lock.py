@@ -38,6 +38,11 @@ class StudyLock:
         digest = hashlib.blake2b(f"bound_tuner:{study_name}".encode(), digest_size=8).digest()
         self._key = int.from_bytes(digest, "big", signed=True)
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether holding the lock keeps every other process of the study from claiming."""
+        return self._engine is not None
+
     @contextlib.contextmanager
     def __call__(self, *, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         if self._engine is None:

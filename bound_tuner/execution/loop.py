@@ -61,6 +61,7 @@ from bound_tuner.execution.accounting import (
     FailureStreak,
     TrialCounter,
     fail_stale,
+    fail_unclaimed,
     nothing_left,
     requeue_interrupted,
 )
@@ -77,7 +78,12 @@ from bound_tuner.execution.plan import (
     thread_excepthook,
     trial_target,
 )
-from bound_tuner.execution.signals import INTERRUPTED, SignalGate
+from bound_tuner.execution.signals import (
+    INTERRUPTED,
+    SignalGate,
+    catch_lost_interrupts,
+    restore_unraisable_hook,
+)
 from bound_tuner.objectives.pack_stop import PackInterrupted
 from bound_tuner.objectives.studies import SPEC_CHANGED_ATTR, spec_changes
 from bound_tuner.storage.database import (
@@ -489,6 +495,9 @@ def _one_pass(
                 held.enter_context(lock())
             gate.hold()  # from here until the objective starts: deferred
             fail_stale(study)
+            if getattr(lock, "exclusive", False):  # a StudyLock, or the packed threads' lock
+                for number in fail_unclaimed(study):
+                    _log.warning("trial %d: its claim was lost to the database; retried", number)
             tally = counter.count(study)
             if counter.requeue_interrupted(study):
                 tally = counter.count(study)
@@ -684,6 +693,7 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
     previous_hook = threading.excepthook
     # a heartbeat the database refused (an outage) is one line, not a thread's traceback
     threading.excepthook = thread_excepthook(previous_hook, storage)
+    previous_unraisable = catch_lost_interrupts()  # raised again by the loop's signal gate
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.config.spec)
@@ -701,6 +711,7 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
         return _one_line(e, storage)
     finally:
         threading.excepthook = previous_hook
+        restore_unraisable_hook(previous_unraisable)
         # an Optuna storage holds its database connections until the garbage collector frees it;
         # a Ray worker process runs many tasks, so free this task's before the next one
         gc.collect()

@@ -14,6 +14,11 @@ The protocol, in one place (``SignalGate``, used by the worker loop of
 * Nothing is ignored in a worker, and the handlers it found are put back on every path (a
   ``finally``). Only the main thread handles signals; elsewhere the gate does nothing.
 
+A signal's exception raised where Python cannot pass it on (a finalizer or weakref callback run
+by the garbage collector, for example a database connection's) would be printed as "Exception
+ignored" and lost, and the run would go on. ``catch_lost_interrupts`` (installed by the command
+line and by every worker) sends that signal again a moment later, when the callback is over.
+
 An executor that stops its workers after Ctrl-C (the pool, Ray) ignores a second one for the
 time it waits for them (``signals_ignored``, at most the stop's timeout), so that it does not
 leave workers behind.
@@ -22,7 +27,9 @@ leave workers behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +45,34 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
+
+
+REDELIVER_S = 0.05  # a signal lost in a finalizer is sent again this much later
+
+
+def catch_lost_interrupts() -> Any:
+    """Send again, shortly after, a signal whose KeyboardInterrupt was raised inside a finalizer
+    or a garbage-collector callback (where Python can only print it as "Exception ignored" and
+    drop it); other unraisable errors go to the hook found, which this returns (for
+    ``restore_unraisable_hook``)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        kind = unraisable.exc_type
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            signum = signal.SIGTERM if issubclass(kind, Interrupted) else signal.SIGINT
+            again = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    return previous
+
+
+def restore_unraisable_hook(previous: Any) -> None:
+    sys.unraisablehook = previous
 
 
 def _main_thread() -> bool:
@@ -88,7 +123,7 @@ class SignalGate:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def release(self) -> None:
-        """Put the handlers back and deliver a noted signal to them."""
+        """Put the handlers back and deliver a noted signal to them (or raise a lost one)."""
         self.close()
         signum, self.pending = self.pending, None
         if signum is not None and _main_thread():

@@ -188,6 +188,7 @@ class ThreadLock:
     def __init__(self, inner: Callable[[], Any]) -> None:
         self._inner = inner
         self._lock = threading.Lock()
+        self.exclusive = bool(getattr(inner, "exclusive", False))
 
     @contextlib.contextmanager
     def __call__(self, **kw: Any) -> Iterator[None]:
