@@ -10,13 +10,9 @@ import torch
 from bound_tuner import DiffusionObjective
 from bound_tuner.config.spec import SpecError
 from bound_tuner.data import load_dataset, swiss_roll
-from bound_tuner.evaluation.along_training import (
-    checkpoint_count,
-    checkpoint_every,
-    train_certified,
-    value_at,
-)
-from bound_tuner.evaluation.experiment import CURVE_ATTR, bound_report, run_diffusion
+from bound_tuner.evaluation.along_training import train_certified, value_at
+from bound_tuner.evaluation.checkpoints import CURVE_ATTR, checkpoint_count, checkpoint_every
+from bound_tuner.evaluation.experiment import bound_report, run_diffusion
 from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z
 from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.training.config import DiffusionConfig

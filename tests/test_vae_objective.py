@@ -18,6 +18,7 @@ from bound_tuner.dashboard.report import trials_json, trials_table
 from bound_tuner.data import load_dataset
 from bound_tuner.data.images import FASHION_MNIST_FILES
 from bound_tuner.data.split import DataSplit
+from bound_tuner.maths.bounds.kfold import checkpoint_z
 from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.objectives.factory import load_data
 from bound_tuner.objectives.vae import VAEConfig, VAEObjective
@@ -319,7 +320,10 @@ def test_vae_kfold_default_end_to_end(binary_images, vae_spec, tmp_path):
     info = ua["bound.train_nelbo"] + math.sqrt(2) * ua["bound.R"] * ua["bound.fold_info"]
     info += 1.6448536 * ua["bound.train_mc_se"]  # the estimate's Monte Carlo margin
     shift = ua["bound.train_nelbo"] - ua["bound.refs_train_nelbo"]  # eq. 2.10b
-    cv = max(ua["bound.cv_nelbo"] + shift + 2 * ua["bound.cv_se"], ua["bound.train_nelbo"])
+    # early stopping by default: the margin of the smallest of C = 2 checkpoints (eq. 2.12)
+    assert ua["bound.cv_z"] == pytest.approx(checkpoint_z(2))
+    z = ua["bound.cv_z"]
+    cv = max(ua["bound.cv_nelbo"] + shift + z * ua["bound.cv_se"], ua["bound.train_nelbo"])
     assert ua["bound.info_bound"] == pytest.approx(info)
     assert ua["bound.cv_bound"] == pytest.approx(cv)
     assert t.value == pytest.approx(cv)
@@ -328,7 +332,9 @@ def test_vae_kfold_default_end_to_end(binary_images, vae_spec, tmp_path):
     assert not any(k.startswith("bound.test") for k in ua)
     assert ua["config"]["variant"] == "elbo-kfold"
     table = trials_table(trials_json(study)).splitlines()
-    assert table[0].split()[:7] == ["#", "state", "beta", "lam", "latent", "bound", "upper95"]
+    # the kept epoch is shown as the step (certified early stopping)
+    head = ["#", "state", "beta", "lam", "latent", "step", "bound", "upper95"]
+    assert table[0].split()[:8] == head
 
 
 def test_vae_kfold_refuses_a_fixed_R(binary_images, vae_spec):

@@ -16,12 +16,17 @@ every step (Bonferroni, eq. 2.12), so the kept value is a certificate of the kep
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from bound_tuner.evaluation.checkpoints import (
+    Report,
+    checkpoint_count,
+    checkpoint_every,
+    state_copy,
+)
 from bound_tuner.evaluation.evaluate import draws_for, nelbo_terms
 from bound_tuner.maths.bounds.diffusion import certified_value
 from bound_tuner.maths.bounds.kfold import (
@@ -36,17 +41,6 @@ from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device, set_tf32
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.members import Members
 from bound_tuner.training.pack import train_packed
-
-#: whether a lockstep trial keeps its best checkpoint when its configuration does not say
-#: (``DiffusionConfig.early_stop`` None; docs/theory.md 7.3 gives the measurement behind it)
-DEFAULT_EARLY_STOP = True
-#: checkpoints before the last step when a study does not say (``[training] checkpoints``):
-#: C = 8 values along training; 4 lost to 8 with 32 points trained long (docs/theory.md 7.3)
-DEFAULT_CHECKPOINTS = 7
-
-#: ``report(step, value)``: called at every checkpoint with the value the trial would have if it
-#: ended there (the smallest so far with early stopping); it may raise (optuna.TrialPruned)
-Report = Callable[[int, float], None]
 
 
 @dataclass
@@ -65,20 +59,6 @@ class CertifiedTraining:
     step: int
     z: float
     curve: list[tuple[int, float]] = field(default_factory=list)
-
-
-def checkpoint_every(steps: int, checkpoints: int) -> int:
-    """Steps between two checkpoints: ``checkpoints`` evenly spaced before the last step
-    (0: none; the last step is always evaluated)."""
-    return max(1, steps // (checkpoints + 1)) if checkpoints > 0 else 0
-
-
-def checkpoint_count(steps: int, every: int) -> int:
-    """C, the number of steps whose value is computed: the multiples of ``every`` up to
-    ``steps``, and ``steps`` itself."""
-    if every <= 0:
-        return 1
-    return steps // every + (1 if steps % every else 0)
 
 
 def value_parts(
@@ -160,7 +140,7 @@ def train_certified(
         value = value_at(models[0], models[1:], x, schedule, folds, cfg, z=z)
         curve.append((step, value))
         if early_stop and value < kept["value"]:
-            kept.update(value=value, step=step, weights=[_weights(mod) for mod in models])
+            kept.update(value=value, step=step, weights=[state_copy(mod) for mod in models])
         for mod in models:
             mod.train()
         if report is not None:
@@ -194,8 +174,3 @@ def train_certified(
         z=z,
         curve=curve,
     )
-
-
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the model's state (on its device) to come back to."""
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bound_tuner.evaluation.along_training import DEFAULT_EARLY_STOP, Report, train_certified
+from bound_tuner.evaluation.along_training import train_certified
+from bound_tuner.evaluation.checkpoints import DEFAULT_EARLY_STOP, Report
 from bound_tuner.evaluation.evaluate import (
     BoundTerms,
     bound_terms_members,
@@ -27,9 +28,6 @@ from bound_tuner.runtime.device import DEFAULT_DEVICE
 from bound_tuner.training.config import DiffusionConfig, TrainFn, pack_refusal
 from bound_tuner.training.diffusion import train_fold_models, train_model, train_split_models
 from bound_tuner.training.members import Members
-
-#: the trial user attr of the value along training: [[step, value], ...] (docs/theory.md 2.12)
-CURVE_ATTR = "bound.along_training"
 
 
 @dataclass

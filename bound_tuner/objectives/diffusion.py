@@ -16,9 +16,14 @@ from bound_tuner.config.space import sample_diffusion_params
 from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, Param, SpecError, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
-from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS, checkpoint_every
+from bound_tuner.evaluation.checkpoints import (
+    CURVE_ATTR,
+    DEFAULT_CHECKPOINTS,
+    checkpoint_every,
+    early_stop_refusal,
+)
 from bound_tuner.evaluation.evaluate import diffusion_bound
-from bound_tuner.evaluation.experiment import CURVE_ATTR, lockstep, run_diffusion, score_model
+from bound_tuner.evaluation.experiment import lockstep, run_diffusion, score_model
 from bound_tuner.maths.bounds.diffusion import (
     ENCODER_VARIANTS,
     FOLD_VARIANTS,
@@ -27,7 +32,7 @@ from bound_tuner.maths.bounds.diffusion import (
 )
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models.factory import ModelFactory, check_output, factory_name, vmap_error
-from bound_tuner.objectives.outcome import TrialHook, unusable
+from bound_tuner.objectives.outcome import TrialHook, certified_reporter, unusable
 from bound_tuner.objectives.pack_stop import PACK_STOPPED, PackInterrupted
 from bound_tuner.objectives.packed import PackCoordinator
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
@@ -92,10 +97,7 @@ class DiffusionObjective:
             self.base = replace(self.base, model=model)
         self.search = parse_search(search, model="diffusion", schedule=self.base.schedule)
         if self.base.early_stop and self.base.variant not in FOLD_VARIANTS:
-            raise SpecError(
-                f'[bound] early_stop = true needs variant = "elbo-kfold" (its references certify '
-                f"each checkpoint), not {self.base.variant!r}; remove early_stop or the variant"
-            )
+            raise SpecError(early_stop_refusal(self.base.variant))
         build: dict[str, Any] = {"shape": list(self.data.train.shape[1:])}
         if self.base.model is not None:
             build["factory"] = factory_name(self.base.model)
@@ -180,7 +182,7 @@ class DiffusionObjective:
                     checkpoint=checkpoint,
                     checkpoint_every=every,
                     checkpoints=self.checkpoints,
-                    report=self._reporter(trial),
+                    report=certified_reporter(trial),
                     # in a packed worker, the coordinator's stop ends this thread's training too
                     stop=None if self.packer is None else self.packer.stop,
                 )
@@ -228,23 +230,6 @@ class DiffusionObjective:
         if self.keeper is not None:
             self.keeper(trial, res.model, report.total)
         return report.total
-
-    def _reporter(self, trial: optuna.Trial):
-        """``report(step, value)`` of a lockstep trial (docs/theory.md 2.12): the value the trial
-        would have if it ended at this step goes to ``trial.report``, so the pruner and the
-        dashboard's intermediate values follow what the study optimizes; None where Optuna
-        cannot prune (several objectives)."""
-        if is_multi(trial):
-            return None
-
-        def report(step: int, value: float) -> None:
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the certified value became {value} at step {step}")
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step} with value {value:.4f}")
-
-        return report
 
     def _checkpoint(self, trial: optuna.Trial, cfg: DiffusionConfig, x: torch.Tensor):
         if self.checkpoints <= 0 or is_multi(trial):  # Optuna prunes single-objective studies

@@ -7,6 +7,7 @@ from bound_tuner.config.settings import config_kwargs
 from bound_tuner.config.spec import SpecError, StudySpec
 from bound_tuner.data import load_dataset
 from bound_tuner.data.split import DataSplit
+from bound_tuner.evaluation.checkpoints import DEFAULT_CHECKPOINTS
 from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, FOLD_VARIANTS
 from bound_tuner.maths.bounds.kfold import folds_for
 from bound_tuner.objectives.vae import VAEObjective
@@ -107,7 +108,6 @@ def build_objective(
         artifact_store = getattr(on_result, "artifact_store", None)
     if spec.model == "diffusion":
         # scipy only when an objective is built
-        from bound_tuner.evaluation.along_training import DEFAULT_CHECKPOINTS
         from bound_tuner.objectives.diffusion import DiffusionObjective
 
         if spec.factory is None:  # a [model] factory reads width, layers, channels as it likes

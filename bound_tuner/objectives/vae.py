@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -17,6 +18,13 @@ from bound_tuner.config.space import suggest
 from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, SpecError, StudySpec, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
+from bound_tuner.evaluation.checkpoints import (
+    CURVE_ATTR,
+    DEFAULT_CHECKPOINTS,
+    DEFAULT_EARLY_STOP,
+    early_stop_refusal,
+)
+from bound_tuner.evaluation.vae_along_training import CertifiedVAE, train_vae_certified
 from bound_tuner.maths.bounds.diffusion import R_SOURCES
 from bound_tuner.maths.bounds.kfold import fold_assignment, folds_for
 from bound_tuner.maths.bounds.report import BoundReport
@@ -29,11 +37,11 @@ from bound_tuner.maths.bounds.vae import (
     vae_kfold_bound,
 )
 from bound_tuner.models.vae import MLPVAE, ConvVAE
-from bound_tuner.objectives.outcome import TrialHook, unusable
+from bound_tuner.objectives.outcome import TrialHook, certified_reporter, unusable
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
 from bound_tuner.runtime.seeding import seed_everything, trial_seed
 from bound_tuner.storage.artifacts import ModelKeeper
-from bound_tuner.training.vae import train_fold_vaes, train_vae
+from bound_tuner.training.vae import train_vae
 
 VAE_ARCHS = ("mlp", "conv")
 
@@ -55,8 +63,8 @@ class VAEConfig:
 
     ``variant`` is the bound a trial returns: "elbo-kfold" (docs/theory.md 5.4, the default: a
     bound on the population NELBO from ``folds`` K-fold reference VAEs, None: 5, fewer below 10
-    points) or "paper" ((5.2) with ``R`` or ``r``; its per-epoch form is what pruners see in
-    both). ``lam`` weighs the bound-regularizer of ``bound_tuner.training.vae`` (0: plain training),
+    points; pruners see its value at checkpoints, and ``early_stop`` keeps the best one, docs/
+    theory.md 2.12) or "paper" ((5.2) with ``R`` or ``r``, reported every epoch). ``lam`` weighs the bound-regularizer of ``bound_tuner.training.vae`` (0: plain training),
     ``R`` the (5.2) bound's sub-Gaussian scale (docs/theory.md section 5.1: a number, "data" or
     "estimate"; None: the paper's form with ``r``, R = (1 + r)/sqrt(2)), ``r`` the paper's r (also
     the regularizer's weight 1 + r), ``mc_samples`` the draws of z per point in each bound
@@ -75,6 +83,9 @@ class VAEConfig:
     mc_samples: int = 1
     variant: str = DEFAULT_VAE_VARIANT
     folds: int | None = None
+    # "elbo-kfold": keep the checkpoint epoch with the smallest certified value and its weights
+    # (docs/theory.md 2.12); None: checkpoints.DEFAULT_EARLY_STOP
+    early_stop: bool | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,15 +122,23 @@ class VAEObjective:
 
     Each trial samples beta, lam, latent, lr (and epochs, batch_size, arch where the search space
     has them), trains the VAE on REC + beta KLD + lam S (docs/theory.md section 6, ``train_vae``) and
-    returns the bound REC + (1 + r) sqrt(KLD) + (1 + r) sqrt(MI / m) on all m training points.
+    returns its bound on all m training points: with "elbo-kfold" (the default) the K-fold bound
+    of eq. 5.4, its K references trained in lockstep with the model
+    (``evaluation.vae_along_training``); with "paper" REC + (1 + r) sqrt(KLD) + (1 + r)
+    sqrt(MI / m) (5.2).
 
-    After every epoch it evaluates the bound on the training set (on ``bound_subset`` points
-    only, if set), keeps the terms in the user attr ``epoch_terms`` (one dict per epoch: epoch,
-    total, rec, kld, mi, encoder_only_bound; in validation mode also heldout_loss and
-    test_neg_elbo on the test set) and reports the total to the pruner with
-    ``trial.report(total, epoch)``. The final report's terms go to ``bound.*`` user attrs, the
-    held-out metrics of validation mode to ``heldout.*``; neither test number ever feeds the
-    value. A non-finite loss or bound fails the trial with ``fail_reason``.
+    After every epoch it evaluates the (5.2) bound on the training set (on ``bound_subset``
+    points only, if set) and keeps the terms in the user attr ``epoch_terms`` (one dict per
+    epoch: epoch, total, rec, kld, mi, encoder_only_bound; in validation mode also heldout_loss
+    and test_neg_elbo on the test set). With "paper" it reports that total to the pruner
+    (``trial.report(total, epoch)``); with "elbo-kfold" the pruner gets the value of eq. 5.4 at
+    ``checkpoints`` evenly spaced epochs and the last (the smallest so far with early stopping,
+    ``VAEConfig.early_stop``, which keeps the weights of the epoch of the smallest value;
+    docs/theory.md 2.12), recorded as ``bound.along_training`` ([epoch, value] pairs) with
+    ``bound.step`` (the kept epoch), ``bound.steps_trained`` and ``bound.cv_z``. The final
+    report's terms go to ``bound.*`` user attrs, the held-out metrics of validation mode to
+    ``heldout.*``; neither test number ever feeds the value. A non-finite loss or bound fails
+    the trial with ``fail_reason``.
 
     Args:
         data: training points [m, d] or images [m, 1, H, W] in [0, 1] (binarized, or grey with
@@ -143,6 +162,8 @@ class VAEObjective:
         artifact_store: an Optuna artifact store; every complete trial among the best
             ``keep_models`` uploads its weights there (``bound_tuner.storage.artifacts``). None: none.
         keep_models: how many of the best trials keep their weights (None: all).
+        checkpoints: epochs before the last one at which "elbo-kfold" computes and reports its
+            value (evenly spaced, ``checkpoints.checkpoint_every``; 0: the last only).
 
     ``data`` are prepared for a VAE first (``bound_tuner.data.prepare_for``: images flattened).
     """
@@ -164,6 +185,7 @@ class VAEObjective:
         eval_batch_size: int = 1024,
         artifact_store: Any | None = None,
         keep_models: int | None = DEFAULT_KEEP_MODELS,
+        checkpoints: int = DEFAULT_CHECKPOINTS,
     ) -> None:
         data = prepare_for(data, "vae")
         self.data = data
@@ -179,6 +201,7 @@ class VAEObjective:
         self.hidden = tuple(hidden)
         self.conv_width = conv_width
         self.eval_batch_size = eval_batch_size
+        self.checkpoints = checkpoints
         self.m = int(data.train.shape[0])
         self.input_dim = int(data.train[0].numel())
         self._check_space()
@@ -234,6 +257,7 @@ class VAEObjective:
                 on_result=on_result,
                 artifact_store=artifact_store,
                 keep_models=spec.keep_models,
+                checkpoints=spec.training.get("checkpoints", DEFAULT_CHECKPOINTS),
             )
         except SpecError as e:
             raise SpecError(f"{spec.path}: {e}") from None
@@ -258,6 +282,8 @@ class VAEObjective:
             raise SpecError(f"bound.r = {b.r} must be a finite number >= 0")
         if b.variant not in VAE_VARIANTS:
             raise SpecError(f"bound.variant = {b.variant!r}; choose from {VAE_VARIANTS}")
+        if b.early_stop and b.variant != "elbo-kfold":
+            raise SpecError(early_stop_refusal(b.variant))
         if b.variant == "elbo-kfold":
             if b.R is not None:
                 raise SpecError(
@@ -298,6 +324,9 @@ class VAEObjective:
         start = time.perf_counter()
         prune = not is_multi(trial)  # Optuna prunes single-objective studies only
         cfg = self.config_for(trial)
+        # "elbo-kfold": the references train beside the model and its checkpoints report the
+        # certified value (docs/theory.md 2.12) instead of the per-epoch (5.2)
+        certified = cfg.variant == "elbo-kfold"
         trial.set_user_attr("config", {**cfg.to_dict(), "bound_subset": self.bound_subset})
         seed_everything(cfg.seed)
         model = self.build_model(cfg).to(self.device)
@@ -328,28 +357,31 @@ class VAEObjective:
             if not math.isfinite(row["total"]):
                 raise FloatingPointError(f"bound is {row['total']} at epoch {epoch}")
             last[:] = [rep]
-            if not prune:
+            if not prune or certified:
                 return
             trial.report(row["total"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} with bound {row['total']:.4f}")
 
+        run = None
         try:
-            history = train_vae(
-                model,
-                self.data.train,
-                **cfg.training(),
-                dynamic_binarize=self.dynamic_binarize,
-                device=self.device,
-                callback=on_epoch,
-                decoder0=decoder0,
-            )
-            if cfg.variant == "elbo-kfold":
-                full = self._kfold_bound(cfg, model, test)
-            elif self.bound_subset is None and last and len(rows) == cfg.epochs:
-                full = last[0]  # the last epoch's bound is already on all m points
+            if certified:
+                run = self._train_certified(cfg, model, trial, on_epoch)
+                history, full = run.history, self._kfold_bound(run, test)
             else:
-                full = bound_on(self.data.train, model)
+                history = train_vae(
+                    model,
+                    self.data.train,
+                    **cfg.training(),
+                    dynamic_binarize=self.dynamic_binarize,
+                    device=self.device,
+                    callback=on_epoch,
+                    decoder0=decoder0,
+                )
+                if self.bound_subset is None and last and len(rows) == cfg.epochs:
+                    full = last[0]  # the last epoch's bound is already on all m points
+                else:
+                    full = bound_on(self.data.train, model)
         except FloatingPointError as e:
             trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
             return math.nan  # Optuna records a NaN value as a failed trial; the study goes on
@@ -362,6 +394,8 @@ class VAEObjective:
             trial.set_user_attr(key, value)
         for key, value in heldout.items():
             trial.set_user_attr(f"heldout.{key}", value)
+        if run is not None:
+            trial.set_user_attr(CURVE_ATTR, [[epoch, value] for epoch, value in run.curve])
         record_cost(trial, model, time.perf_counter() - start)
         reason = unusable(report)
         if reason is not None:
@@ -373,30 +407,47 @@ class VAEObjective:
             self.keeper(trial, model, report.total)
         return report.total
 
-    def _kfold_bound(
-        self, cfg: VAEConfig, model: nn.Module, test: torch.Tensor | None
-    ) -> BoundReport:
-        """Train the K reference VAEs and compute the bound (5.4); folds and evaluation draws
-        come from the study's seed, the same for every trial (common random numbers)."""
+    def _train_certified(
+        self,
+        cfg: VAEConfig,
+        model: nn.Module,
+        trial: optuna.Trial,
+        on_epoch: Callable[[int, nn.Module], None],
+    ) -> CertifiedVAE:
+        """Train the model and its K reference VAEs in lockstep (docs/theory.md 2.12, 5.4), the
+        value at the ``checkpoints`` epochs going to the pruner; folds and evaluation draws come
+        from the study's seed, the same for every trial (common random numbers)."""
         k = folds_for(self.m, cfg.folds)
-        folds = fold_assignment(self.m, k, seed=self.study_seed)
-        refs = train_fold_vaes(
+        return train_vae_certified(
+            model,
             lambda: self.build_model(cfg).to(self.device),
             self.data.train,
-            folds,
+            fold_assignment(self.m, k, seed=self.study_seed),
             **cfg.training(),
+            checkpoints=self.checkpoints,
+            early_stop=DEFAULT_EARLY_STOP if cfg.early_stop is None else cfg.early_stop,
+            eval_seed=self.study_seed,
+            eval_batch_size=self.eval_batch_size,
+            report=certified_reporter(trial),
+            callback=on_epoch,
             dynamic_binarize=self.dynamic_binarize,
             device=self.device,
         )
-        return vae_kfold_bound(
-            model,
-            refs,
+
+    def _kfold_bound(self, run: CertifiedVAE, test: torch.Tensor | None) -> BoundReport:
+        """The bound (5.4) of the kept epoch's model and references, with its margin z."""
+        report = vae_kfold_bound(
+            run.model,
+            run.references,
             self.data.train,
-            folds,
+            run.folds,
             test_x=test,
             seed=self.study_seed,
             batch_size=self.eval_batch_size,
+            z=run.z,
         )
+        report.extras.update(step=run.epoch, steps_trained=run.epochs_trained)
+        return report
 
     def _epoch_row(self, epoch: int, rep: BoundReport) -> dict[str, float]:
         """One entry of ``epoch_terms``; the MI term divides by the full m (see bound_subset)."""

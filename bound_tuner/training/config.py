@@ -50,7 +50,7 @@ class DiffusionConfig:
     # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9); None: bounds.kfold.folds_for
     folds: int | None = None
     # "elbo-kfold": keep the checkpoint with the smallest certified value and its weights
-    # (certified early stopping, docs/theory.md 2.12); None: along_training.DEFAULT_EARLY_STOP
+    # (certified early stopping, docs/theory.md 2.12); None: checkpoints.DEFAULT_EARLY_STOP
     early_stop: bool | None = None
     # a trial whose generated samples reach this many times the data's largest norm at N steps
     # fails: its generator diverged (docs/theory.md 2.11)

@@ -21,7 +21,7 @@ device, seeded with ``seed``; the model's initial weights are the caller's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,7 +31,13 @@ from bound_tuner.data.images import binarize_batch
 from bound_tuner.maths.bounds.vae import vae_batch_terms
 from bound_tuner.maths.draws import generator_for
 
-__all__ = ["complexity_surrogate", "train_fold_vaes", "train_vae"]
+__all__ = [
+    "complexity_surrogate",
+    "train_fold_vaes",
+    "train_vae",
+    "train_vaes_lockstep",
+    "vae_epochs",
+]
 
 _SQRT_FLOOR = 1e-6
 
@@ -47,7 +53,7 @@ def complexity_surrogate(
     return (1.0 + r) * (_soft_sqrt(kld.mean()) + _soft_sqrt(mi.mean().clamp(min=0.0) / m))
 
 
-def train_vae(
+def vae_epochs(
     model: nn.Module,
     train_x: torch.Tensor,
     *,
@@ -60,22 +66,11 @@ def train_vae(
     seed: int = 0,
     dynamic_binarize: bool = False,
     device: str | torch.device | None = None,
-    callback: Callable[[int, nn.Module], None] | None = None,
     progress: bool = False,
     decoder0: nn.Module | None = None,
-) -> list[dict[str, float]]:
-    """Train ``model`` in place with Adam on REC + beta KLD (+ lam S); see the module docstring.
-
-    ``device`` defaults to the device of the model's parameters (the model is not moved);
-    ``train_x`` goes there. ``decoder0`` defaults to ``model.initial_decoder()`` (needed only
-    when lam > 0).
-    ``dynamic_binarize`` draws x ~ Bernoulli(x) for every batch (grey images in [0, 1]).
-    ``callback(epoch, model)`` runs after each epoch (epoch counts from 1); it may evaluate the
-    bound or raise to stop (an Optuna pruner, for example), and the exception propagates.
-    Returns one dict per epoch with the batch means of loss, rec, kld, mi (nan when lam = 0) and
-    surrogate. Raises FloatingPointError at the end of the first epoch whose loss was not finite
-    at some step (checked on the device, one host sync per epoch), naming the first such step.
-    """
+) -> Iterator[dict[str, float]]:
+    """``train_vae`` one epoch at a time: each ``next`` trains one more epoch of ``model`` in
+    place and yields its row (see ``train_vae``; the settings are checked at the first)."""
     if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or lam < 0 or r < 0:
         raise ValueError(
             f"need epochs >= 0, batch_size >= 1, lr > 0, beta >= 0, lam >= 0, r >= 0; got "
@@ -97,7 +92,6 @@ def train_vae(
         decoder0 = None
     g = generator_for(device, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history: list[dict[str, float]] = []
     bar = tqdm(range(1, epochs + 1), desc="vae", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -142,10 +136,58 @@ def train_vae(
         means = (sums / max(n_batches, 1)).cpu().tolist()
         row = dict(zip(("loss", "rec", "kld", "mi", "surrogate"), means, strict=True))
         row["epoch"] = float(epoch)
-        history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
+        yield row
+
+
+def train_vae(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    beta: float = 1.0,
+    lam: float = 0.0,
+    r: float = 1.0,
+    seed: int = 0,
+    dynamic_binarize: bool = False,
+    device: str | torch.device | None = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
+    progress: bool = False,
+    decoder0: nn.Module | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place with Adam on REC + beta KLD (+ lam S); see the module docstring.
+
+    ``device`` defaults to the device of the model's parameters (the model is not moved);
+    ``train_x`` goes there. ``decoder0`` defaults to ``model.initial_decoder()`` (needed only
+    when lam > 0).
+    ``dynamic_binarize`` draws x ~ Bernoulli(x) for every batch (grey images in [0, 1]).
+    ``callback(epoch, model)`` runs after each epoch (epoch counts from 1); it may evaluate the
+    bound or raise to stop (an Optuna pruner, for example), and the exception propagates.
+    Returns one dict per epoch with the batch means of loss, rec, kld, mi (nan when lam = 0) and
+    surrogate. Raises FloatingPointError at the end of the first epoch whose loss was not finite
+    at some step (checked on the device, one host sync per epoch), naming the first such step.
+    """
+    history: list[dict[str, float]] = []
+    for row in vae_epochs(
+        model,
+        train_x,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        beta=beta,
+        lam=lam,
+        r=r,
+        seed=seed,
+        dynamic_binarize=dynamic_binarize,
+        device=device,
+        progress=progress,
+        decoder0=decoder0,
+    ):
+        history.append(row)
         if callback is not None:
-            callback(epoch, model)
+            callback(int(row["epoch"]), model)
     return history
 
 
@@ -169,3 +211,27 @@ def train_fold_vaes(
         train_vae(ref, train_x[rows], seed=seed, **train_kwargs)
         refs.append(ref)
     return refs
+
+
+def train_vaes_lockstep(
+    models: list[nn.Module],
+    xs: list[torch.Tensor],
+    *,
+    epochs: int,
+    callback: Callable[[int, list[nn.Module]], None] | None = None,
+    **train_kwargs,
+) -> list[list[dict[str, float]]]:
+    """Train ``models[j]`` on ``xs[j]`` with the same settings (``train_vae``'s keywords), one
+    epoch of each in turn (docs/theory.md 2.12): each model has its own generator and optimizer,
+    so every one ends as ``train_vae`` alone leaves it. ``callback(epoch, models)`` runs after
+    each epoch of all of them and may raise to stop. Returns each model's rows."""
+    runs = [
+        vae_epochs(mod, x, epochs=epochs, **train_kwargs) for mod, x in zip(models, xs, strict=True)
+    ]
+    histories: list[list[dict[str, float]]] = [[] for _ in models]
+    for epoch in range(1, epochs + 1):
+        for run, history in zip(runs, histories, strict=True):
+            history.append(next(run))
+        if callback is not None:
+            callback(epoch, models)
+    return histories

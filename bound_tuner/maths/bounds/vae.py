@@ -28,6 +28,7 @@ from torch import nn
 
 from bound_tuner.maths.bounds.diffusion import R_SOURCES, assemble_kfold_bound, estimate_R
 from bound_tuner.maths.bounds.kfold import (
+    CV_Z,
     cross_fitted,
     cv_summary,
     fold_info,
@@ -416,6 +417,7 @@ def vae_kfold_bound(
     prior_draws: int = PRIOR_DRAWS,
     seed: int = 0,
     batch_size: int = 1024,
+    z: float = CV_Z,
 ) -> BoundReport:
     """The VAE's "elbo-kfold" bound on its population NELBO (docs/theory.md eq. 5.4):
 
@@ -427,7 +429,8 @@ def vae_kfold_bound(
     ``prior_draws`` prior draws, for C_fold = (1/m) sum_k sqrt(n_k KL_k). R_cv is the
     sub-Gaussian scale of the cross-fitted NELBOs (eq. 2.11a). Every NELBO pass uses the same
     ``seed`` (common random numbers); the test pass, when ``test_x`` is given, fills the held-out
-    extras (test_neg_elbo, test_rec, test_kld, heldout_loss), which are never part of the total."""
+    extras (test_neg_elbo, test_rec, test_kld, heldout_loss), which are never part of the total.
+    ``z`` replaces the 2 of the margin when the epoch was chosen among C checkpoints (eq. 2.12)."""
     K = len(references)
     m = int(train_x.shape[0])
     if folds.shape != (m,) or K < 2 or int(folds.max()) != K - 1:
@@ -454,8 +457,8 @@ def vae_kfold_bound(
         )
     cv = cv_summary(cross_fitted(per_ref, folds), cross_fitted(ref_var, folds))
     latent = int(model.latent)
-    z = torch.randn(prior_draws, latent, generator=torch.Generator().manual_seed(seed))
-    kls = [decoder_kl(model, ref, z) for ref in references]
+    prior_z = torch.randn(prior_draws, latent, generator=torch.Generator().manual_seed(seed))
+    kls = [decoder_kl(model, ref, prior_z) for ref in references]
     sizes = fold_sizes(folds, K)
     c_fold = fold_info(kls, sizes)
     train_nelbo = float(nelbo.mean())
@@ -482,6 +485,7 @@ def vae_kfold_bound(
         m=m,
         train_mc_se=train_mc_se,
         refs_train_nelbo=refs_fit,
+        z=z,
         settings=settings,
         kind="vae",
     )
