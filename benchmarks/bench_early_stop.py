@@ -141,15 +141,20 @@ def tpe_regret(models: list[dict], oracle: float, *, seeds: int = TPE_SEEDS) -> 
     return statistics.mean(out)
 
 
+def by_case(rows: list[dict]) -> list[tuple[str, dict[str, list[dict]]]]:
+    """The rows of each case (sorted), by problem."""
+    cases: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        cases.setdefault(r["case"], {}).setdefault(r["group"], []).append(r)
+    return sorted(cases.items())
+
+
 def summarize(rows: list[dict]) -> tuple[str, dict]:
     """Per case: the regret of each pick and the value's validity; the table and the numbers."""
     from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z
 
-    by_case: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        by_case.setdefault(r["case"], {}).setdefault(r["group"], []).append(r)
     lines, summary = [], {}
-    for case, groups in sorted(by_case.items()):
+    for case, groups in by_case(rows):
         acc: dict[str, list[float]] = {}
         valid_all, valid_kept, n_pairs, valid_z2 = 0, 0, 0, 0
         for models in groups.values():
@@ -220,21 +225,54 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def add_run_args(ap: argparse.ArgumentParser, *, jobs: int) -> None:
+    """The options of a run: problems, processes, the JSON file of rows."""
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seed-offset", type=int, default=120, help="fresh problems")
+    ap.add_argument("--jobs", type=int, default=jobs)
+    ap.add_argument("--out", default=None, help="JSON file of every row (appended to)")
+    ap.add_argument("--summarize", default=None, help="only summarize this JSON file")
+
+
+def saved_rows(path: str | None) -> list[dict]:
+    """The rows of a JSON file of a run (none where it does not exist yet)."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def run_resumable(tasks: list[Task], run, *, keys, out: str | None, jobs: int, meta: dict):
+    """The rows of ``run`` over ``tasks`` (each row's "config" holds the task's ``keys``): the
+    rows saved in ``out`` first, then those of the tasks not in it, in ``jobs`` processes, saved
+    as they come (with ``meta``), so that an interrupted run resumes."""
+    from tqdm import tqdm
+
+    rows = saved_rows(out)
+    done = {(r["group"], json.dumps(r["config"], sort_keys=True)) for r in rows}
+
+    def key(t: Task):
+        return (t.group, json.dumps({k: t.cfg[k] for k in keys}, sort_keys=True))
+
+    todo = [t for t in tasks if key(t) not in done]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for row in tqdm(pool.map(run, todo), total=len(todo), desc="models"):
+            rows.append(row)
+            if out:
+                with open(out, "w") as f:
+                    json.dump({**meta, "rows": rows}, f)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="c,x", help="2-D cases of bench_selection: a,b,c,d,x")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--seed-offset", type=int, default=120, help="fresh problems")
     ap.add_argument("--memo-steps", type=int, default=8000, help="steps of cases c and x")
     ap.add_argument("--configs", type=int, default=16, help="configurations of case b")
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", default=None, help="JSON file of every row (appended to)")
-    ap.add_argument("--summarize", default=None, help="only summarize this JSON file")
+    add_run_args(ap, jobs=2)
     args = ap.parse_args(argv)
     if args.summarize:
-        with open(args.summarize) as f:
-            rows = json.load(f)["rows"]
-        print(summarize(rows)[0])
+        print(summarize(saved_rows(args.summarize))[0])
         return 0
     cases = args.cases.replace(",", "")
     tasks = [
@@ -249,25 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if t.case in "abcdx"
     ]
-    from tqdm import tqdm
-
-    rows = []
-    if args.out and os.path.exists(args.out):
-        with open(args.out) as f:
-            rows = json.load(f)["rows"]
-    done = {(r["group"], json.dumps(r["config"], sort_keys=True)) for r in rows}
-
-    def key(t: Task):
-        c = {k_: t.cfg[k_] for k_ in ("T", "schedule", "lr", "lam", "steps", "seed")}
-        return (t.group, json.dumps(c, sort_keys=True))
-
-    todo = [t for t in tasks if key(t) not in done]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for row in tqdm(pool.map(run_task, todo), total=len(todo), desc="models"):
-            rows.append(row)
-            if args.out:  # saved as it goes: an interrupted run resumes
-                with open(args.out, "w") as f:
-                    json.dump({"checkpoints": CHECKPOINTS, "rows": rows}, f)
+    rows = run_resumable(
+        tasks,
+        run_task,
+        keys=("T", "schedule", "lr", "lam", "steps", "seed"),
+        out=args.out,
+        jobs=args.jobs,
+        meta={"checkpoints": CHECKPOINTS},
+    )
     text, _ = summarize(rows)
     print(text)
     return 0

@@ -271,21 +271,13 @@ def vae_tasks(cases: str, seeds: int, *, seed_offset: int = 0, configs: int = 16
     return tasks
 
 
-def run_vae_task(task: Task) -> dict:
-    """Train one VAE (``train_vae``) and compute its bound terms and held-out -ELBO."""
-    import torch
-
+def vae_split(task: Task):
+    """The data of a VAE task as a VAE study sees them (binarized once, flattened), loaded once
+    per process."""
     from bound_tuner.data import load_dataset
-    from bound_tuner.maths.bounds.kfold import fold_assignment
-    from bound_tuner.maths.bounds.vae import reference_vae_R, vae_bound, vae_kfold_bound
-    from bound_tuner.models.vae import MLPVAE
-    from bound_tuner.objectives.vae import VAEConfig
-    from bound_tuner.runtime.seeding import seed_everything
-    from bound_tuner.training.vae import train_fold_vaes, train_vae
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     key = ("vae", task.data, task.m, task.data_seed, task.test_size)
-    if key not in _DATA:  # the data as a VAE study sees them (binarized once, flattened)
+    if key not in _DATA:
         _DATA[key] = load_dataset(
             task.data,
             m=task.m,
@@ -294,7 +286,22 @@ def run_vae_task(task: Task) -> dict:
             binarize="fixed",
             model="vae",
         )
-    split = _DATA[key]
+    return _DATA[key]
+
+
+def run_vae_task(task: Task) -> dict:
+    """Train one VAE (``train_vae``) and compute its bound terms and held-out -ELBO."""
+    import torch
+
+    from bound_tuner.maths.bounds.kfold import fold_assignment
+    from bound_tuner.maths.bounds.vae import reference_vae_R, vae_bound, vae_kfold_bound
+    from bound_tuner.models.vae import MLPVAE
+    from bound_tuner.objectives.vae import VAEConfig
+    from bound_tuner.runtime.seeding import seed_everything
+    from bound_tuner.training.vae import train_fold_vaes, train_vae
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    split = vae_split(task)
     cfg = VAEConfig(**task.cfg)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,13 @@ def vae_epochs(
     decoder0: nn.Module | None = None,
 ) -> Iterator[dict[str, float]]:
     """``train_vae`` one epoch at a time: each ``next`` trains one more epoch of ``model`` in
-    place and yields its row (see ``train_vae``; the settings are checked at the first)."""
+    place and yields its row (see ``train_vae``; the settings are checked at the first).
+
+    ``device`` defaults to the device of the model's parameters (the model is not moved);
+    ``train_x`` goes there. ``decoder0`` defaults to ``model.initial_decoder()`` (needed only
+    when lam > 0). ``dynamic_binarize`` draws x ~ Bernoulli(x) for every batch (grey images in
+    [0, 1]).
+    """
     if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or lam < 0 or r < 0:
         raise ValueError(
             f"need epochs >= 0, batch_size >= 1, lr > 0, beta >= 0, lam >= 0, r >= 0; got "
@@ -144,25 +151,11 @@ def train_vae(
     model: nn.Module,
     train_x: torch.Tensor,
     *,
-    epochs: int,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    beta: float = 1.0,
-    lam: float = 0.0,
-    r: float = 1.0,
-    seed: int = 0,
-    dynamic_binarize: bool = False,
-    device: str | torch.device | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
-    progress: bool = False,
-    decoder0: nn.Module | None = None,
+    **settings: Any,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place with Adam on REC + beta KLD (+ lam S); see the module docstring.
-
-    ``device`` defaults to the device of the model's parameters (the model is not moved);
-    ``train_x`` goes there. ``decoder0`` defaults to ``model.initial_decoder()`` (needed only
-    when lam > 0).
-    ``dynamic_binarize`` draws x ~ Bernoulli(x) for every batch (grey images in [0, 1]).
+    """Train ``model`` in place with Adam on REC + beta KLD (+ lam S) for ``epochs``; the
+    settings are the keywords of ``vae_epochs`` (see the module docstring).
     ``callback(epoch, model)`` runs after each epoch (epoch counts from 1); it may evaluate the
     bound or raise to stop (an Optuna pruner, for example), and the exception propagates.
     Returns one dict per epoch with the batch means of loss, rec, kld, mi (nan when lam = 0) and
@@ -170,21 +163,7 @@ def train_vae(
     at some step (checked on the device, one host sync per epoch), naming the first such step.
     """
     history: list[dict[str, float]] = []
-    for row in vae_epochs(
-        model,
-        train_x,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        beta=beta,
-        lam=lam,
-        r=r,
-        seed=seed,
-        dynamic_binarize=dynamic_binarize,
-        device=device,
-        progress=progress,
-        decoder0=decoder0,
-    ):
+    for row in vae_epochs(model, train_x, **settings):
         history.append(row)
         if callback is not None:
             callback(int(row["epoch"]), model)
