@@ -141,7 +141,7 @@ def test_unreachable_proxy_and_sqlite_behind_it_are_refused_with_one_line(tmp_pa
     rc = main(["run", str(spec), "--storage", f"grpc://127.0.0.1:{free_port()}", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "bound-tuner storage-proxy" in err, err
-    assert time.monotonic() - began < 15
+    assert time.monotonic() - began < 30  # the proxy's wait (5 s), not a hang
     rc = main(["storage-proxy", "--storage", f"sqlite:///{tmp_path}/s.db"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "PostgreSQL" in err, err

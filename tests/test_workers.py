@@ -90,12 +90,14 @@ def test_killed_worker_trial_fails_and_is_retried(tmp_path, study_name):
 
     # the parent fails the trial once its heartbeat is older than the grace period
     state = TrialState.RUNNING
-    while state == TrialState.RUNNING and time.monotonic() - killed_at < grace + 10:
+    while state == TrialState.RUNNING and time.monotonic() - killed_at < grace + 30:
         state = next(t.state for t in pg_trials(study_name) if t.number == victim.number)
         time.sleep(0.1)
     failed_after = time.monotonic() - killed_at
     assert state == TrialState.FAIL
-    assert grace - interval - 0.5 <= failed_after <= grace + 4
+    # never before the grace period; after it, as soon as the parent's next look (a few seconds,
+    # more on a loaded machine)
+    assert grace - interval - 0.5 <= failed_after <= grace + 20
 
     thread.join(60)
     assert not thread.is_alive()
