@@ -243,3 +243,34 @@ def test_an_unraisable_error_that_is_not_an_interrupt_still_reaches_the_hook(han
         restore_unraisable_hook(previous)
         sys.unraisablehook = old
     assert [u.exc_type for u in seen] == [ValueError]
+
+
+def test_a_trial_taken_over_while_it_reports_says_so_in_one_line_without_a_traceback(
+    tmp_path, capfd, caplog
+):
+    """Another process fails the trial as stale (a late heartbeat on a loaded machine); the
+    trial's next ``trial.report`` raises UpdateFinishedTrialError. The worker says so in one
+    warning and goes on with the retry; Optuna's traceback of that error is not shown."""
+    study, url = _study(tmp_path)
+    other = optuna.load_study(study_name="o", storage=make_storage(url))
+    taken = []
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if not taken:
+            taken.append(trial.number)
+            other.tell(trial.number, state=TrialState.FAIL)  # as fail_stale_trials does
+        trial.report(x, 1)
+        return x
+
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(caplog.handler)  # optuna's logs do not propagate to the root
+    try:
+        with caplog.at_level(logging.WARNING):
+            optimize_until(study, objective, target=2, url=url)
+    finally:
+        optuna_logger.removeHandler(caplog.handler)
+    shown = caplog.text + capfd.readouterr().err
+    assert "Traceback" not in shown and "UpdateFinishedTrialError" not in shown, shown
+    assert f"trial {taken[0]} was failed as stale by another process" in shown
+    assert finished_count(study) == 2

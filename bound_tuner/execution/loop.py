@@ -305,22 +305,22 @@ def _taken_over_warning(number: int | None) -> None:
     )
 
 
-class QuietInterrupts(logging.Filter):
-    """Optuna logs an interrupted trial with its traceback and its missing value; the run says
-    it in one line. Drops those records of this loop's current trial only (``run``)."""
+class QuietOutcomes(logging.Filter):
+    """Optuna logs an interrupted trial, and one that another process took over, with a
+    traceback and its missing value; the run says each in one line (``_taken_over_warning``,
+    the interrupted message). Drops those records of this loop's current trial only (``run``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.run = TrialRun()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[0] if record.exc_info else None
-        if exc is not None and issubclass(exc, (KeyboardInterrupt, TrialInterrupted)):
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (KeyboardInterrupt, TrialInterrupted)) or _finished_elsewhere(exc):
             return False
         run = self.run
-        return not (
-            run.interrupted and record.getMessage().startswith(f"Trial {run.number} failed")
-        )
+        said_elsewhere = run.interrupted or run.finished_elsewhere or _finished_elsewhere(run.error)
+        return not (said_elsewhere and record.getMessage().startswith(f"Trial {run.number} failed"))
 
 
 def _settle_outage(
@@ -409,7 +409,7 @@ def optimize_until(
     clock = OutageClock(outage_seconds, url)
     gate = SignalGate()
     optuna_log = logging.getLogger("optuna.study._optimize")
-    quiet = QuietInterrupts()
+    quiet = QuietOutcomes()
     optuna_log.addFilter(quiet)
     try:
         while True:
