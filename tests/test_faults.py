@@ -21,6 +21,7 @@ from bound_tuner.config.spec import load_spec
 from bound_tuner.execution.accounting import FailureStreak, finished_count
 from bound_tuner.execution.errors import TooManyFailures
 from bound_tuner.execution.loop import optimize_until
+from bound_tuner.execution.plan import HEARTBEAT_MODULE
 from bound_tuner.execution.signals import INTERRUPTED
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.storage.database import make_storage, redact, scrub
@@ -265,6 +266,24 @@ def test_thread_hook_tells_database_errors_in_one_line_and_passes_on_the_rest(ca
     bug = ValueError("a bug in a helper thread")
     hook(args_of(bug))
     assert len(seen) == 1 and seen[0].exc_value is bug  # Python's own hook: a traceback
+
+
+def test_thread_hook_tells_an_error_of_optunas_heartbeat_thread_in_one_line(capsys):
+    """Optuna's heartbeat of a trial another process failed as stale can end in an
+    AssertionError (its heartbeat row is gone): one warning line, no traceback."""
+    seen = []
+    hook = thread_excepthook(seen.append, None)
+    scope = {"__name__": HEARTBEAT_MODULE}  # a function of Optuna's heartbeat module
+    exec("def record_heartbeat():\n    assert None is not None\n", scope)
+    try:
+        scope["record_heartbeat"]()
+    except AssertionError as e:
+        exc = e
+    thread = threading.current_thread()
+    hook(threading.ExceptHookArgs((AssertionError, exc, exc.__traceback__, thread)))
+    err = capsys.readouterr().err
+    assert not seen and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bound-tuner: warning: MainThread: AssertionError") and "heartbeat" in err
 
 
 def test_unreadable_weights_are_an_error_not_a_missing_model(tmp_path, capsys):

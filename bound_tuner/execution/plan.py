@@ -297,20 +297,36 @@ def close_bar(bar: Any, study: optuna.Study | None, target: int) -> None:
         bar.close()
 
 
+HEARTBEAT_MODULE = "optuna.storages._heartbeat"  # where Optuna's heartbeat thread runs
+
+
+def _in_heartbeat(tb: Any) -> bool:
+    """Whether a traceback passes through Optuna's heartbeat thread."""
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == HEARTBEAT_MODULE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def thread_excepthook(previous: Any, storage: str | None) -> Any:
     """A threading.excepthook that writes one line for a database error in a helper thread (a
-    heartbeat the database refused; the run itself reports what it means) and hands every
-    other exception to ``previous`` (Python's traceback)."""
+    heartbeat the database refused; the run itself reports what it means) and for any error of
+    Optuna's heartbeat thread (its trial goes stale and is retried, unless another process
+    already ended it), and hands every other exception to ``previous`` (Python's traceback)."""
 
     kinds = storage_errors()
 
     def hook(args: Any) -> None:
-        if not isinstance(args.exc_value, kinds):
+        heartbeat = _in_heartbeat(args.exc_traceback)
+        if not (isinstance(args.exc_value, kinds) or heartbeat):
             previous(args)
             return
         text = str(args.exc_value).strip().splitlines()
         what = f"{args.exc_type.__name__}: {text[0]}" if text else args.exc_type.__name__
         name = args.thread.name if args.thread is not None else "a thread"
+        if heartbeat:
+            what += " (this trial's heartbeat stopped)"
         print(f"bound-tuner: warning: {name}: {scrub(what, storage)}", file=sys.stderr)
 
     return hook
