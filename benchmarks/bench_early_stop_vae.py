@@ -26,6 +26,7 @@ errors), with z_C, with z = 2 and at the kept epochs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -102,6 +103,51 @@ def run_task(task: Task) -> dict:
     }
 
 
+def cost(task: Task, *, repeats: int) -> dict[str, float]:
+    """Seconds of one trial's training and value, timed alternately (medians of ``repeats``):
+    the model, then ``train_fold_vaes``, then the bound (before), against the lockstep training
+    with the value at the default checkpoints and early stopping, then the bound (now)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    from bound_tuner.evaluation.vae_along_training import train_vae_certified
+    from bound_tuner.maths.bounds.kfold import fold_assignment
+    from bound_tuner.maths.bounds.vae import vae_kfold_bound
+    from bound_tuner.models.vae import MLPVAE
+    from bound_tuner.objectives.vae import VAEConfig
+    from bound_tuner.runtime.seeding import seed_everything
+    from bound_tuner.training.vae import train_fold_vaes, train_vae
+
+    split, cfg = vae_split(task), VAEConfig(**task.cfg)
+    x, d = split.train, int(split.train.shape[1])
+    folds = fold_assignment(task.m, VAE_FOLDS, seed=task.data_seed)
+
+    def build() -> MLPVAE:
+        return MLPVAE(input_dim=d, latent=cfg.latent)
+
+    def before() -> None:
+        seed_everything(cfg.seed)
+        model = build()
+        train_vae(model, x, **cfg.training())
+        refs = train_fold_vaes(build, x, folds, **cfg.training())
+        vae_kfold_bound(model, refs, x, folds, seed=task.data_seed)
+
+    def now() -> None:
+        seed_everything(cfg.seed)
+        run = train_vae_certified(
+            build(), build, x, folds, **cfg.training(), checkpoints=CHECKPOINTS, early_stop=True
+        )
+        vae_kfold_bound(run.model, run.references, x, folds, seed=task.data_seed, z=run.z)
+
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    for _ in range(repeats):
+        for name, fn in (("before", before), ("now", now)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def summarize(rows: list[dict]) -> tuple[str, dict]:
     """Per case: the regret of each pick and the value's validity; the table and the numbers.
     Each model has its own C (its epochs differ), so its own z_C."""
@@ -148,13 +194,15 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
                     floor = c["heldout"] - 2 * c["heldout_se"]
                     valid["z_C"] += value(c, z) >= floor
                     valid["z = 2"] += value(c, CV_Z) >= floor
-        lines.append(f"\n({case}) {len(groups)} problems, {n_models} models, {seconds:.0f} s CPU")
+        lines.append(
+            f"\n({case}) {len(groups)} problems, {n_models} models, {seconds:.0f} s on one thread"
+        )
         lines.append(f"  {'pick':<42} {'regret':>8} {'share':>7} {'worst':>7}")
         stats: dict = {"problems": len(groups), "models": n_models, "seconds": seconds}
         for name in [k for k in acc if not k.endswith(" /spread")]:
             reg, share = statistics.mean(acc[name]), statistics.mean(acc[name + " /spread"])
             stats[name] = {"regret": reg, "share": share, "worst": max(acc[name])}
-            lines.append(f"  {name:<42} {reg:8.2f} {100 * share:6.0f}% {max(acc[name]):7.2f}")
+            lines.append(f"  {name:<42} {reg:8.2f} {100 * share:6.1f}% {max(acc[name]):7.2f}")
         lines.append(
             f"  value >= held-out (2 se): {valid['z_C']}/{pairs} (model, epoch) pairs with z_C, "
             f"{valid['z = 2']}/{pairs} with z = 2, {valid['kept']}/{kept_n} kept epochs"
@@ -168,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="f,i", help="VAE cases of bench_selection: f, i (g, h)")
     ap.add_argument("--configs", type=int, default=8, help="configurations per problem")
+    ap.add_argument("--cost", type=int, default=0, help="time the first task's trial N times")
     add_run_args(ap, jobs=1)
     args = ap.parse_args(argv)
     if args.summarize:
@@ -183,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # VAE cases only, the problems of the cases alternating (an interrupted run has both)
     tasks = sorted((t for t in tasks if t.case in VAE_CASES), key=lambda t: (t.data_seed, t.case))
+    if args.cost:
+        print(json.dumps({"config": tasks[0].cfg, **cost(tasks[0], repeats=args.cost)}))
+        return 0
     rows = run_resumable(
         tasks,
         run_task,
