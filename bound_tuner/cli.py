@@ -773,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     old_sigterm = install_sigterm_handler()  # SIGTERM stops a run like Ctrl-C
-    old_unraisable = catch_lost_interrupts()  # an interrupt met in a finalizer is raised later
+    old_unraisable = catch_lost_interrupts()  # a signal lost in a finalizer is sent again
     # the SIGINT handler it found, put back on return (main may run inside a longer process; an
     # ignored SIGINT would also pass on to every process it starts); main thread only
     main_thread = threading.current_thread() is threading.main_thread()

@@ -693,7 +693,7 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
     previous_hook = threading.excepthook
     # a heartbeat the database refused (an outage) is one line, not a thread's traceback
     threading.excepthook = thread_excepthook(previous_hook, storage)
-    previous_unraisable = catch_lost_interrupts()  # raised again by the loop's signal gate
+    previous_unraisable = catch_lost_interrupts()  # a signal lost in a finalizer: sent again
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = pickle.loads(payload)  # imports torch (through bound_tuner.config.spec)

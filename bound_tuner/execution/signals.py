@@ -123,7 +123,7 @@ class SignalGate:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def release(self) -> None:
-        """Put the handlers back and deliver a noted signal to them (or raise a lost one)."""
+        """Put the handlers back and deliver a noted signal to them."""
         self.close()
         signum, self.pending = self.pending, None
         if signum is not None and _main_thread():
