@@ -53,7 +53,7 @@ def run_task(task: Task) -> dict:
     torch.set_num_threads(1)
     from bound_tuner.data import load_dataset, prepare_for
     from bound_tuner.evaluation.along_training import value_parts
-    from bound_tuner.evaluation.evaluate import negative_elbo
+    from bound_tuner.evaluation.elbo import negative_elbo
     from bound_tuner.maths.bounds.kfold import fold_assignment, fold_rows, folds_for
     from bound_tuner.maths.sde import get_schedule
     from bound_tuner.training.config import DiffusionConfig

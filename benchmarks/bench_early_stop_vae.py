@@ -111,8 +111,8 @@ def cost(task: Task, *, repeats: int) -> dict[str, float]:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     from bound_tuner.evaluation.vae_along_training import train_vae_certified
+    from bound_tuner.evaluation.vae_bound import vae_kfold_bound
     from bound_tuner.maths.bounds.kfold import fold_assignment
-    from bound_tuner.maths.bounds.vae import vae_kfold_bound
     from bound_tuner.models.vae import MLPVAE
     from bound_tuner.objectives.vae import VAEConfig
     from bound_tuner.runtime.seeding import seed_everything

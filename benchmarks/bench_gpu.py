@@ -58,9 +58,9 @@ import torch
 from torch import nn
 
 from bound_tuner.data import load_dataset, swiss_roll
-from bound_tuner.evaluation.evaluate import variant_report
 from bound_tuner.evaluation.experiment import bound_report, pack_terms
 from bound_tuner.maths.bounds.mixture import mixture_kl
+from bound_tuner.maths.bounds.variants import variant_report
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model
 from bound_tuner.runtime.device import resolve_device, set_tf32
@@ -365,14 +365,14 @@ def _large_2d_child(m: int, steps: int, draws: int | None, blocked: bool, device
     """One trial on m points in this (fresh) process; sends its figures through ``out``."""
     import functools
 
-    import bound_tuner.evaluation.evaluate as evaluate_mod
+    import bound_tuner.evaluation.diffusion_bound as bound_mod
     from bound_tuner.evaluation.experiment import run_diffusion
     from bound_tuner.maths.metrics import memorized_share
 
     if not blocked:  # every training point at once, as before blocking
         import bound_tuner.maths.bounds.kfold as kfold_mod
 
-        evaluate_mod.memorized_share = functools.partial(memorized_share, block=None)
+        bound_mod.memorized_share = functools.partial(memorized_share, block=None)
         kfold_mod.LAMBDA_BLOCK = 1 << 62
     dev = resolve_device(device)
     x = swiss_roll(m, seed=0)

@@ -55,7 +55,7 @@ import torch
 import bound_tuner.dashboard.charts as charts_mod
 import bound_tuner.dashboard.notes as notes_mod
 import bound_tuner.objectives.diffusion as objectives_mod
-import bound_tuner.storage.artifacts as artifacts_mod
+import bound_tuner.storage.keeper as keeper_mod
 from bound_tuner.storage.folders import ARTIFACTS_ENV
 
 SPEC = """
@@ -180,7 +180,7 @@ def run_one(kind: str, url: str, args: argparse.Namespace, tmp: Path) -> dict:
     clock.wrap(objectives_mod, "run_diffusion", "train_score", starts_trial=True)
     clock.wrap(notes_mod.TrialArtifacts, "note", "note")
     clock.wrap(charts_mod, "save_charts", "charts")
-    clock.wrap(artifacts_mod.ModelKeeper, "__call__", "weights")
+    clock.wrap(keeper_mod.ModelKeeper, "__call__", "weights")
     if args.sample_images:
         clock.wrap(notes_mod.TrialArtifacts, "samples_artifact", "samples")
     else:

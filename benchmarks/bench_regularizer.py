@@ -73,7 +73,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     from bound_tuner.data import load_dataset, prepare_for
-    from bound_tuner.evaluation.evaluate import bits_per_dim, negative_elbo
+    from bound_tuner.evaluation.elbo import bits_per_dim, negative_elbo
     from bound_tuner.training.config import DiffusionConfig
     from bound_tuner.training.diffusion import train_model
 

@@ -28,13 +28,13 @@ _LAZY = {
     "VAEObjective": "bound_tuner.objectives.vae",
     "VAEConfig": "bound_tuner.objectives.vae",
     # trained models, and models trained elsewhere
-    "load_model": "bound_tuner.storage.artifacts",
+    "load_model": "bound_tuner.storage.trained",
     "score": "bound_tuner.evaluation.scoring",
     # bounds and their pieces
     "BoundReport": "bound_tuner.maths.bounds.report",
     "flat_attrs": "bound_tuner.maths.bounds.report",
-    "diffusion_bound": "bound_tuner.evaluation.evaluate",
-    "vae_bound": "bound_tuner.maths.bounds.vae",
+    "diffusion_bound": "bound_tuner.evaluation.diffusion_bound",
+    "vae_bound": "bound_tuner.evaluation.vae_bound",
     "mixture_kl": "bound_tuner.maths.bounds.mixture",
     "prior_kl": "bound_tuner.maths.sde",
     "get_schedule": "bound_tuner.maths.sde",

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import optuna
 
-from bound_tuner.config.spec import StudySpec, with_objectives
+from bound_tuner.config.overrides import with_objectives
+from bound_tuner.config.schema import StudySpec
 from bound_tuner.data.split import DataSplit
-from bound_tuner.execution.accounting import finished_count
 from bound_tuner.execution.errors import WorkerConfigError
 from bound_tuner.execution.loop import run_worker
 from bound_tuner.execution.plan import RunOptions
 from bound_tuner.execution.pool import run_workers
 from bound_tuner.execution.ray_executor import run_ray
-
-
-def finished_trials(study: optuna.Study) -> int:
-    """Trials that count towards n_trials; the one definition is ``bound_tuner.execution.accounting.counts``."""
-
-    return finished_count(study)
 
 
 def run_study(

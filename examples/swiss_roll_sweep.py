@@ -16,8 +16,10 @@ import time
 from tqdm.auto import tqdm
 
 from bound_tuner.data import load_dataset
-from bound_tuner.evaluation.evaluate import bound_terms, heldout_metrics, variant_report
+from bound_tuner.evaluation.diffusion_bound import bound_terms
+from bound_tuner.evaluation.heldout import heldout_metrics
 from bound_tuner.maths.bounds import VARIANTS
+from bound_tuner.maths.bounds.variants import variant_report
 from bound_tuner.maths.selection import regret, spearman
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.diffusion import train_model, train_split_models

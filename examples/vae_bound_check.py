@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from bound_tuner.data.images import IMAGE_DATASETS, load_image_dataset
-from bound_tuner.maths.bounds.vae import MEASURED_R, reference_vae_R, vae_bound
+from bound_tuner.evaluation.vae_bound import vae_bound
+from bound_tuner.maths.bounds.vae import MEASURED_R, reference_vae_R
 from bound_tuner.models.vae import MLPVAE
 from bound_tuner.runtime.seeding import seed_everything
 from bound_tuner.training.vae import train_vae

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bound_tuner import DiffusionObjective
-from bound_tuner.config.spec import SpecError
+from bound_tuner.config.schema import SpecError
 from bound_tuner.data import load_dataset, swiss_roll
 from bound_tuner.evaluation.along_training import train_certified, value_at
 from bound_tuner.evaluation.checkpoints import CURVE_ATTR, checkpoint_count, checkpoint_every

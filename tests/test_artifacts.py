@@ -21,7 +21,8 @@ from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.objectives.vae import VAEConfig, VAEObjective
-from bound_tuner.storage.artifacts import ATTR_ID, ArtifactError, load_model, read_weights
+from bound_tuner.storage.artifacts import ATTR_ID, ArtifactError
+from bound_tuner.storage.trained import load_model, read_weights
 from bound_tuner.study import run_study
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.sampling import generate

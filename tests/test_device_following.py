@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bound_tuner.data import swiss_roll
-from bound_tuner.evaluation.evaluate import negative_elbo
+from bound_tuner.evaluation.elbo import negative_elbo
 from bound_tuner.evaluation.experiment import run_diffusion
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.training.config import DiffusionConfig
@@ -96,7 +96,7 @@ def test_diffusion_pipeline_follows_the_data_dtype():
 
 
 def test_vae_pipeline_follows_the_data_dtype():
-    from bound_tuner.maths.bounds.vae import vae_bound
+    from bound_tuner.evaluation.vae_bound import vae_bound
     from bound_tuner.models.vae import MLPVAE
     from bound_tuner.training.vae import train_vae
 

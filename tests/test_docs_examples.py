@@ -3,7 +3,7 @@
 Every ```python block of README.md and docs/*.md runs: the blocks of one file in order, in one
 namespace, in a temporary folder that sees the repository's studies/ and examples/. A block that
 must not run (a cluster recipe, say) is preceded by the line ``<!-- no-run -->``. Every
-``bound-tuner`` command a code block shows is a subcommand of ``bound_tuner.cli.build_parser``
+``bound-tuner`` command a code block shows is a subcommand of ``bound_tuner.cli.parser.build_parser``
 with the options shown, and every ``bound_tuner.x.y`` named in the pages exists.
 """
 
@@ -100,7 +100,7 @@ def test_few_blocks_are_left_out():
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    from bound_tuner.cli import build_parser
+    from bound_tuner.cli.parser import build_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -172,7 +172,7 @@ def test_settings_table_is_the_settings():
 
 def test_spec_keys_are_documented():
     """Every section and key a spec may have is named in docs/specs.md."""
-    from bound_tuner.config.spec import SECTIONS
+    from bound_tuner.config.schema import SECTIONS
 
     text = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
     missing = [f"[{s}]" for s in [*SECTIONS, "search"] if f"`[{s}]`" not in text]

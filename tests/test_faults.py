@@ -16,12 +16,12 @@ import torch
 from optuna.trial import TrialState
 from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
-from bound_tuner.cli import main, thread_excepthook
+from bound_tuner.cli import main
 from bound_tuner.config.spec import load_spec
 from bound_tuner.execution.accounting import FailureStreak, finished_count
 from bound_tuner.execution.errors import TooManyFailures
 from bound_tuner.execution.loop import optimize_until
-from bound_tuner.execution.plan import HEARTBEAT_MODULE
+from bound_tuner.execution.plan import HEARTBEAT_MODULE, thread_excepthook
 from bound_tuner.execution.signals import INTERRUPTED
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.storage.database import make_storage, redact, scrub
@@ -301,8 +301,9 @@ def test_unreadable_weights_are_an_error_not_a_missing_model(tmp_path, capsys):
 
 
 def test_weights_that_cannot_be_removed_are_logged_and_the_trial_kept(tmp_path, caplog):
-    from bound_tuner.storage.artifacts import ATTR_ID, ModelKeeper
+    from bound_tuner.storage.artifacts import ATTR_ID
     from bound_tuner.storage.folders import artifact_store_for
+    from bound_tuner.storage.keeper import ModelKeeper
 
     url = f"sqlite:///{tmp_path}/k.db"
     study = optuna.create_study(storage=url, study_name="k")
@@ -316,7 +317,7 @@ def test_weights_that_cannot_be_removed_are_logged_and_the_trial_kept(tmp_path, 
     old.mkdir()  # a folder in its place: neither readable nor removable as a file
     (old / "x").write_text("x")
     t1 = study.ask()
-    with caplog.at_level(logging.WARNING, logger="bound_tuner.storage.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="bound_tuner.storage.keeper"):
         new_id = keeper(t1, model, 1.0)  # better: pushes trial 0 out
     study.tell(t1, 1.0)
     assert new_id is not None and (tmp_path / "k_artifacts" / new_id).is_file()

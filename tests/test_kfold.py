@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bound_tuner.evaluation.evaluate import bound_terms, fold_terms, variant_report
+from bound_tuner.evaluation.diffusion_bound import bound_terms
 from bound_tuner.evaluation.experiment import score_model
 from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT, assemble_kfold_bound
 from bound_tuner.maths.bounds.kfold import (
@@ -21,8 +21,10 @@ from bound_tuner.maths.bounds.kfold import (
     fold_info,
     fold_rows,
     fold_sizes,
+    fold_terms,
 )
 from bound_tuner.maths.bounds.report import flat_attrs
+from bound_tuner.maths.bounds.variants import variant_report
 from bound_tuner.maths.metrics import memorized_share
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.training.config import DiffusionConfig
@@ -142,8 +144,19 @@ def test_fold_information_is_zero_for_a_model_that_ignores_its_data_and_large_fo
     assert blind.fold["memorized_share"] < 0.1
     rep = variant_report(mem, variant="elbo-kfold")
     assert rep.settings["R_source"] == "cv" and rep.settings["R"] == mem.fold["R_cv"]
-    assert rep.total == pytest.approx(min(rep.extras["info_bound"], rep.extras["cv_bound"]))
-    assert sum(rep.contributions.values()) == pytest.approx(rep.total)
+    # eq. 2.11 from the measured terms: the cross-fitted NELBO moved by the references' gap
+    # (eq. 2.10b) plus 2 se_cv, never below the training NELBO; it is also the certificate
+    train = mem.nelbo.mean
+    shift = train - mem.fold["refs_train_nelbo"]
+    value = max(mem.fold["cv_nelbo"] + shift + 2 * mem.fold["cv_se"], train)
+    assert rep.total == pytest.approx(value)
+    assert rep.extras["total_upper95"] == pytest.approx(value)
+    assert sum(rep.contributions.values()) == pytest.approx(value)
+    # the information form (eq. 2.11c) is recorded beside it
+    info = (
+        train + math.sqrt(2) * mem.fold["R_cv"] * mem.fold["C_fold"] + 1.6448536 * mem.nelbo.mc_se
+    )
+    assert rep.extras["info_bound"] == pytest.approx(info)
 
 
 def test_a_packed_reference_trains_like_a_model_trained_alone_on_its_rows():
@@ -225,8 +238,9 @@ def test_kfold_is_the_default_and_its_value_is_the_cross_fitted_bound():
     assert rep.total == pytest.approx(3.0 + 2 * 0.1)
     assert set(rep.contributions) == {"cv_nelbo", "cv_shift", "cv_margin"}
     assert rep.contributions["cv_shift"] == 0.0  # no references' training NELBO given: no shift
-    # the 2 se_cv already make it the 95% certificate
-    assert rep.extras["total_upper95"] == rep.total == rep.extras["cv_bound"]
+    # the 2 se_cv already make it the 95% certificate (eq. 2.11b)
+    assert rep.extras["total_upper95"] == pytest.approx(3.0 + 2 * 0.1)
+    assert rep.extras["cv_bound"] == pytest.approx(3.0 + 2 * 0.1)
     # the information form is recorded beside it, not used, even where it is the smaller: with
     # 1.645 Monte Carlo errors of the training NELBO estimate, and its own certificate adds the
     # sample term sqrt(2) R sqrt(ln(20)/m), the Chernoff deviation of a mean of m points
@@ -265,9 +279,12 @@ def test_kfold_is_the_default_and_its_value_is_the_cross_fitted_bound():
     floor = assemble_kfold_bound(train_nelbo=5.0, c_fold=1.0, R=3.0, cv_nelbo=4.0, cv_se=0.2, m=50)
     assert floor.total == pytest.approx(5.0) and floor.extras["cv_floor"] == 1.0
     assert cv.extras["cv_floor"] == 0.0
-    for r in (rep, noisy, cv, worse, better, floor):
-        assert sum(r.contributions.values()) == pytest.approx(r.total)
-        assert r.extras["total_upper95"] >= r.total
+    # each value as worked out above, by eq. 2.11: the contributions add up to it and the
+    # certificate is the value itself (eq. 2.11b)
+    values = ((rep, 3.2), (noisy, 3.2), (cv, 5.0), (worse, 5.5), (better, 4.5), (under, 2.0))
+    for r, value in (*values, (floor, 5.0)):
+        assert sum(r.contributions.values()) == pytest.approx(value)
+        assert r.extras["total_upper95"] == pytest.approx(value)
 
 
 def test_memorized_share_counts_copies_of_training_points():
@@ -279,7 +296,7 @@ def test_memorized_share_counts_copies_of_training_points():
 
 
 def test_evaluation_draws_follow_the_number_of_points_unless_given():
-    from bound_tuner.evaluation.evaluate import draws_for
+    from bound_tuner.evaluation.diffusion_bound import draws_for
 
     assert draws_for(200) == 256  # 51,200 draws in all
     assert draws_for(32) == 1024  # at most 1,024 per point
@@ -308,7 +325,12 @@ def test_a_study_scores_a_trial_as_the_benchmark_scores_its_configuration():
         assert cfg.eval_seed == 3 and flat_attrs(t.user_attrs)["bound.variant"] == "elbo-kfold"
         again = run_diffusion(obj.data.train, cfg, device="cpu")
         assert again.report.total == pytest.approx(t.value, rel=1e-9)
-        assert t.user_attrs["bound.total_upper95"] >= t.value
+        # the value and its certificate are eq. 2.11 of the terms the trial recorded
+        ua = flat_attrs(t.user_attrs)
+        train = ua["bound.train_nelbo"]
+        shift = train - ua["bound.refs_train_nelbo"]
+        value = max(ua["bound.cv_nelbo"] + shift + 2 * ua["bound.cv_se"], train)
+        assert t.value == pytest.approx(value) and ua["bound.total_upper95"] == pytest.approx(value)
 
 
 def test_a_trial_whose_generator_diverges_fails_with_the_reason():

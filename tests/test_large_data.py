@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bound_tuner.evaluation.evaluate import negative_elbo
+from bound_tuner.evaluation.elbo import negative_elbo
 from bound_tuner.maths.metrics import memorized_share
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.models import build_score_model

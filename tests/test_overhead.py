@@ -242,8 +242,9 @@ def test_the_weights_keeper_reads_the_study_only_for_a_trial_that_may_be_kept(tm
     without reading the study's trials, and the best ``keep`` still end up kept."""
     import torch
 
-    from bound_tuner.storage.artifacts import ATTR_ID, ModelKeeper
+    from bound_tuner.storage.artifacts import ATTR_ID
     from bound_tuner.storage.folders import artifact_store_for
+    from bound_tuner.storage.keeper import ModelKeeper
 
     reads = []
 

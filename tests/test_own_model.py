@@ -11,7 +11,9 @@ from optuna.artifacts import FileSystemArtifactStore
 from torch import nn
 
 import bound_tuner.training.diffusion as training_diffusion
-from bound_tuner.config.spec import SpecError, fingerprint, load_spec, parse_spec
+from bound_tuner.config.fingerprint import fingerprint
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec, parse_spec
 from bound_tuner.data import load_dataset
 from bound_tuner.evaluation.experiment import score_model
 from bound_tuner.evaluation.scoring import score
@@ -19,7 +21,8 @@ from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.objectives.factory import build_objective
-from bound_tuner.storage.artifacts import export_model, load_model
+from bound_tuner.storage.exports import export_model
+from bound_tuner.storage.trained import load_model
 from bound_tuner.study import run_study
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.diffusion import train_fold_models, train_model

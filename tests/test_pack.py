@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from bound_tuner.data import swiss_roll
-from bound_tuner.evaluation.evaluate import bound_terms, variant_report
+from bound_tuner.evaluation.diffusion_bound import bound_terms
 from bound_tuner.evaluation.experiment import pack_terms
+from bound_tuner.maths.bounds.variants import variant_report
 from bound_tuner.maths.sde import get_schedule
 from bound_tuner.training.config import DiffusionConfig
 from bound_tuner.training.diffusion import train_model

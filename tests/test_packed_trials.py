@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from bound_tuner.cli import main
-from bound_tuner.config.spec import SpecError, load_spec, with_pack
+from bound_tuner.config.overrides import with_pack
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec
 from bound_tuner.evaluation.experiment import run_diffusion
 from bound_tuner.objectives.factory import load_data
 from bound_tuner.study import run_study

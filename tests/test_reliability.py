@@ -22,7 +22,8 @@ from optuna.trial import TrialState, create_trial
 from worker_spec import PG_URL, needs_pg, pg_storage, write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.config.spec import SECTIONS, load_spec
+from bound_tuner.config.schema import SECTIONS
+from bound_tuner.config.spec import load_spec
 from bound_tuner.dashboard.server import host_warning
 from bound_tuner.execution.accounting import WORKER_ATTR, counts, finished_count
 from bound_tuner.execution.signals import INTERRUPTED

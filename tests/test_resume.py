@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 from worker_spec import write_worker_spec
 
 from bound_tuner.cli import main
-from bound_tuner.config.spec import SAMPLERS, SpecError, load_spec
+from bound_tuner.config.schema import SAMPLERS, SpecError
+from bound_tuner.config.spec import load_spec
 from bound_tuner.objectives.studies import SPEC_ATTR, sampler_seed
 from bound_tuner.runtime.seeding import derive_seed
 from bound_tuner.study import run_study

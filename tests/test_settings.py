@@ -6,8 +6,9 @@ import textwrap
 
 import pytest
 
+from bound_tuner.config.schema import SECTIONS, SpecError
 from bound_tuner.config.settings import OBJECTIVE, SETTINGS
-from bound_tuner.config.spec import SECTIONS, SpecError, load_spec
+from bound_tuner.config.spec import load_spec
 from bound_tuner.objectives.diffusion import DiffusionObjective
 from bound_tuner.objectives.factory import build_objective, diffusion_base_config, load_data
 from bound_tuner.objectives.vae import VAEConfig, VAEObjective

@@ -5,7 +5,8 @@ import optuna
 import pytest
 
 from bound_tuner.cli import main
-from bound_tuner.config.spec import SpecError, load_spec, parse_spec
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec, parse_spec
 from bound_tuner.maths.bounds.report import flat_attrs
 from bound_tuner.study import run_study
 

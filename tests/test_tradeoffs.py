@@ -22,7 +22,8 @@ from bound_tuner.config.objective_names import (
     metric_names,
     value_of,
 )
-from bound_tuner.config.spec import SpecError, load_spec, parse_spec
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec, parse_spec
 from bound_tuner.dashboard.charts import CHART_PARETO, study_figures
 from bound_tuner.dashboard.report import trials_json
 from bound_tuner.maths.bounds.diffusion import assemble_kfold_bound

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bound_tuner.data import load_dataset, swiss_roll
-from bound_tuner.evaluation.evaluate import denoising_loss_pass, diffusion_bound
+from bound_tuner.evaluation.diffusion_bound import diffusion_bound
+from bound_tuner.evaluation.elbo import denoising_loss_pass
 from bound_tuner.evaluation.experiment import run_diffusion
 from bound_tuner.maths.draws import MAX_CHUNK_STEPS, NOISE_CHUNK_ELEMS
 from bound_tuner.maths.sde import get_schedule

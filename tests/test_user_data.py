@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from bound_tuner.cli import main
-from bound_tuner.config.spec import SpecError, load_spec
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec
 from bound_tuner.data import load_dataset, prepare_for
 from bound_tuner.data.files import DataFileError, load_file
 from bound_tuner.data.split import DataSplit

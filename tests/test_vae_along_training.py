@@ -8,13 +8,13 @@ import optuna
 import pytest
 import torch
 
-from bound_tuner.config.spec import SpecError
+from bound_tuner.config.schema import SpecError
 from bound_tuner.data.split import DataSplit
 from bound_tuner.evaluation.checkpoints import CURVE_ATTR
 from bound_tuner.evaluation.vae_along_training import train_vae_certified
+from bound_tuner.evaluation.vae_bound import vae_kfold_bound
 from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z, fold_assignment
 from bound_tuner.maths.bounds.report import flat_attrs
-from bound_tuner.maths.bounds.vae import vae_kfold_bound
 from bound_tuner.models.vae import MLPVAE
 from bound_tuner.objectives.vae import VAEConfig, VAEObjective
 from bound_tuner.training.vae import train_fold_vaes, train_vae

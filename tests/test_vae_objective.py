@@ -13,7 +13,8 @@ import optuna
 import pytest
 import torch
 
-from bound_tuner.config.spec import SpecError, load_spec, parse_spec
+from bound_tuner.config.schema import SpecError
+from bound_tuner.config.spec import load_spec, parse_spec
 from bound_tuner.dashboard.report import trials_json, trials_table
 from bound_tuner.data import load_dataset
 from bound_tuner.data.images import FASHION_MNIST_FILES

@@ -33,7 +33,7 @@ from typing import Any
 TRAIN_SECONDS_ATTR = "train_seconds"  # trial user attr: wall time of training and scoring
 PARAMETERS_ATTR = "parameters"  # trial user attr: trainable parameters of the trial's model
 HELDOUT_PREFIX = "heldout."
-#: held-out metrics of validation mode (bound_tuner.evaluation.evaluate.heldout_metrics, the VAE's test
+#: held-out metrics of validation mode (bound_tuner.evaluation.heldout.heldout_metrics, the VAE's test
 #: terms), all lower-is-better; their standard errors are not objectives
 HELDOUT_METRICS = (
     "sample_kl",

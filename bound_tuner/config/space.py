@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 
-from bound_tuner.config.spec import SCHEDULE_PARAMS, Param
+from bound_tuner.config.schema import SCHEDULE_PARAMS, Param
 
 
 def suggest(trial: optuna.Trial, p: Param) -> Any:

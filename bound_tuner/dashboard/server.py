@@ -24,7 +24,7 @@ _log = logging.getLogger(__name__)
 def served_artifact_dir(storage: Any, url: str, artifact_dir: str | Path | None) -> Path:
     """The artifact folder to serve: ``artifact_dir`` if given, else $BOUND_TUNER_ARTIFACTS,
     else the one folder that the storage's studies recorded when they ran (user attr
-    ``bound_tuner.storage.artifacts``; so a dashboard started in another directory finds them), else
+    ``bound_tuner.artifacts``; so a dashboard started in another directory finds them), else
     ``artifact_dir_for(url)``."""
     if artifact_dir is not None:
         return Path(artifact_dir)

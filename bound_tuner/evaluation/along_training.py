@@ -27,7 +27,7 @@ from bound_tuner.evaluation.checkpoints import (
     checkpoint_every,
     state_copy,
 )
-from bound_tuner.evaluation.evaluate import draws_for, nelbo_terms
+from bound_tuner.evaluation.diffusion_bound import draws_for, nelbo_terms
 from bound_tuner.maths.bounds.diffusion import certified_value
 from bound_tuner.maths.bounds.kfold import (
     CV_Z,
@@ -71,7 +71,7 @@ def value_parts(
 ) -> dict[str, float]:
     """The parts of eq. 2.11 for a model and its references as they are (``train_nelbo``,
     ``cv_nelbo``, ``cv_se``, ``refs_train_nelbo``): the evaluation passes of the final bound
-    (``evaluate.nelbo_terms``, the same draws), without the generator paths, which only the
+    (``diffusion_bound.nelbo_terms``, the same draws), without the generator paths, which only the
     recorded information form needs."""
     nelbo, fold = nelbo_terms(
         Members.single(model, schedule),

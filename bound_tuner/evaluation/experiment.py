@@ -12,16 +12,12 @@ from torch import nn
 
 from bound_tuner.evaluation.along_training import train_certified
 from bound_tuner.evaluation.checkpoints import DEFAULT_EARLY_STOP, Report
-from bound_tuner.evaluation.evaluate import (
-    BoundTerms,
-    bound_terms_members,
-    diffusion_bound,
-    draws_for,
-    heldout_metrics,
-    variant_report,
-)
+from bound_tuner.evaluation.diffusion_bound import bound_terms_members, diffusion_bound, draws_for
+from bound_tuner.evaluation.heldout import heldout_metrics
 from bound_tuner.maths.bounds.diffusion import FOLD_VARIANTS, SPLIT_VARIANTS
 from bound_tuner.maths.bounds.report import BoundReport
+from bound_tuner.maths.bounds.terms import BoundTerms
+from bound_tuner.maths.bounds.variants import variant_report
 from bound_tuner.maths.sde import Schedule, get_schedule
 from bound_tuner.models import model_device
 from bound_tuner.runtime.device import DEFAULT_DEVICE

@@ -26,9 +26,9 @@ from bound_tuner.evaluation.checkpoints import (
     checkpoint_every,
     state_copy,
 )
+from bound_tuner.evaluation.vae_bound import vae_kfold_bound
 from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z, fold_rows
 from bound_tuner.maths.bounds.report import BoundReport
-from bound_tuner.maths.bounds.vae import vae_kfold_bound
 from bound_tuner.training.vae import train_vaes_lockstep
 
 

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bound_tuner.config.spec import DEFAULT_MAX_CONSECUTIVE_FAILURES, SpecError
+from bound_tuner.config.schema import DEFAULT_MAX_CONSECUTIVE_FAILURES, SpecError
 from bound_tuner.execution.accounting import (
     POLL_S,
     STORAGE_FAILURE,
@@ -99,7 +99,7 @@ from bound_tuner.storage.database import (
 from bound_tuner.storage.folders import artifact_store_for
 
 if TYPE_CHECKING:
-    from bound_tuner.config.spec import StudySpec
+    from bound_tuner.config.schema import StudySpec
 
 _log = logging.getLogger(__name__)
 RECORD_LOCK_S = 5.0  # longest wait for the study lock while an interrupted trial is queued again
@@ -696,7 +696,7 @@ def work(index: int, device: str, payload: bytes, options: RunOptions) -> str | 
     previous_unraisable = catch_lost_interrupts()  # a signal lost in a finalizer: sent again
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        spec = pickle.loads(payload)  # imports torch (through bound_tuner.config.spec)
+        spec = pickle.loads(payload)  # a StudySpec (bound_tuner.config.schema)
         run_worker(
             spec,
             storage=storage,

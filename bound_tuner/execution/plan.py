@@ -41,7 +41,7 @@ from bound_tuner.storage.database import (
 from bound_tuner.storage.folders import artifact_dir_for
 
 if TYPE_CHECKING:
-    from bound_tuner.config.spec import StudySpec
+    from bound_tuner.config.schema import StudySpec
 
 
 @dataclass(frozen=True)

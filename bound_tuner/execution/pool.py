@@ -39,7 +39,7 @@ from bound_tuner.execution.signals import install_sigterm_handler, signals_ignor
 from bound_tuner.storage.database import storage_errors
 
 if TYPE_CHECKING:
-    from bound_tuner.config.spec import StudySpec
+    from bound_tuner.config.schema import StudySpec
 
 _log = logging.getLogger(__name__)
 SQLITE_REFUSAL = (

@@ -43,7 +43,7 @@ from bound_tuner.execution.plan import (
 from bound_tuner.execution.signals import signals_ignored
 
 if TYPE_CHECKING:
-    from bound_tuner.config.spec import StudySpec
+    from bound_tuner.config.schema import StudySpec
 
 __all__ = ["RAY_EXTRA", "run_ray"]
 

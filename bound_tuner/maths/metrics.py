@@ -1,7 +1,7 @@
 """Held-out estimators as pure functions (docs/theory.md, section 4).
 
 Sample-based divergences between data and generated points. Nothing here runs a model
-(``bound_tuner.evaluation.evaluate`` does); the selection statistics are in ``bound_tuner.maths.selection``.
+(``bound_tuner.evaluation.heldout`` does); the selection statistics are in ``bound_tuner.maths.selection``.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from bound_tuner.config.objective_names import is_multi, record_cost
+from bound_tuner.config.schema import DEFAULT_KEEP_MODELS, Param, SpecError
+from bound_tuner.config.search import parse_search
 from bound_tuner.config.space import sample_diffusion_params
-from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, Param, SpecError, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
 from bound_tuner.evaluation.checkpoints import (
@@ -22,7 +23,7 @@ from bound_tuner.evaluation.checkpoints import (
     checkpoint_every,
     early_stop_refusal,
 )
-from bound_tuner.evaluation.evaluate import diffusion_bound
+from bound_tuner.evaluation.diffusion_bound import diffusion_bound
 from bound_tuner.evaluation.experiment import lockstep, run_diffusion, score_model
 from bound_tuner.maths.bounds.diffusion import (
     ENCODER_VARIANTS,
@@ -37,7 +38,7 @@ from bound_tuner.objectives.pack_stop import PACK_STOPPED, PackInterrupted
 from bound_tuner.objectives.packed import PackCoordinator
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
 from bound_tuner.runtime.seeding import trial_seed
-from bound_tuner.storage.artifacts import ModelKeeper
+from bound_tuner.storage.keeper import ModelKeeper
 from bound_tuner.training.config import DiffusionConfig, build_initial
 from bound_tuner.training.pack import PackStopped
 
@@ -58,7 +59,7 @@ class DiffusionObjective:
         device: torch device of the trial ("auto": CUDA when present, else the CPU).
         on_result: optional hook ``(trial, DiffusionResult)`` after a trial's bound (artifacts).
         artifact_store: an Optuna artifact store; every complete trial among the best
-            ``keep_models`` uploads its weights there (``bound_tuner.storage.artifacts``). None: none.
+            ``keep_models`` uploads its weights there (``bound_tuner.storage.keeper``). None: none.
         keep_models: how many of the best trials keep their weights (None: all).
         pack: trials trained at once as one ensemble (``bound_tuner.objectives.packed``): with
             pack > 1 the objective expects that many concurrent calls (threads; ``run_study``

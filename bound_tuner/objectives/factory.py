@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bound_tuner.config.objective_names import ObjectiveValues
+from bound_tuner.config.schema import SpecError, StudySpec
 from bound_tuner.config.settings import config_kwargs
-from bound_tuner.config.spec import SpecError, StudySpec
 from bound_tuner.data import load_dataset
 from bound_tuner.data.split import DataSplit
 from bound_tuner.evaluation.checkpoints import DEFAULT_CHECKPOINTS

@@ -9,9 +9,10 @@ import warnings
 
 import optuna
 
+from bound_tuner.config.fingerprint import fingerprint, fingerprint_changes
 from bound_tuner.config.objective_names import constraints_func, directions, metric_names
+from bound_tuner.config.schema import SpecError, StudySpec
 from bound_tuner.config.space import grid_space
-from bound_tuner.config.spec import SpecError, StudySpec, fingerprint, fingerprint_changes
 from bound_tuner.storage.database import (
     DEFAULT_HEARTBEAT_INTERVAL,
     STUDY_ARTIFACTS_ATTR,
@@ -121,11 +122,12 @@ def open_study(
 ) -> optuna.Study:
     """Create the spec's study in the storage, or load it if it exists (resuming).
 
-    A new study records the spec's fingerprint (``bound_tuner.config.spec.fingerprint``: data, fixed
-    settings, search space, bound settings) in its user attr ``bound_tuner.config.spec``. An existing
-    one is refused with a SpecError naming the changed keys if the spec differs, unless
-    ``allow_changed_spec`` (see ``spec_changes``). ``artifact_dir``, when given, is recorded
-    as the study's artifact folder (``bound_tuner.storage.artifacts``; export and sample look there).
+    A new study records the spec's fingerprint (``bound_tuner.config.fingerprint.fingerprint``:
+    data, fixed settings, search space, bound settings) in its user attr ``bound_tuner.spec``. An
+    existing one is refused with a SpecError naming the changed keys if the spec differs, unless
+    ``allow_changed_spec`` (see ``spec_changes``). ``artifact_dir``, when given, is recorded as
+    the study's artifact folder (user attr ``bound_tuner.artifacts``; export and sample look
+    there).
 
     The sampler is seeded by ``sampler_seed`` from the spec's seed, ``worker_index`` and the
     trials the study already has (``existing_trials``, counted here when None).

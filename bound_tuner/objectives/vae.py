@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from bound_tuner.config.objective_names import is_multi, record_cost
+from bound_tuner.config.schema import DEFAULT_KEEP_MODELS, SpecError, StudySpec
+from bound_tuner.config.search import parse_search
 from bound_tuner.config.settings import config_kwargs
 from bound_tuner.config.space import suggest
-from bound_tuner.config.spec import DEFAULT_KEEP_MODELS, SpecError, StudySpec, parse_search
 from bound_tuner.data import prepare_for
 from bound_tuner.data.split import DataSplit
 from bound_tuner.evaluation.checkpoints import (
@@ -25,6 +26,7 @@ from bound_tuner.evaluation.checkpoints import (
     early_stop_refusal,
 )
 from bound_tuner.evaluation.vae_along_training import CertifiedVAE, train_vae_certified
+from bound_tuner.evaluation.vae_bound import vae_bound, vae_kfold_bound
 from bound_tuner.maths.bounds.diffusion import R_SOURCES
 from bound_tuner.maths.bounds.kfold import fold_assignment, folds_for
 from bound_tuner.maths.bounds.report import BoundReport
@@ -33,14 +35,12 @@ from bound_tuner.maths.bounds.vae import (
     VAE_VARIANTS,
     assemble_vae_bound,
     reference_vae_R,
-    vae_bound,
-    vae_kfold_bound,
 )
 from bound_tuner.models.vae import MLPVAE, ConvVAE
 from bound_tuner.objectives.outcome import TrialHook, certified_reporter, unusable
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device
 from bound_tuner.runtime.seeding import seed_everything, trial_seed
-from bound_tuner.storage.artifacts import ModelKeeper
+from bound_tuner.storage.keeper import ModelKeeper
 from bound_tuner.training.vae import train_vae
 
 VAE_ARCHS = ("mlp", "conv")
@@ -143,7 +143,7 @@ class VAEObjective:
     Args:
         data: training points [m, d] or images [m, 1, H, W] in [0, 1] (binarized, or grey with
             ``dynamic_binarize``), and the test set for validation mode.
-        search: the search space (see ``DiffusionObjective``), keys of ``spec.VAE_PARAMS``.
+        search: the search space (see ``DiffusionObjective``), keys of ``bound_tuner.config.schema.VAE_PARAMS``.
         base: defaults for everything the search space leaves out.
         validation: also compute the held-out metrics.
         bound_subset: evaluate the per-epoch bounds on this many training points, a subset fixed
@@ -160,7 +160,7 @@ class VAEObjective:
         conv_width: channels of the first convolution of the conv VAE.
         eval_batch_size: points per batch in the bound evaluations.
         artifact_store: an Optuna artifact store; every complete trial among the best
-            ``keep_models`` uploads its weights there (``bound_tuner.storage.artifacts``). None: none.
+            ``keep_models`` uploads its weights there (``bound_tuner.storage.keeper``). None: none.
         keep_models: how many of the best trials keep their weights (None: all).
         checkpoints: epochs before the last one at which "elbo-kfold" computes and reports its
             value (evenly spaced, ``checkpoints.checkpoint_every``; 0: the last only).

@@ -21,7 +21,7 @@ def artifact_dir_for(storage_url: str | None = None) -> Path:
     after the database server, ``<backend>_<host>_<port>_<database>_artifacts``
     (``grpc_<host>_<port>_artifacts`` for a storage proxy), so that a PostgreSQL study and a SQLite
     study of one name never share a folder. A run records the absolute folder in its study
-    (user attr ``bound_tuner.storage.artifacts``), and each trial the folder of its weights."""
+    (user attr ``bound_tuner.artifacts``), and each trial the folder of its weights."""
     env = os.environ.get(ARTIFACTS_ENV)
     if env:
         return Path(env).expanduser()

@@ -45,7 +45,8 @@ class DiffusionConfig:
     n_steps: int = 500
     n_paths: int = 256
     mix_draws: int = 1  # draws per point of the mixture KL C_mix (the paper's k)
-    # draws per training point of the evaluation pass (NELBO or DSM); None: evaluate.draws_for(m)
+    # draws per training point of the evaluation pass (NELBO or DSM); None: the bound's
+    # draws_for(m) (evaluation.diffusion_bound)
     train_draws: int | None = None
     # K of the K-fold references ("elbo-kfold", docs/theory.md 2.9); None: bounds.kfold.folds_for
     folds: int | None = None
@@ -59,7 +60,7 @@ class DiffusionConfig:
     # that two trials differ only by their models (common random numbers)
     eval_seed: int = 0
     # held-out metrics (validation mode only)
-    heldout_n_generated: int | None = None  # None: evaluate.HELDOUT_DEFAULTS for the data's kind
+    heldout_n_generated: int | None = None  # None: heldout.HELDOUT_DEFAULTS for the data's kind
     heldout_n_steps: int | None = None
     seed: int = 0
     tf32: bool = DEFAULT_TF32  # TF32 matmuls on CUDA

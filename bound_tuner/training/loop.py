@@ -27,6 +27,13 @@ from bound_tuner.maths.draws import chunk_length, generator_for
 from bound_tuner.maths.sde import Schedule
 from bound_tuner.models import model_device
 
+#: Adam's settings for score-model training (torch.optim.Adam's defaults, written out because
+#: ``training.pack`` does the same Adam step itself, member by member)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+#: the global gradient norm that training clips each model's gradient to (clip_grad_norm_)
+GRAD_CLIP = 1.0
+
 
 def draw_times(
     n: int | tuple[int, ...], T: float, t_min: float, generator: torch.Generator | None
@@ -168,7 +175,7 @@ def train_score_model(
     lam: float = 0.0,
     t_min: float = 1e-3,
     seed: int = 0,
-    grad_clip: float | None = 1.0,
+    grad_clip: float | None = GRAD_CLIP,
     callback: Callable[[int, nn.Module], None] | None = None,
     callback_every: int = 0,
     progress: bool = False,
@@ -191,7 +198,7 @@ def train_score_model(
         raise ValueError(
             f"the model is on {model_device(model)} but the data on {x.device}; move both to one"
         )
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     m = x.shape[0]
     b = min(batch_size, m)
     draws = StepDraws(

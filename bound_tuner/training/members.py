@@ -1,7 +1,7 @@
 """K score models evaluated together: one trained model (K = 1) or the members of a pack.
 
 The generator (``sampling.generate_members``) and the negative ELBO
-(``evaluate.negative_elbo_members``) are written once, for tensors with a leading member
+(``elbo.negative_elbo_members``) are written once, for tensors with a leading member
 dimension [K, n, ...]; a single model is the case K = 1, so a packed member's bound is computed by
 the same code as a model's alone. Each member has its own schedule (one vectorized schedule per
 family, its parameters a [k, 1] tensor, evaluated on the rows of that family's members).

@@ -21,25 +21,29 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bound_tuner.maths.bounds.terms import BoundTerms
 from bound_tuner.maths.draws import generator_for
 from bound_tuner.maths.sde import Schedule
 from bound_tuner.models.factory import factory_name
 from bound_tuner.runtime.device import DEFAULT_DEVICE, resolve_device, set_tf32
 from bound_tuner.training.config import DiffusionConfig, initial_model
-from bound_tuner.training.loop import StepDraws, check_finite, generator_surrogate
+from bound_tuner.training.loop import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    GRAD_CLIP,
+    StepDraws,
+    check_finite,
+    generator_surrogate,
+)
 from bound_tuner.training.members import MemberSchedules
 
 # settings every member of a pack must share (the architecture and the training loop)
 SHARED = ("model", "width", "layers", "channels", "steps", "batch_size", "t_min")
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, used by train_score_model
-ADAM_EPS = 1e-8
-GRAD_CLIP = 1.0  # train_score_model's default clipping norm
 
 PackCallback = Callable[[int, int, nn.Module], None]  # (member, step, model); may raise
 #: (step, every member's model at that step); may raise, which ends the whole pack
@@ -60,7 +64,7 @@ class PackMember:
     schedule: Schedule
     losses: list[float] | None = None
     error: BaseException | None = None
-    terms: Any = None  # evaluate.BoundTerms when measured with the pack (experiment.pack_terms)
+    terms: BoundTerms | None = None  # when measured with the pack (experiment.pack_terms)
 
 
 def check_packable(cfgs: Sequence[DiffusionConfig]) -> None:

@@ -15,7 +15,9 @@ a batch estimate can come out negative; the clamp then passes no gradient. ``lam
 training: theta_0 is not evaluated and the random draws are the same as with ``lam > 0``.
 
 Random draws (shuffling, dynamic binarization, z) all come from one generator on the training
-device, seeded with ``seed``; the model's initial weights are the caller's.
+device, seeded with ``seed``; the model's initial weights are the caller's. ``vae_batch_terms``
+gives a batch's per-point REC, KLD and MI (the evaluation of ``bound_tuner.evaluation.vae_bound``
+uses it too).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bound_tuner.data.images import binarize_batch
-from bound_tuner.maths.bounds.vae import vae_batch_terms
+from bound_tuner.maths.bounds.vae import gaussian_kl, neg_log_bernoulli
 from bound_tuner.maths.draws import generator_for
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "train_fold_vaes",
     "train_vae",
     "train_vaes_lockstep",
+    "vae_batch_terms",
     "vae_epochs",
 ]
 
@@ -52,6 +55,39 @@ def complexity_surrogate(
 ) -> torch.Tensor:
     """S = (1 + r) (sqrt(mean KLD) + sqrt(max(mean MI, 0) / m)) from per-point values (module doc)."""
     return (1.0 + r) * (_soft_sqrt(kld.mean()) + _soft_sqrt(mi.mean().clamp(min=0.0) / m))
+
+
+def vae_batch_terms(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    decoder0: nn.Module | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-point REC, KLD and MI estimates [b] for one batch (differentiable; docs/theory.md section 5).
+
+    ``model`` needs ``encode(x) -> (mu, logvar)`` and ``decode(z) -> logits``. The ``mc_samples``
+    draws of z per point are shared by ln p_theta and ln p_theta0, so MI is exactly 0 when the
+    decoder still equals ``decoder0``. MI is None when ``decoder0`` is None.
+    """
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples={mc_samples} must be >= 1")
+    b = x.shape[0]
+    mu, logvar = model.encode(x)
+    kld = gaussian_kl(mu, logvar)
+    eps = torch.randn(
+        (mc_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=mu.device
+    )
+    z = (mu + torch.exp(0.5 * logvar) * eps).reshape(mc_samples * b, -1)
+    xr = x.reshape(1, b, -1).expand(mc_samples, b, -1).reshape(mc_samples * b, -1)
+    nll = neg_log_bernoulli(model.decode(z), xr).reshape(mc_samples, b)
+    rec = nll.mean(dim=0)
+    mi = None
+    if decoder0 is not None:
+        nll0 = neg_log_bernoulli(decoder0(z), xr).reshape(mc_samples, b)
+        mi = (nll0 - nll).mean(dim=0)  # ln p_theta - ln p_theta0
+    return rec, kld, mi
 
 
 def vae_epochs(

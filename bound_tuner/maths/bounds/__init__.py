@@ -1,4 +1,4 @@
-"""The bounds as pure tensor functions (no Optuna, no model runs here; see bound_tuner.evaluation.evaluate).
+"""The bounds as pure tensor functions (no Optuna, no model runs here; see bound_tuner.evaluation).
 
 Names are imported lazily, so that ``bound_tuner.maths.bounds.report`` loads without torch.
 """

@@ -20,7 +20,8 @@ between the model and the reference trained on the other half:
 Variant "elbo-encoder" adds the paper's encoder terms to "elbo": NELBO_train - C_mix +
 sqrt(2) R (C_prior + sqrt(I_gir)).
 
-Nothing here runs a model: ``bound_tuner.evaluation.evaluate`` does that and calls ``assemble_diffusion_bound``.
+Nothing here runs a model: ``bound_tuner.evaluation.diffusion_bound`` does that, and
+``bound_tuner.maths.bounds.variants`` calls ``assemble_diffusion_bound`` on what it measured.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 The training set is cut into K folds. Reference k is a model trained with the trial's settings,
 initialization and noise draws on every point outside fold k, so a point of fold k is measured
-against a model that never saw it. Pure tensor functions; ``bound_tuner.evaluation.evaluate`` runs the models.
+against a model that never saw it. Pure tensor functions; ``bound_tuner.evaluation`` runs the models.
 
 - ``fold_info``: (1/m) sum_k sqrt(n_k KL_k), the per-sample information term of eq. 2.9
   (KL_k: Girsanov's path KL between the model and reference k, along the model's paths).
 - ``cross_fitted``: each point's NELBO under the reference that did not see it; their mean is the
   K-fold cross-validated NELBO (eq. 2.10), their spread the cross-fitted scale R (eq. 2.11).
+- ``fold_terms``: every cross-fitting term from the references' per-point NELBOs.
 """
 
 from __future__ import annotations
@@ -121,6 +122,21 @@ def cv_summary(values: torch.Tensor, mc_var: torch.Tensor | None = None) -> dict
         "R_cv_std": std,
         "R_cv_half_range": half_range,
     }
+
+
+def fold_terms(
+    per_ref: torch.Tensor, mc_var: torch.Tensor, folds: torch.Tensor
+) -> dict[str, float]:
+    """Cross-fitting from every reference's per-point NELBO [K, m] (docs/theory.md 2.10-2.11):
+    the K-fold cross-validated NELBO, its standard error, the cross-fitted scale R_cv, the
+    references' NELBO on their own training points (their mean over the references, the fit
+    that the cross-validated NELBO is compared with) and the plain 80/20 split's held-out NELBO
+    (reference 0 on fold 0) as a baseline."""
+    folds = folds.to(per_ref.device)
+    out = cv_summary(cross_fitted(per_ref, folds), cross_fitted(mc_var, folds))
+    out["refs_train_nelbo"] = refs_own_fit(per_ref, folds)
+    out["holdout_nelbo"] = holdout_fit(per_ref, folds)
+    return out
 
 
 #: grid points x values that ``subgaussian_scale`` holds at once (float64: 32 MiB)
