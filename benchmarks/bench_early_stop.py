@@ -191,6 +191,16 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
                             floor = c["heldout"] - 2 * c["heldout_se"]
                             valid_all += value(c, z) >= floor
                             valid_z2 += value(c, CV_Z) >= floor  # the curve without early stopping
+            # each model's step chosen by the point estimate (z = 0), its value still with z_C:
+            # valid under the same union bound (eq. 2.12a); is the margin what ranks steps poorly?
+            z = checkpoint_z(C)
+            steps = [
+                min(range(C), key=lambda j, m=m: value(m["checkpoints"][j], 0.0)) for m in models
+            ]
+            best = min(
+                range(len(models)), key=lambda i: value(models[i]["checkpoints"][steps[i]], z)
+            )
+            picks["step by point estimate, C"] = held[best][steps[best]]
             picks["steps searched by TPE (same budget)"] = oracle + tpe_regret(models, oracle)
             picks["oracle of today's search"] = min(finals)
             for name, truth in picks.items():
