@@ -155,9 +155,46 @@ def requeue_interrupted(study: optuna.Study) -> None:
                 _retry(study, t)
 
 
-def fail_stale(study: optuna.Study) -> None:
+class LiveTrials:
+    """The trials this process is running (a worker's one, or the K of a pack), kept from being
+    failed as stale by this process's own claims: ``fail_stale`` first records a heartbeat for
+    each. Optuna's heartbeat thread of a trial can fall behind the grace period on a busy
+    machine, and in a pack the next claim of a sibling thread would then fail a trial that is
+    still training. Trials of other processes are still failed once their heartbeat is stale.
+    Thread-safe; without a heartbeat storage (``store`` None, the gRPC proxy) it does nothing."""
+
+    def __init__(self, store: optuna.storages.BaseStorage | None = None) -> None:
+        heartbeat = isinstance(store, optuna.storages.RDBStorage) and store.get_heartbeat_interval()
+        self._store = store if heartbeat else None
+        self._numbers: set[int] = set()
+        self._guard = threading.Lock()
+
+    def add(self, number: int) -> None:
+        with self._guard:
+            self._numbers.add(number)
+
+    def discard(self, number: int) -> None:
+        with self._guard:
+            self._numbers.discard(number)
+
+    def refresh(self, study: optuna.Study) -> None:
+        """Record a heartbeat for every trial this process runs."""
+        with self._guard:
+            numbers = sorted(self._numbers)
+        if self._store is None or not numbers:
+            return
+        study_id = self._store.get_study_id_from_name(study.study_name)
+        for number in numbers:
+            trial_id = self._store.get_trial_id_from_study_id_trial_number(study_id, number)
+            self._store.record_heartbeat(trial_id)
+
+
+def fail_stale(study: optuna.Study, *, live: LiveTrials | None = None) -> None:
     """Fail trials whose heartbeat stopped and queue their retries (call under the study lock,
-    so no process counts a failed trial before its retry exists)."""
+    so no process counts a failed trial before its retry exists); the trials of ``live`` (this
+    process's own) first get a heartbeat, so they are never among them."""
+    if live is not None:
+        live.refresh(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -59,6 +59,7 @@ from bound_tuner.execution.accounting import (
     STORAGE_FAILURE,
     WORKER_ATTR,
     FailureStreak,
+    LiveTrials,
     TrialCounter,
     fail_stale,
     fail_unclaimed,
@@ -389,6 +390,7 @@ def optimize_until(
     failures: FailureStreak | None = None,
     trial_attrs: dict[str, Any] | None = None,
     outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
+    live: LiveTrials | None = None,
 ) -> None:
     """Run trials of ``study`` until it has ``target`` trials that count (``counts``).
 
@@ -400,7 +402,8 @@ def optimize_until(
     interrupted trials are queued again and raise KeyboardInterrupt; ``failures`` (default:
     five in a row) stops it with TooManyFailures; a database that goes away is waited for up to
     ``outage_seconds``, then TrialError; a database that refuses a write (disk full, read-only)
-    raises TrialError. ``trial_attrs`` are set on every trial.
+    raises TrialError. ``trial_attrs`` are set on every trial. ``live`` holds the trials this
+    process runs (shared by the loops of a pack), which its own claims never fail as stale.
     """
     ident = ident or f"{socket.gethostname()}:{os.getpid()}"
     streak = failures if failures is not None else FailureStreak(DEFAULT_MAX_CONSECUTIVE_FAILURES)
@@ -408,6 +411,7 @@ def optimize_until(
     counter = TrialCounter()
     clock = OutageClock(outage_seconds, url)
     gate = SignalGate()
+    live = live if live is not None else LiveTrials()
     optuna_log = logging.getLogger("optuna.study._optimize")
     quiet = QuietOutcomes()
     optuna_log.addFilter(quiet)
@@ -415,7 +419,7 @@ def optimize_until(
         while True:
             quiet.run = TrialRun()
             if _one_pass(study, objective, target, lock, ident, callbacks, url, wait_for_running,
-                         streak, attrs, counter, clock, gate, quiet.run):  # fmt: skip
+                         streak, attrs, counter, clock, gate, quiet.run, live):  # fmt: skip
                 return
             if bar is not None:
                 with contextlib.suppress(*storage_errors()):
@@ -441,6 +445,7 @@ def _one_pass(
     clock: OutageClock,
     gate: SignalGate,
     run: TrialRun,
+    live: LiveTrials,
 ) -> bool:
     """Claim and run one trial (``run`` gathers what happens to it), and act on its outcome;
     True when the loop is done."""
@@ -448,6 +453,7 @@ def _one_pass(
 
     def wrapped(trial: optuna.Trial) -> Any:
         run.trial = trial
+        live.add(trial.number)
         trial.set_user_attr(WORKER_ATTR, ident)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -494,7 +500,7 @@ def _one_pass(
             if lock is not None:
                 held.enter_context(lock())
             gate.hold()  # from here until the objective starts: deferred
-            fail_stale(study)
+            fail_stale(study, live=live)
             if getattr(lock, "exclusive", False):  # a StudyLock, or the packed threads' lock
                 for number in fail_unclaimed(study):
                     _log.warning("trial %d: its claim was lost to the database; retried", number)
@@ -525,6 +531,8 @@ def _one_pass(
         finally:
             _release(held)
             gate.hold()
+            if run.trial is not None:  # told (or failed): no longer this process's to keep
+                live.discard(run.trial.number)
         verdict = decide(run, raised, study, url)
         if verdict.outcome is Outcome.INTERRUPTED:
             if run.trial is not None:
@@ -614,7 +622,7 @@ def run_worker(
         spec, data, device=device, on_result=on_result, artifact_store=store
     )
 
-    study = open_with_heartbeat(
+    study, store = open_with_heartbeat(
         spec,
         url,
         interval,
@@ -651,6 +659,7 @@ def run_worker(
         "failures": streak,
         "trial_attrs": {SPEC_CHANGED_ATTR: changes} if changes else None,
         "outage_seconds": outage,
+        "live": LiveTrials(store),  # the trials of this process (all K of a pack)
     }
     pack = getattr(objective, "pack", 1)
     interrupted = False

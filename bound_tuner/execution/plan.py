@@ -23,7 +23,7 @@ from bound_tuner.config.spec import load_spec
 from bound_tuner.execution.accounting import TrialCounter, fail_stale, finished_count, nothing_left
 from bound_tuner.execution.errors import WorkerConfigError
 from bound_tuner.execution.lock import StudyLock
-from bound_tuner.objectives.studies import open_study
+from bound_tuner.objectives.studies import RETRY_FAILED, open_study
 from bound_tuner.storage.database import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_OUTAGE_SECONDS,
@@ -33,6 +33,7 @@ from bound_tuner.storage.database import (
     connection_lost,
     default_grace_period,
     is_sqlite,
+    make_storage,
     redact,
     resolve_url,
     scrub,
@@ -98,21 +99,20 @@ def worker_env(url: str) -> dict[str, str]:
 
 def open_with_heartbeat(
     spec: StudySpec, url: str, interval: int, grace: int, **kw: Any
-) -> optuna.Study:
+) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
     """The spec's study (created if missing) on a storage with heartbeat and retries, with the
-    artifact folder of ``url`` recorded; ``kw`` goes to
+    artifact folder of ``url`` recorded, and that storage (a worker refreshes its own trials'
+    heartbeats there: ``accounting.LiveTrials``); ``kw`` goes to
     ``bound_tuner.objectives.studies.open_study`` (worker_index, allow_changed_spec, ...)."""
     with warnings.catch_warnings():  # heartbeat options are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return open_study(
-            spec,
-            url,
-            heartbeat=True,
-            heartbeat_interval=interval,
-            grace_period=grace,
-            artifact_dir=str(artifact_dir_for(url).resolve()),
-            **kw,
+        store = make_storage(
+            url, heartbeat_interval=interval, grace_period=grace, retry_failed=RETRY_FAILED
         )
+        study = open_study(
+            spec, url, store=store, artifact_dir=str(artifact_dir_for(url).resolve()), **kw
+        )
+    return study, store
 
 
 def heartbeat_settings(spec: StudySpec, interval: int | None, grace: int | None) -> tuple[int, int]:
@@ -214,7 +214,7 @@ def open_run(plan: RunPlan) -> tuple[optuna.Study, str | None, bytes, RunOptions
     """The run's study (created if missing), the line that says nothing is left to run (None
     when trials are left), and what every worker gets: the pickled spec and the options of
     ``bound_tuner.execution.loop.work``."""
-    study = open_with_heartbeat(
+    study, _ = open_with_heartbeat(
         plan.spec,
         plan.url,
         plan.interval,

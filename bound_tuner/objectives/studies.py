@@ -37,6 +37,10 @@ SPEC_CHANGED_ATTR = "spec.changed"  # trial user attr: {key: [old, new]} under a
 _UNSET = object()
 
 
+#: retries of a trial failed as stale (its worker died) before it stays FAIL
+RETRY_FAILED = 3
+
+
 def sampler_seed(base: int | None, worker_index: int | None, existing: int = 0) -> int | None:
     """The sampler seed of one worker of a run: the spec's seed for worker 0 of a study run from
     scratch (same spec, same proposals), else a seed derived from it, the worker index and the
@@ -118,6 +122,7 @@ def open_study(
     existing_trials: int | None = None,
     allow_changed_spec: bool = False,
     artifact_dir: str | None = None,
+    store: optuna.storages.BaseStorage | None = None,
     **storage_kw,
 ) -> optuna.Study:
     """Create the spec's study in the storage, or load it if it exists (resuming).
@@ -127,7 +132,8 @@ def open_study(
     existing one is refused with a SpecError naming the changed keys if the spec differs, unless
     ``allow_changed_spec`` (see ``spec_changes``). ``artifact_dir``, when given, is recorded as
     the study's artifact folder (user attr ``bound_tuner.artifacts``; export and sample look
-    there).
+    there). ``store``, when given, is the Optuna storage already made for ``storage`` (with its
+    own heartbeat settings); ``heartbeat`` and ``storage_kw`` then do not apply.
 
     The sampler is seeded by ``sampler_seed`` from the spec's seed, ``worker_index`` and the
     trials the study already has (``existing_trials``, counted here when None).
@@ -140,8 +146,9 @@ def open_study(
         storage_kw.setdefault(
             "grace_period", spec.storage.get("grace_period", default_grace_period(interval))
         )
-        storage_kw.setdefault("retry_failed", 3)
-    store = make_storage(storage, **storage_kw)
+        storage_kw.setdefault("retry_failed", RETRY_FAILED)
+    if store is None:
+        store = make_storage(storage, **storage_kw)
     study = optuna.create_study(
         storage=store,
         study_name=spec.name,
