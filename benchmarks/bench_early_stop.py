@@ -1,10 +1,11 @@
 """Certified early stopping against what a user would do instead (docs/theory.md 2.12, 7.2).
 
-Every model of the selection benchmark's 2-D cases (``bench_selection.build_tasks``; pass
-``--seed-offset`` for problems none of the rules was tuned on) trains with its K references in
-lockstep (``evaluation.along_training``). At C evenly spaced checkpoints the run records the
-value's parts (eq. 2.11: training NELBO, cross-fitted NELBO, its standard error, the references'
-own NELBO) and the model's held-out NELBO on test points. From one table per problem it compares:
+Every model of the selection benchmark's 2-D cases and few-shot image cases (e, y)
+(``bench_selection.build_tasks``; pass ``--seed-offset`` for problems none of the rules was
+tuned on) trains with its K references in lockstep (``evaluation.along_training``). At C evenly
+spaced checkpoints the run records the value's parts (eq. 2.11: training NELBO, cross-fitted
+NELBO, its standard error, the references' own NELBO) and the model's held-out NELBO on test
+points (images: dequantized, in nats per image, as the value; docs/theory.md 1.3). From one table per problem it compares:
 
 - today's default: each configuration trained for the fixed steps, picked by the value at the
   last step (margin 2 se);
@@ -53,10 +54,12 @@ def run_task(task: Task) -> dict:
     torch.set_num_threads(1)
     from bound_tuner.data import load_dataset, prepare_for
     from bound_tuner.evaluation.along_training import value_parts
+    from bound_tuner.evaluation.diffusion_bound import nelbo_terms
     from bound_tuner.evaluation.elbo import negative_elbo
     from bound_tuner.maths.bounds.kfold import fold_assignment, fold_rows, folds_for
     from bound_tuner.maths.sde import get_schedule
     from bound_tuner.training.config import DiffusionConfig
+    from bound_tuner.training.members import Members
     from bound_tuner.training.pack import train_packed
 
     split = load_dataset(task.data, m=task.m, seed=task.data_seed, test_size=task.test_size)
@@ -70,15 +73,25 @@ def run_task(task: Task) -> dict:
 
     def at_checkpoint(step: int, models) -> None:
         parts = value_parts(models[0], models[1:], x, schedule, folds, cfg)
-        held = negative_elbo(
-            models[0],
-            test,
-            schedule,
-            T=cfg.T,
-            t_min=cfg.t_min,
-            draws=HELDOUT_DRAWS,
-            seed=cfg.eval_seed + 13,
-        )
+        if test.dim() == 4:  # images: dequantized, in nats per image, the units of the value
+            held = nelbo_terms(
+                Members.single(models[0], schedule),
+                test,
+                T=[cfg.T],
+                seeds=[cfg.eval_seed + 13],
+                draws=HELDOUT_DRAWS,
+                t_min=cfg.t_min,
+            )[0][0]
+        else:
+            held = negative_elbo(
+                models[0],
+                test,
+                schedule,
+                T=cfg.T,
+                t_min=cfg.t_min,
+                draws=HELDOUT_DRAWS,
+                seed=cfg.eval_seed + 13,
+            )
         rows.append({"step": step, **parts, "heldout": held.mean, "heldout_se": held.se})
 
     start = time.perf_counter()
@@ -276,7 +289,11 @@ def run_resumable(tasks: list[Task], run, *, keys, out: str | None, jobs: int, m
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="c,x", help="2-D cases of bench_selection: a,b,c,d,x")
+    ap.add_argument(
+        "--cases",
+        default="c,x",
+        help="diffusion cases of bench_selection: 2-D a,b,c,d,x; few-shot images e,y",
+    )
     ap.add_argument("--memo-steps", type=int, default=8000, help="steps of cases c and x")
     ap.add_argument("--configs", type=int, default=16, help="configurations of case b")
     add_run_args(ap, jobs=2)
@@ -291,11 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             cases,
             args.seeds,
             memo_steps=args.memo_steps,
-            fewshot=False,
+            fewshot="e" in cases or "y" in cases,
             seed_offset=args.seed_offset,
             configs=args.configs,
         )
-        if t.case in "abcdx"
+        if t.case in "abcdxey"
     ]
     rows = run_resumable(
         tasks,
