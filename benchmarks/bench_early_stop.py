@@ -82,7 +82,7 @@ def run_task(task: Task) -> dict:
                 draws=HELDOUT_DRAWS,
                 t_min=cfg.t_min,
             )[0][0]
-        else:
+        else:  # 2-D points: the draws of the saved rows (nelbo_terms would shift the seed)
             held = negative_elbo(
                 models[0],
                 test,

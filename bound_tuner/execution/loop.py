@@ -622,7 +622,7 @@ def run_worker(
         spec, data, device=device, on_result=on_result, artifact_store=store
     )
 
-    study, store = open_with_heartbeat(
+    study, heartbeat_storage = open_with_heartbeat(
         spec,
         url,
         interval,
@@ -659,7 +659,7 @@ def run_worker(
         "failures": streak,
         "trial_attrs": {SPEC_CHANGED_ATTR: changes} if changes else None,
         "outage_seconds": outage,
-        "live": LiveTrials(store),  # the trials of this process (all K of a pack)
+        "live": LiveTrials(heartbeat_storage),  # the trials of this process (all K of a pack)
     }
     pack = getattr(objective, "pack", 1)
     interrupted = False

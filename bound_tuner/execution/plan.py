@@ -23,7 +23,7 @@ from bound_tuner.config.spec import load_spec
 from bound_tuner.execution.accounting import TrialCounter, fail_stale, finished_count, nothing_left
 from bound_tuner.execution.errors import WorkerConfigError
 from bound_tuner.execution.lock import StudyLock
-from bound_tuner.objectives.studies import RETRY_FAILED, open_study
+from bound_tuner.objectives.studies import open_study
 from bound_tuner.storage.database import (
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_OUTAGE_SECONDS,
@@ -95,6 +95,10 @@ def worker_env(url: str) -> dict[str, str]:
     $BOUND_TUNER_STORAGE, so that it never travels as an argument (visible in a process list or
     Ray's dashboard)."""
     return {ENV_VAR: url}
+
+
+#: retries of a trial failed as stale (its worker died) before it stays FAIL
+RETRY_FAILED = 3
 
 
 def open_with_heartbeat(

@@ -14,9 +14,7 @@ from bound_tuner.config.objective_names import constraints_func, directions, met
 from bound_tuner.config.schema import SpecError, StudySpec
 from bound_tuner.config.space import grid_space
 from bound_tuner.storage.database import (
-    DEFAULT_HEARTBEAT_INTERVAL,
     STUDY_ARTIFACTS_ATTR,
-    default_grace_period,
     make_storage,
     redact,
     resolve_url,
@@ -35,10 +33,6 @@ SPEC_CHANGED_ATTR = "spec.changed"  # trial user attr: {key: [old, new]} under a
 
 
 _UNSET = object()
-
-
-#: retries of a trial failed as stale (its worker died) before it stays FAIL
-RETRY_FAILED = 3
 
 
 def sampler_seed(base: int | None, worker_index: int | None, existing: int = 0) -> int | None:
@@ -117,13 +111,11 @@ def open_study(
     spec: StudySpec,
     storage: str | None = None,
     *,
-    heartbeat: bool = False,
     worker_index: int | None = 0,
     existing_trials: int | None = None,
     allow_changed_spec: bool = False,
     artifact_dir: str | None = None,
     store: optuna.storages.BaseStorage | None = None,
-    **storage_kw,
 ) -> optuna.Study:
     """Create the spec's study in the storage, or load it if it exists (resuming).
 
@@ -132,23 +124,14 @@ def open_study(
     existing one is refused with a SpecError naming the changed keys if the spec differs, unless
     ``allow_changed_spec`` (see ``spec_changes``). ``artifact_dir``, when given, is recorded as
     the study's artifact folder (user attr ``bound_tuner.artifacts``; export and sample look
-    there). ``store``, when given, is the Optuna storage already made for ``storage`` (with its
-    own heartbeat settings); ``heartbeat`` and ``storage_kw`` then do not apply.
+    there). ``store``, when given, is the Optuna storage already made for ``storage`` (a run's,
+    with its heartbeat: ``execution.plan.open_with_heartbeat``); else a plain one is made.
 
     The sampler is seeded by ``sampler_seed`` from the spec's seed, ``worker_index`` and the
     trials the study already has (``existing_trials``, counted here when None).
     """
-    if heartbeat:
-        interval = storage_kw.setdefault(
-            "heartbeat_interval",
-            spec.storage.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL),
-        )
-        storage_kw.setdefault(
-            "grace_period", spec.storage.get("grace_period", default_grace_period(interval))
-        )
-        storage_kw.setdefault("retry_failed", RETRY_FAILED)
     if store is None:
-        store = make_storage(storage, **storage_kw)
+        store = make_storage(storage)
     study = optuna.create_study(
         storage=store,
         study_name=spec.name,
