@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from bound_tuner.evaluation.checkpoints import (
+    BestCheckpoint,
     Report,
     checkpoint_count,
     checkpoint_every,
-    state_copy,
 )
 from bound_tuner.evaluation.diffusion_bound import draws_for, nelbo_terms
 from bound_tuner.maths.bounds.diffusion import certified_value
@@ -134,17 +134,14 @@ def train_certified(
     every = checkpoint_every(cfg.steps, checkpoints)
     z = checkpoint_z(checkpoint_count(cfg.steps, every)) if early_stop else CV_Z
     curve: list[tuple[int, float]] = []
-    kept: dict[str, object] = {"value": float("inf"), "step": cfg.steps, "weights": None}
+    kept = BestCheckpoint(early_stop=early_stop, report=report)
 
     def at_checkpoint(step: int, models: list[nn.Module]) -> None:
         value = value_at(models[0], models[1:], x, schedule, folds, cfg, z=z)
         curve.append((step, value))
-        if early_stop and value < kept["value"]:
-            kept.update(value=value, step=step, weights=[state_copy(mod) for mod in models])
+        kept.see(step, value, models)
         for mod in models:
             mod.train()
-        if report is not None:
-            report(step, kept["value"] if early_stop else value)
 
     members = train_packed(
         x,
@@ -157,11 +154,9 @@ def train_certified(
         stop=stop,
     )
     models = [mem.model for mem in members]
-    step = cfg.steps
-    if early_stop and kept["weights"] is not None:
-        step = int(kept["step"])
-        for mod, weights in zip(models, kept["weights"], strict=True):
-            mod.load_state_dict(weights)
+    step = kept.restore(models)
+    if step is None:  # no early stopping: the last step's weights
+        step = cfg.steps
     for mod in models:
         mod.eval()
     return CertifiedTraining(

@@ -1,6 +1,7 @@
 """What diffusion and VAE training share for the certificate along training (docs/theory.md
-2.12): the defaults, the checkpoint spacing, the report hook and the trial attr of the curve.
-Light (torch only), so that an objective's module loads without the evaluation passes."""
+2.12): the defaults, the checkpoint spacing, the best checkpoint kept, the report hook and the
+trial attr of the curve. Light (torch only), so that an objective's module loads without the
+evaluation passes."""
 
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ def checkpoint_count(steps: int, every: int) -> int:
     if every <= 0:
         return 1
     return steps // every + (1 if steps % every else 0)
+
+
+class BestCheckpoint:
+    """The step (VAEs: epoch) of the smallest value so far and every model's weights there
+    (eq. 2.12's argmin, with ``early_stop``); ``report`` gets each checkpoint's value as the
+    trial would have it if it ended there."""
+
+    def __init__(self, *, early_stop: bool, report: Report | None) -> None:
+        self.early_stop = early_stop
+        self.report = report
+        self.value = float("inf")
+        self.step: int | None = None
+        self.weights: list[dict[str, torch.Tensor]] | None = None
+
+    def see(self, step: int, value: float, models: list[nn.Module]) -> None:
+        """One checkpoint's value; with early stopping a smaller one keeps a copy of ``models``."""
+        if self.early_stop and value < self.value:
+            self.value, self.step = value, step
+            self.weights = [state_copy(mod) for mod in models]
+        if self.report is not None:
+            self.report(step, self.value if self.early_stop else value)
+
+    def restore(self, models: list[nn.Module]) -> int | None:
+        """Load the kept weights into ``models``; the kept step (None: nothing kept, the models
+        stay at their last step)."""
+        if self.weights is None:
+            return None
+        for mod, weights in zip(models, self.weights, strict=True):
+            mod.load_state_dict(weights)
+        return self.step
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

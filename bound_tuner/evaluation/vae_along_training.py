@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from bound_tuner.evaluation.checkpoints import (
+    BestCheckpoint,
     Report,
     checkpoint_count,
     checkpoint_every,
-    state_copy,
 )
 from bound_tuner.evaluation.vae_bound import vae_kfold_bound
 from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z, fold_rows
@@ -85,7 +85,7 @@ def train_vae_certified(
     every = checkpoint_every(epochs, checkpoints)
     z = checkpoint_z(checkpoint_count(epochs, every)) if early_stop else CV_Z
     run = CertifiedVAE(model, references, folds, [], epochs, epochs, z)
-    kept: dict[str, object] = {"value": float("inf"), "weights": None}
+    kept = BestCheckpoint(early_stop=early_stop, report=report)
 
     def at_epoch(epoch: int, models: list[nn.Module]) -> None:
         if callback is not None:
@@ -104,11 +104,7 @@ def train_vae_certified(
         )
         run.curve.append((epoch, rep.total))
         run.reports.append(rep)
-        if early_stop and rep.total < kept["value"]:
-            run.epoch = epoch
-            kept.update(value=rep.total, weights=[state_copy(mod) for mod in models])
-        if report is not None:
-            report(epoch, kept["value"] if early_stop else rep.total)
+        kept.see(epoch, rep.total, models)
 
     histories = train_vaes_lockstep(
         [model, *references],
@@ -119,7 +115,6 @@ def train_vae_certified(
         **train_kwargs,
     )
     run.history = histories[0]
-    if early_stop and kept["weights"] is not None:
-        for mod, weights in zip([model, *references], kept["weights"], strict=True):
-            mod.load_state_dict(weights)
+    epoch = kept.restore([model, *references])
+    run.epoch = epochs if epoch is None else epoch
     return run
