@@ -44,6 +44,8 @@ CHECKPOINTS = 8
 HELDOUT_POINTS = 4000
 HELDOUT_DRAWS = 16
 TPE_SEEDS = 20
+#: the settings a row records (and a resumed run matches rows by)
+CONFIG_KEYS = ("T", "schedule", "lr", "lam", "steps", "seed", "ema")
 
 
 def run_task(task: Task) -> dict:
@@ -110,7 +112,7 @@ def run_task(task: Task) -> dict:
     return {
         "case": task.case,
         "group": task.group,
-        "config": {k_: task.cfg[k_] for k_ in ("T", "schedule", "lr", "lam", "steps", "seed")},
+        "config": {k_: task.cfg[k_] for k_ in CONFIG_KEYS},
         "m": task.m,
         "folds": k,
         "checkpoints": rows,
@@ -248,6 +250,58 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def picks(models: list[dict]) -> dict[str, float]:
+    """The held-out NELBO of each pick of one problem: the checkpoint oracle, the oracle of
+    today's search, today's default and certified early stopping (C checkpoints)."""
+    from bound_tuner.maths.bounds.kfold import CV_Z, checkpoint_z
+
+    held = [[c["heldout"] for c in m["checkpoints"]] for m in models]
+    z = checkpoint_z(len(models[0]["checkpoints"]))
+    today = min(range(len(models)), key=lambda i: value(models[i]["checkpoints"][-1], CV_Z))
+    stop = min(
+        (value(c, z), i, j) for i, m in enumerate(models) for j, c in enumerate(m["checkpoints"])
+    )
+    return {
+        "checkpoint oracle": min(min(h) for h in held),
+        "oracle of today's search": min(h[-1] for h in held),
+        "today's default (fixed steps)": held[today][-1],
+        "early stopping, C": held[stop[1]][stop[2]],
+    }
+
+
+def compare(before: list[dict], after: list[dict]) -> str:
+    """Per case, the mean held-out NELBO of each pick in two runs of the same problems (e.g. the
+    last weights against their average, ``--ema 0`` and the default) and the mean paired
+    difference with its standard error over problems."""
+    lines = []
+    b_cases, a_cases = dict(by_case(before)), dict(by_case(after))
+    for case in sorted(set(b_cases) & set(a_cases)):
+        diffs: dict[str, list[tuple[float, float]]] = {}
+        for group in sorted(set(b_cases[case]) & set(a_cases[case])):
+            runs = [
+                [m for m in g[group] if m["error"] is None] for g in (b_cases[case], a_cases[case])
+            ]
+            if min(len(r) for r in runs) < 2:
+                continue
+            pb, pa = picks(runs[0]), picks(runs[1])
+            for name in pb:
+                diffs.setdefault(name, []).append((pb[name], pa[name]))
+        n = len(next(iter(diffs.values()), []))
+        lines.append(f"\n({case}) {n} problems: mean held-out NELBO of the pick")
+        lines.append(f"  {'pick':<32} {'first':>8} {'second':>8} {'second - first':>22}")
+        for name, pairs in diffs.items():
+            d = [a - b for b, a in pairs]
+            se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            first, second = (
+                statistics.mean(b for b, _ in pairs),
+                statistics.mean(a for _, a in pairs),
+            )
+            lines.append(
+                f"  {name:<32} {first:8.3f} {second:8.3f} {statistics.mean(d):+12.3f} +- {se:.3f}"
+            )
+    return "\n".join(lines)
+
+
 def add_run_args(ap: argparse.ArgumentParser, *, jobs: int) -> None:
     """The options of a run: problems, processes, the JSON file of rows."""
     ap.add_argument("--seeds", type=int, default=2)
@@ -296,10 +350,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--memo-steps", type=int, default=8000, help="steps of cases c and x")
     ap.add_argument("--configs", type=int, default=16, help="configurations of case b")
+    ap.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="width of the average of the weights (default: the library's; 0: the last weights)",
+    )
+    ap.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("FIRST", "SECOND"),
+        help="only compare the picks of two JSON files of the same problems",
+    )
     add_run_args(ap, jobs=2)
     args = ap.parse_args(argv)
     if args.summarize:
         print(summarize(saved_rows(args.summarize))[0])
+        return 0
+    if args.compare:
+        print(compare(*(saved_rows(p) for p in args.compare)))
         return 0
     cases = args.cases.replace(",", "")
     tasks = [
@@ -314,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if t.case in "abcdxey"
     ]
+    for t in tasks:
+        if args.ema is not None:
+            t.cfg["ema"] = args.ema
     rows = run_resumable(
         tasks,
         run_task,
-        keys=("T", "schedule", "lr", "lam", "steps", "seed"),
+        keys=CONFIG_KEYS,
         out=args.out,
         jobs=args.jobs,
         meta={"checkpoints": CHECKPOINTS},

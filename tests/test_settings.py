@@ -24,6 +24,7 @@ VALUES = {
     "epochs": 3,
     "checkpoints": 2,
     "t_min": 0.002,
+    "ema": 0.05,
     "width": 24,
     "layers": 2,
     "channels": 12,

@@ -44,6 +44,13 @@ SETTINGS: tuple[Setting, ...] = (
         "steps (VAEs: epochs) before the last the value is computed at (early stopping, pruning)",
     ),
     Setting("training", "t_min", float, {"diffusion": "t_min"}, "smallest diffusion time"),
+    Setting(
+        "training",
+        "ema",
+        float,
+        {"diffusion": "ema"},
+        "width of the average of the weights a run returns (default 0.09; 0: the last weights)",
+    ),
     Setting("training", "width", int, {"diffusion": "width"}, "hidden units of the point-data MLP"),
     Setting(
         "training", "layers", int, {"diffusion": "layers"}, "hidden layers of the point-data MLP"

@@ -18,6 +18,7 @@ from bound_tuner.config.schema import (
     StudySpec,
 )
 from bound_tuner.data import DATASETS, IMAGE_SETS
+from bound_tuner.maths.averaging import DEFAULT_EMA, EMA_RANGE
 
 # the schedule names live beside torch code; they are imported where a spec is checked, so that
 # `bound-tuner --help` and `report` never load torch
@@ -284,6 +285,12 @@ def check_values(spec: StudySpec, where: str) -> None:
                 f"{where}: training.pack = {pack} trains trials of one architecture and loop "
                 f"together, but search.{searched[0]} varies; fix it or set pack = 1"
             )
+    ema = spec.training.get("ema")
+    if ema is not None and not (ema == 0 or EMA_RANGE[0] < ema < EMA_RANGE[1]):
+        raise SpecError(
+            f"{where}: training.ema = {ema} must be 0 (the last weights) or between "
+            f"{EMA_RANGE[0]:g} and {EMA_RANGE[1]:.3f} (e.g. {DEFAULT_EMA})"
+        )
     t_min = spec.training.get("t_min")
     if t_min is not None and t_min >= 1:
         raise SpecError(f"{where}: training.t_min = {t_min} must be below 1 (e.g. 1e-3)")

@@ -52,6 +52,7 @@ def run_diffusion(
     report: Report | None = None,
     progress: bool = False,
     stop: threading.Event | None = None,
+    together: bool | None = None,
 ) -> DiffusionResult:
     """Train a score model on ``train`` at cfg.T, compute its bound and (optionally) held-out metrics.
 
@@ -60,10 +61,11 @@ def run_diffusion(
     steps and the last, each passed to ``report``, and with cfg.early_stop the step of the
     smallest value is kept; setting ``stop`` ends that training (``PackStopped``). Other variants
     train the model alone, calling ``checkpoint(step, model)`` every ``checkpoint_every`` steps,
-    then score it."""
+    then score it. ``together`` is ``lockstep(cfg, train)`` where the caller has decided it
+    already (it tries a user's network through ``torch.func``); None: decided here."""
     if validation and test is None:
         raise ValueError("validation mode needs a test set; give test=...")
-    if lockstep(cfg, train):
+    if lockstep(cfg, train) if together is None else together:
         return _run_certified(
             train,
             cfg,

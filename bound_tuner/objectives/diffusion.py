@@ -186,6 +186,7 @@ class DiffusionObjective:
                     report=certified_reporter(trial),
                     # in a packed worker, the coordinator's stop ends this thread's training too
                     stop=None if self.packer is None else self.packer.stop,
+                    together=together,
                 )
             except PackStopped:
                 raise PackInterrupted(PACK_STOPPED) from None

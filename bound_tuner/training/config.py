@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bound_tuner.maths.averaging import DEFAULT_EMA
 from bound_tuner.maths.bounds.diffusion import DEFAULT_VARIANT
 from bound_tuner.maths.sde import Schedule, get_schedule
 from bound_tuner.models import DEFAULT_CHANNELS, build_score_model
@@ -38,6 +39,9 @@ class DiffusionConfig:
     steps: int = 3000
     batch_size: int = 256
     t_min: float = 1e-3
+    # the relative width of the average of the weights a training run returns (0: the last
+    # weights; training.loop, docs/theory.md eq. 1.2b)
+    ema: float = DEFAULT_EMA
     # bound settings
     variant: str = DEFAULT_VARIANT
     R: float | str | None = None  # a number, "estimate", "data", or None: the variant's default

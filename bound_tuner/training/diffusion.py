@@ -47,6 +47,7 @@ def train_model(
         lam=cfg.lam,
         t_min=cfg.t_min,
         seed=cfg.seed,
+        ema=cfg.ema,
         callback=checkpoint,
         callback_every=checkpoint_every,
         progress=progress,
@@ -129,6 +130,7 @@ def _train_on_rows(
         lam=cfg.lam,
         t_min=cfg.t_min,
         seed=cfg.seed,
+        ema=cfg.ema,
         rows=rows.to(device),
     )
     return model

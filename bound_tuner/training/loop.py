@@ -12,17 +12,22 @@ norm L^2 replaced by the mean squared score along the training marginals,
   S(theta) = (T - t_min) E_{t ~ U(t_min, T), x, eps} [ beta(t) || s_theta(x_t, t) ||^2 ] / (2 m),
 
 estimated on each mini-batch with the draws of the denoising loss. lambda = 0 is plain training.
+
+The weights a training run returns are the power-function average of its iterates of width
+``ema`` (``maths.averaging``, docs/theory.md eq. 1.2b); ``ema`` = 0 returns the last iterate.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bound_tuner.maths.averaging import ema_gamma, ema_keep
 from bound_tuner.maths.draws import chunk_length, generator_for
 from bound_tuner.maths.sde import Schedule
 from bound_tuner.models import model_device
@@ -33,6 +38,35 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 #: the global gradient norm that training clips each model's gradient to (clip_grad_norm_)
 GRAD_CLIP = 1.0
+
+
+def ema_update(
+    average: Iterable[torch.Tensor], weights: Iterable[torch.Tensor], *, step: int, gamma: float
+) -> None:
+    """Move the average towards the weights after update ``step`` (1-based; eq. 1.2b)."""
+    keep = ema_keep(step, gamma)
+    with torch.no_grad():
+        for a, w in zip(average, weights, strict=True):
+            a.lerp_(w.detach(), 1.0 - keep)
+
+
+@contextmanager
+def averaged_weights(model: nn.Module, average: list[torch.Tensor] | None) -> Iterator[nn.Module]:
+    """``model`` with the averaged weights in place of its own for the block (none: as it is)."""
+    if average is None:
+        yield model
+        return
+    params = list(model.parameters())
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, a in zip(params, average, strict=True):
+            p.copy_(a)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, o in zip(params, own, strict=True):
+                p.copy_(o)
 
 
 def draw_times(
@@ -180,6 +214,7 @@ def train_score_model(
     callback_every: int = 0,
     progress: bool = False,
     rows: torch.Tensor | None = None,
+    ema: float = 0.0,
 ) -> list[float]:
     """Train ``model`` on x by Adam on the denoising loss (+ lam * S(theta)); returns the losses.
 
@@ -189,7 +224,8 @@ def train_score_model(
     raise to stop training. A NaN or infinite loss raises FloatingPointError at the next
     checkpoint or at the end. ``rows`` (a K-fold reference, docs/theory.md 2.9) restricts the
     mini-batches to those rows of x, with the draws ``bound_tuner.training.pack`` gives such a member, and
-    counts their number as m in the regularizer.
+    counts their number as m in the regularizer. With ``ema`` > 0 (eq. 1.2b) the callback sees,
+    and the model ends with, the power-function average of the weights instead of the last ones.
     """
     schedule.check_T(T, t_min=t_min)
     if lam < 0:
@@ -199,6 +235,8 @@ def train_score_model(
             f"the model is on {model_device(model)} but the data on {x.device}; move both to one"
         )
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    gamma = ema_gamma(ema) if ema else None
+    average = None if gamma is None else [p.detach().clone() for p in model.parameters()]
     m = x.shape[0]
     b = min(batch_size, m)
     draws = StepDraws(
@@ -232,11 +270,18 @@ def train_score_model(
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        if average is not None:
+            ema_update(average, model.parameters(), step=step + 1, gamma=gamma)
         if bar is not None and step % every_bar == 0:
             bar.set_postfix(loss=f"{float(history[step]):.3f}")
         if callback is not None and callback_every and (step + 1) % callback_every == 0:
             check_finite(history, step + 1)
-            callback(step + 1, model)
+            with averaged_weights(model, average):
+                callback(step + 1, model)
             model.train()
     check_finite(history, steps)
+    if average is not None:
+        with torch.no_grad():
+            for p, a in zip(model.parameters(), average, strict=True):
+                p.copy_(a)
     return history.tolist()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bound_tuner.maths.averaging import ema_gamma
 from bound_tuner.maths.bounds.terms import BoundTerms
 from bound_tuner.maths.draws import generator_for
 from bound_tuner.maths.sde import Schedule
@@ -38,12 +39,13 @@ from bound_tuner.training.loop import (
     GRAD_CLIP,
     StepDraws,
     check_finite,
+    ema_update,
     generator_surrogate,
 )
 from bound_tuner.training.members import MemberSchedules
 
 # settings every member of a pack must share (the architecture and the training loop)
-SHARED = ("model", "width", "layers", "channels", "steps", "batch_size", "t_min")
+SHARED = ("model", "width", "layers", "channels", "steps", "batch_size", "t_min", "ema")
 
 PackCallback = Callable[[int, int, nn.Module], None]  # (member, step, model); may raise
 #: (step, every member's model at that step); may raise, which ends the whole pack
@@ -93,6 +95,12 @@ class _Pack:
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        # the power-function average of each member's weights (training.loop, eq. 1.2b)
+        ema = cfgs[0].ema
+        self.gamma = ema_gamma(ema) if ema else None
+        self.average = (
+            None if self.gamma is None else {k: v.detach().clone() for k, v in self.params.items()}
+        )
         self.device, self.dtype = device, dtype
         self._settings()
 
@@ -122,15 +130,26 @@ class _Pack:
         self.buffers = {k: v[r] for k, v in self.buffers.items()}
         self.exp_avg = {k: v[r] for k, v in self.exp_avg.items()}
         self.exp_avg_sq = {k: v[r] for k, v in self.exp_avg_sq.items()}
+        if self.average is not None:
+            self.average = {k: v[r] for k, v in self.average.items()}
         self._settings()
 
     def model_of(self, row: int) -> nn.Module:
-        """The member at ``row`` as a module with its current parameters."""
+        """The member at ``row`` as a module with its current weights: the average of its
+        iterates when training averages them, else the last iterate."""
         model = self.models[self.members[row]]
+        weights = self.params if self.average is None else self.average
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(self.params[name][row])
+                p.copy_(weights[name][row])
         return model
+
+    def update_average(self, step: int) -> None:
+        """The average after update ``step`` (1-based), every member at once."""
+        if self.average is not None:
+            keys = list(self.params)
+            average, weights = [self.average[k] for k in keys], [self.params[k] for k in keys]
+            ema_update(average, weights, step=step, gamma=self.gamma)
 
 
 def _adam_step(pack: _Pack, step: int) -> None:
@@ -260,6 +279,7 @@ def train_packed(
         total.sum().backward()
         _clip(pack, GRAD_CLIP)
         _adam_step(pack, step + 1)
+        pack.update_average(step + 1)
         last = step + 1 == steps
         due = bool(callback_every) and (step + 1) % callback_every == 0
         if joint is not None and (last or due):
