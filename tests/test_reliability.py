@@ -159,6 +159,7 @@ WRONG_VALUE = {
         "batch_size": 0,
         "checkpoints": -1,
         "t_min": -0.1,
+        "ema": 0.5,  # wider than the plain running mean: no power-function average
         "lr": 0.0,
         "width": 0,
         "layers": 0,

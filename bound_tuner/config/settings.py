@@ -99,7 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
         "early_stop",
         bool,
         {"diffusion": "early_stop", "vae": "early_stop"},
-        "keep the checkpoint with the smallest certified value (elbo-kfold)",
+        "keep the checkpoint with the smallest certified value (elbo-kfold; default: VAEs only)",
     ),
     Setting(
         "bound",

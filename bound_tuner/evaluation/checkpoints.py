@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 #: whether a lockstep trial keeps its best checkpoint when its configuration does not say
-#: (``early_stop`` None; docs/theory.md 7.3 gives the measurement behind it)
-DEFAULT_EARLY_STOP = True
+#: (``early_stop`` None), per model (docs/theory.md 7.3): a diffusion model's averaged weights
+#: (eq. 1.2b) at the last step were picked better than its certified best checkpoint in every
+#: case measured; a VAE's earlier epochs won where it overfits
+DEFAULT_EARLY_STOP: dict[str, bool] = {"diffusion": False, "vae": True}
 #: checkpoints before the last step (VAEs: epoch) when a study does not say
 #: (``[training] checkpoints``): C = 8 values along training; 4 lost to 8 with 32 points
 #: trained long (docs/theory.md 7.3)

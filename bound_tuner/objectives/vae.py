@@ -425,7 +425,7 @@ class VAEObjective:
             fold_assignment(self.m, k, seed=self.study_seed),
             **cfg.training(),
             checkpoints=self.checkpoints,
-            early_stop=DEFAULT_EARLY_STOP if cfg.early_stop is None else cfg.early_stop,
+            early_stop=DEFAULT_EARLY_STOP["vae"] if cfg.early_stop is None else cfg.early_stop,
             eval_seed=self.study_seed,
             eval_batch_size=self.eval_batch_size,
             report=certified_reporter(trial),
