@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cases",
         default="c,x",
-        help="diffusion cases of bench_selection: 2-D a,b,c,d,x; few-shot images e,y",
+        help="diffusion cases of bench_selection: 2-D a,b,c,d,x,z; few-shot images e,y",
     )
     ap.add_argument("--memo-steps", type=int, default=8000, help="steps of cases c and x")
     ap.add_argument("--configs", type=int, default=16, help="configurations of case b")
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             seed_offset=args.seed_offset,
             configs=args.configs,
         )
-        if t.case in "abcdxey"
+        if t.case in "abcdxyez"
     ]
     for t in tasks:
         if args.ema is not None:

@@ -189,6 +189,12 @@ def build_tasks(
                 for j, T in enumerate((0.2, 0.4, 0.8, 1.2, 1.6)):
                     c = cfg(s, j, T=T, steps=memo_steps, batch_size=40, lr=2e-3)
                     tasks.append(Task("x", f"x/{name}/seed{s}", name, 40, s, c, **low_d))
+    if "z" in cases:  # outside too: other sizes, mini-batches and lengths (averaged weights)
+        for name, m, batch, steps in (("ring", 100, 25, 6000), ("two_moons", 24, 24, 4000)):
+            for s in range(min(seeds, 2)):
+                for j, T in enumerate((0.2, 0.4, 0.8, 1.2, 1.6)):
+                    c = cfg(s, j, T=T, steps=steps, batch_size=batch, lr=2e-3)
+                    tasks.append(Task("z", f"z/{name}{m}/seed{s}", name, m, s, c, **low_d))
     if "y" in cases and fewshot:  # outside too: few-shot images of another data set
         tasks += fewshot_tasks("y", "mnist")
     tasks += vae_tasks(cases, seeds, seed_offset=seed_offset, configs=configs)
