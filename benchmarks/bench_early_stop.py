@@ -178,14 +178,14 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
                 continue
             C = len(models[0]["checkpoints"])  # the same steps for every model of a problem
             held = [[c["heldout"] for c in m["checkpoints"]] for m in models]
-            oracle = min(min(h) for h in held)
+            base = picks(models)
+            oracle = base["checkpoint oracle"]
             spread_all = max(max(h) for h in held) - oracle
             finals = [h[-1] for h in held]
             spread_final = max(finals) - min(finals)
-            picks: dict[str, float] = {}
+            chosen: dict[str, float] = {}
             # today's default: the value at the last step, margin 2
-            i = min(range(len(models)), key=lambda i: value(models[i]["checkpoints"][-1], CV_Z))
-            picks["today's default (fixed steps)"] = finals[i]
+            chosen["today's default (fixed steps)"] = base["today's default (fixed steps)"]
             for name, every in (("early stopping, C", 1), ("early stopping, C/2", 2)):
                 used = [j for j in range(C) if (C - 1 - j) % every == 0]  # the last step in
                 z = checkpoint_z(len(used))
@@ -194,7 +194,7 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
                     for i, m in enumerate(models)
                     for j in used
                 )
-                picks[name] = held[best[1]][best[2]]
+                chosen[name] = held[best[1]][best[2]]
                 if every == 1:  # validity at the kept step of every configuration
                     for m in models:
                         vs = [value(c, z) for c in m["checkpoints"]]
@@ -215,10 +215,10 @@ def summarize(rows: list[dict]) -> tuple[str, dict]:
             best = min(
                 range(len(models)), key=lambda i: value(models[i]["checkpoints"][steps[i]], z)
             )
-            picks["step by point estimate, C"] = held[best][steps[best]]
-            picks["steps searched by TPE (same budget)"] = oracle + tpe_regret(models, oracle)
-            picks["oracle of today's search"] = min(finals)
-            for name, truth in picks.items():
+            chosen["step by point estimate, C"] = held[best][steps[best]]
+            chosen["steps searched by TPE (same budget)"] = oracle + tpe_regret(models, oracle)
+            chosen["oracle of today's search"] = base["oracle of today's search"]
+            for name, truth in chosen.items():
                 acc.setdefault(name, []).append(truth - oracle)
                 acc.setdefault(name + " /all", []).append((truth - oracle) / spread_all)
                 acc.setdefault(name + " /final", []).append(
@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if t.case in "abcdxyez"
     ]
-    for t in tasks:
-        if args.ema is not None:
+    if args.ema is not None:
+        for t in tasks:
             t.cfg["ema"] = args.ema
     rows = run_resumable(
         tasks,

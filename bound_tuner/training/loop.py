@@ -50,23 +50,25 @@ def ema_update(
             a.lerp_(w.detach(), 1.0 - keep)
 
 
+def load_weights(model: nn.Module, weights: Iterable[torch.Tensor]) -> None:
+    """Copy ``weights`` (in ``model.parameters()`` order) into the model's parameters."""
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights, strict=True):
+            p.copy_(w)
+
+
 @contextmanager
 def averaged_weights(model: nn.Module, average: list[torch.Tensor] | None) -> Iterator[nn.Module]:
     """``model`` with the averaged weights in place of its own for the block (none: as it is)."""
     if average is None:
         yield model
         return
-    params = list(model.parameters())
-    own = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, a in zip(params, average, strict=True):
-            p.copy_(a)
+    own = [p.detach().clone() for p in model.parameters()]
+    load_weights(model, average)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for p, o in zip(params, own, strict=True):
-                p.copy_(o)
+        load_weights(model, own)
 
 
 def draw_times(
@@ -281,7 +283,5 @@ def train_score_model(
             model.train()
     check_finite(history, steps)
     if average is not None:
-        with torch.no_grad():
-            for p, a in zip(model.parameters(), average, strict=True):
-                p.copy_(a)
+        load_weights(model, average)
     return history.tolist()

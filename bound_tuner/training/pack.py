@@ -146,10 +146,8 @@ class _Pack:
 
     def update_average(self, step: int) -> None:
         """The average after update ``step`` (1-based), every member at once."""
-        if self.average is not None:
-            keys = list(self.params)
-            average, weights = [self.average[k] for k in keys], [self.params[k] for k in keys]
-            ema_update(average, weights, step=step, gamma=self.gamma)
+        if self.average is not None:  # both dicts are keyed in the order of self.params
+            ema_update(self.average.values(), self.params.values(), step=step, gamma=self.gamma)
 
 
 def _adam_step(pack: _Pack, step: int) -> None:
